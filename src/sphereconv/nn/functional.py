@@ -1,0 +1,231 @@
+"""Functional hyperspherical convolutions (``sphereconv.nn.functional``).
+
+Liu et al., "Deep Hyperspherical Learning" (NIPS 2017), Section 2.1: for a filter ``w`` and the
+input patch ``x`` it sees,
+
+    cos(theta) = <w, x> / (|w|_e |x|_e),   |v|_e = sqrt(sum v^2 + eps),
+    SphereConv(w, x) = g(theta) (+ bias).
+
+The patch norms are computed cheaply: ``sum x^2`` is summed over the input channels of each group
+first, and the resulting one-channel-per-group map is box-filtered with the layer's own stride,
+padding and dilation (a convolution with an all-ones kernel). Norms, the cosine and g are always
+computed in float32 (or float64 for float64 inputs), also under ``torch.autocast`` and TF32, where
+the inner product itself may be computed in lower precision.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .angular import (
+    DEFAULT_EPS,
+    DEFAULT_SIGMOID_K,
+    SPHERE_OPERATORS,
+    angular_function,
+    canonical_operator,
+    check_positive,
+)
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _ntuple(value, n: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * n
+    if isinstance(value, (tuple, list)) and len(value) == n and all(isinstance(v, int) for v in value):
+        return tuple(value)
+    raise TypeError(f"{name} must be an int or a tuple of {n} ints; got {value!r}")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the norms, cosine and g are computed in: float64 stays, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_conv_args(input: Tensor, weight: Tensor, groups: int, dims: int) -> None:
+    if not isinstance(input, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError("input and weight must be tensors")
+    if weight.dim() != dims + 2:
+        raise ValueError(f"weight must have {dims + 2} dimensions (out, in/groups, kernel...) for a {dims}-d SphereConv; got shape {tuple(weight.shape)}")
+    if input.dim() not in (dims + 1, dims + 2):
+        raise ValueError(
+            f"input must have {dims + 2} dimensions (N, C, {'spatial...' if dims > 1 else 'L'}) or {dims + 1} without batch "
+            f"for a {dims}-d SphereConv; got shape {tuple(input.shape)}"
+        )
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int; got {groups!r}")
+    channels = input.shape[-dims - 1]
+    if channels != weight.shape[1] * groups:
+        raise ValueError(
+            f"input has {channels} channels but weight expects in_channels = {weight.shape[1]} x groups {groups} = {weight.shape[1] * groups}"
+        )
+    if weight.shape[0] % groups:
+        raise ValueError(f"out_channels {weight.shape[0]} must be divisible by groups {groups}")
+
+
+def patch_sq_norm(
+    input: Tensor,
+    kernel_size: Sequence[int],
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+) -> Tensor:
+    """``sum x^2`` over every input patch a convolution sees, one channel per group.
+
+    Returns shape ``(N, groups, *out_spatial)`` in the compute dtype (float32/float64). Equivalent
+    to ``conv(x*x, ones)`` restricted to each group's channels, at the cost of one channel sum and a
+    one-channel box filter.
+    """
+    dims = len(kernel_size)
+    x = input.to(compute_dtype(input.dtype))
+    n, c = x.shape[0], x.shape[1]
+    sq = x.square().reshape(n, groups, c // groups, *x.shape[2:]).sum(dim=2)
+    ones = torch.ones((groups, 1, *kernel_size), dtype=sq.dtype, device=sq.device)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _CONV[dims](sq, ones, None, stride, padding, dilation, groups)
+
+
+def sphere_cosine(
+    input: Tensor,
+    weight: Tensor,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    eps: float = DEFAULT_EPS,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The pieces every hyperspherical convolution shares.
+
+    Returns ``(cos_theta, x_norm, w_norm)``: the cosine between each filter and each patch (not yet
+    clamped), the patch norms ``|x|_e`` broadcastable to the output ``(N, C_out, *spatial)``, and the
+    filter norms ``|w|_e`` of shape ``(C_out,)``, all in the compute dtype. ``input`` must be batched.
+    """
+    dims = weight.dim() - 2
+    out_channels = weight.shape[0]
+    cdtype = compute_dtype(input.dtype)
+    inner = _CONV[dims](input, weight, None, stride, padding, dilation, groups).to(cdtype)
+    x_sq = patch_sq_norm(input, weight.shape[2:], stride, padding, dilation, groups)
+    x_norm = (x_sq.clamp_min(0.0) + eps).sqrt()  # (N, G, *spatial)
+    w_norm = (weight.to(cdtype).flatten(1).square().sum(1) + eps).sqrt()  # (C_out,)
+    n, spatial = inner.shape[0], inner.shape[2:]
+    per_group = out_channels // groups
+    inner_g = inner.reshape(n, groups, per_group, *spatial)
+    w_g = w_norm.reshape(groups, per_group, *([1] * dims))
+    cos_theta = (inner_g / (w_g * x_norm.unsqueeze(2))).reshape(inner.shape)
+    x_norm_out = x_norm.unsqueeze(2).expand(n, groups, per_group, *spatial).reshape(inner.shape)
+    return cos_theta, x_norm_out, w_norm
+
+
+def _channel_k(sigmoid_k, dims: int, out_channels: int):
+    """Reshape a per-channel k tensor to broadcast over ``(N, C_out, *spatial)``."""
+    if isinstance(sigmoid_k, Tensor) and sigmoid_k.numel() > 1:
+        if sigmoid_k.numel() != out_channels:
+            raise ValueError(f"sigmoid_k has {sigmoid_k.numel()} values; expected 1 or out_channels = {out_channels}")
+        return sigmoid_k.reshape(out_channels, *([1] * dims))
+    return sigmoid_k
+
+
+def sphere_convnd(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    operator: str = "cosine",
+    sigmoid_k: float | Tensor = DEFAULT_SIGMOID_K,
+    eps: float = DEFAULT_EPS,
+) -> Tensor:
+    """SphereConv of any spatial rank (inferred from ``weight``); see :func:`sphere_conv2d`."""
+    dims = weight.dim() - 2
+    if dims not in _CONV:
+        raise ValueError(f"weight must have 3, 4 or 5 dimensions; got shape {tuple(weight.shape)}")
+    operator = canonical_operator(operator, SPHERE_OPERATORS)
+    check_positive("eps", eps)
+    if operator in ("sigmoid", "learnable_sigmoid"):
+        check_positive("sigmoid_k", sigmoid_k)
+    _check_conv_args(input, weight, groups, dims)
+    unbatched = input.dim() == dims + 1
+    if unbatched:
+        input = input.unsqueeze(0)
+    out_dtype = torch.result_type(input, weight) if not torch.is_autocast_enabled(input.device.type) else None
+    cos_theta, _, _ = sphere_cosine(input, weight, stride, padding, dilation, groups, eps)
+    out = angular_function(cos_theta, operator, _channel_k(sigmoid_k, dims, weight.shape[0]))
+    if bias is not None:
+        out = out + bias.to(out.dtype).reshape(-1, *([1] * dims))
+    if out_dtype is not None and out.dtype != out_dtype:
+        out = out.to(out_dtype)
+    return out.squeeze(0) if unbatched else out
+
+
+def sphere_conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                  operator="cosine", sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS) -> Tensor:
+    """1-d SphereConv: ``g(theta) (+ bias)`` for every filter and input window (paper Sec. 2.1)."""
+    return sphere_convnd(input, weight, bias, stride, padding, dilation, groups,
+                         operator=operator, sigmoid_k=sigmoid_k, eps=eps)
+
+
+def sphere_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                  operator="cosine", sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS) -> Tensor:
+    """2-d SphereConv (Liu et al. 2017, Sec. 2.1).
+
+    ``out[n, o, i, j] = g(theta) (+ bias[o])`` with ``cos(theta) = <w_o, x_patch> / (|w_o|_e |x_patch|_e)``,
+    ``|v|_e = sqrt(sum v^2 + eps)``. Arguments mirror :func:`torch.nn.functional.conv2d`;
+    ``operator`` is one of ``linear``, ``cosine``, ``sigmoid``, ``learnable_sigmoid`` (``lr_sigmoid``);
+    ``sigmoid_k`` is a float or a per-output-channel tensor of k values.
+    """
+    return sphere_convnd(input, weight, bias, stride, padding, dilation, groups,
+                         operator=operator, sigmoid_k=sigmoid_k, eps=eps)
+
+
+def sphere_conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                  operator="cosine", sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS) -> Tensor:
+    """3-d SphereConv: ``g(theta) (+ bias)`` for every filter and input volume patch (paper Sec. 2.1)."""
+    return sphere_convnd(input, weight, bias, stride, padding, dilation, groups,
+                         operator=operator, sigmoid_k=sigmoid_k, eps=eps)
+
+
+def sphere_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *,
+                  operator: str = "cosine", sigmoid_k=DEFAULT_SIGMOID_K, eps: float = DEFAULT_EPS) -> Tensor:
+    """Hyperspherical fully connected layer: ``g(theta_j) (+ bias_j)`` with theta_j the angle
+    between the input vector and row j of ``weight`` (paper Sec. 2.1, SphereConv on whole vectors).
+    """
+    operator = canonical_operator(operator, SPHERE_OPERATORS)
+    check_positive("eps", eps)
+    if operator in ("sigmoid", "learnable_sigmoid"):
+        check_positive("sigmoid_k", sigmoid_k)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-d (out_features, in_features); got shape {tuple(weight.shape)}")
+    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"input's last dimension must be in_features = {weight.shape[1]}; got shape {tuple(input.shape)}")
+    cdtype = compute_dtype(input.dtype)
+    out_dtype = torch.result_type(input, weight) if not torch.is_autocast_enabled(input.device.type) else None
+    inner = F.linear(input, weight).to(cdtype)
+    x_norm = (input.to(cdtype).square().sum(-1, keepdim=True) + eps).sqrt()
+    w_norm = (weight.to(cdtype).square().sum(1) + eps).sqrt()
+    cos_theta = inner / (x_norm * w_norm)
+    out = angular_function(cos_theta, operator, sigmoid_k)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    if out_dtype is not None and out.dtype != out_dtype:
+        out = out.to(out_dtype)
+    return out
+
+
+__all__ = [
+    "sphere_conv1d",
+    "sphere_conv2d",
+    "sphere_conv3d",
+    "sphere_convnd",
+    "sphere_linear",
+    "sphere_cosine",
+    "patch_sq_norm",
+    "compute_dtype",
+]
