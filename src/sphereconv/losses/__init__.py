@@ -1,0 +1,37 @@
+"""Classifier losses and regularisers for hyperspherical learning.
+
+Liu et al., "Deep Hyperspherical Learning" (NIPS 2017, arXiv:1711.03189), Sec. 2.2: weight-normalised
+softmax and generalised angular softmax (GA-Softmax), with A-Softmax (SphereFace), CosFace and
+ArcFace on the same angular base; plus the orthogonality penalty on SphereConv filters. Every loss
+is an ``nn.Module`` owning its classifier weight ``(num_classes, in_features)``: call it as
+``loss(features, labels) -> scalar`` and use ``loss.logits(features)`` for prediction.
+"""
+
+from .additive_margin import ArcFaceLoss, CosFaceLoss
+from .angular_softmax import LOSS_OPERATORS, ASoftmaxLoss, GASoftmaxLoss, WeightNormalizedSoftmaxLoss
+from .base import AngularSoftmaxLoss, ClassifierLoss
+from .margin import annealing_lambda, extended_margin_function
+from .registry import LOSSES, build_loss, list_losses, loss_options
+from .regularizers import ORTHOGONALITY_COEFFICIENT, filter_orthogonality_error, orthogonality_penalty
+from .softmax import SoftmaxLoss
+
+__all__ = [
+    "ClassifierLoss",
+    "AngularSoftmaxLoss",
+    "SoftmaxLoss",
+    "WeightNormalizedSoftmaxLoss",
+    "GASoftmaxLoss",
+    "ASoftmaxLoss",
+    "CosFaceLoss",
+    "ArcFaceLoss",
+    "LOSS_OPERATORS",
+    "LOSSES",
+    "build_loss",
+    "list_losses",
+    "loss_options",
+    "annealing_lambda",
+    "extended_margin_function",
+    "ORTHOGONALITY_COEFFICIENT",
+    "filter_orthogonality_error",
+    "orthogonality_penalty",
+]

@@ -1,0 +1,173 @@
+"""Weight-normalised softmax, GA-Softmax and A-Softmax.
+
+Liu et al., "Deep Hyperspherical Learning" (NIPS 2017, arXiv:1711.03189), Sec. 2.2 (loss
+functions):
+
+* weight-normalised softmax: classifier rows normalised, no bias, ``logit_j = |x| g(theta_j)``;
+* generalised angular softmax (GA-Softmax):
+
+      L = -log( e^{|x| psi(theta_y)} / (e^{|x| psi(theta_y)} + sum_{j != y} e^{|x| g(theta_j)}) ),
+
+  ``psi(theta) = g(m theta)`` continued monotonically downwards (see :mod:`.margin`), real m >= 1;
+
+and A-Softmax of "SphereFace" (Liu et al., CVPR 2017, arXiv:1704.08063, Sec. 3.2), GA-Softmax
+with cosine g and integer m, trained with SphereFace's annealed target logit
+``(lambda g(theta_y) + psi(theta_y)) / (1 + lambda)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..nn.angular import DEFAULT_EPS, DEFAULT_SIGMOID_K, angular_function, canonical_operator, check_positive, safe_acos
+from .base import AngularSoftmaxLoss, check_real
+from .margin import (
+    LAMBDA_BASE,
+    LAMBDA_GAMMA,
+    LAMBDA_MIN,
+    LAMBDA_POWER,
+    a_softmax_margin_function,
+    annealing_lambda,
+    extended_margin_function,
+)
+
+# Angular functions g usable in a classifier: fixed, decreasing from g(0) = 1 to g(pi) = -1. The
+# learnable sigmoid is a convolution operator (one k per output channel) and is not offered here.
+LOSS_OPERATORS = ("linear", "cosine", "sigmoid", "square_cosine")
+# SphereFace's default margin for A-Softmax (SphereFace Sec. 4.1 / reference code: m = 4).
+A_SOFTMAX_MARGIN = 4
+
+
+class WeightNormalizedSoftmaxLoss(AngularSoftmaxLoss):
+    """Weight-normalised softmax (Liu et al. 2017, Sec. 2.2): ``logit_j = |x| g(theta_j)``.
+
+    ``theta_j`` is the angle between the feature x and classifier row w_j (normalised, no bias);
+    ``|x|`` is the feature norm ``sqrt(sum x^2 + eps)``. With cosine g the logits are
+    ``<x, w_j / |w_j|>``. ``operator`` is one of ``linear``, ``cosine``, ``sigmoid`` (steepness
+    ``sigmoid_k``), ``square_cosine``.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, *, operator: str = "cosine",
+                 sigmoid_k: float = DEFAULT_SIGMOID_K, label_smoothing: float = 0.0, eps: float = DEFAULT_EPS,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_features, num_classes, label_smoothing=label_smoothing, eps=eps, device=device, dtype=dtype)
+        self.operator = canonical_operator(operator, LOSS_OPERATORS)
+        check_positive("sigmoid_k", sigmoid_k)
+        self.sigmoid_k = float(sigmoid_k)
+
+    def angular_score(self, cos_theta: Tensor) -> Tensor:
+        """``g(theta_j)`` for the configured operator."""
+        return angular_function(cos_theta, self.operator, self.sigmoid_k)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", operator={self.operator}"
+        return s + (f", sigmoid_k={self.sigmoid_k}" if self.operator == "sigmoid" else "")
+
+
+class GASoftmaxLoss(WeightNormalizedSoftmaxLoss):
+    """Generalised angular softmax (Liu et al. 2017, Sec. 2.2), real margin m >= 1.
+
+    Training logits: ``|x| g(theta_j)`` for j != y and, for the true class y,
+
+        f_y = |x| (lambda g(theta_y) + psi(theta_y)) / (1 + lambda),
+        psi(theta) = g(m theta - n pi) - 2n,  n = floor(m theta / pi),
+
+    (continuous and decreasing on [0, pi]; for cosine g this is SphereFace's
+    ``(-1)^n cos(m theta) - 2n``). With ``anneal=True`` (SphereFace's schedule),
+    ``lambda = max(lambda_min, lambda_base (1 + lambda_gamma t)^-lambda_power)`` where t is the
+    ``iteration`` buffer, advanced by one at every forward call in training mode (before lambda is
+    computed, as SphereFace's layer does) and saved in the state dict; ``anneal=False`` uses
+    lambda = 0, i.e. the pure margin. m = 1 is the weight-normalised softmax. ``logits`` (prediction)
+    use no margin.
+    """
+
+    iteration: Tensor
+
+    def __init__(self, in_features: int, num_classes: int, *, margin: float = 1.0, operator: str = "cosine",
+                 sigmoid_k: float = DEFAULT_SIGMOID_K, anneal: bool = True, lambda_base: float = LAMBDA_BASE,
+                 lambda_gamma: float = LAMBDA_GAMMA, lambda_power: float = LAMBDA_POWER,
+                 lambda_min: float = LAMBDA_MIN, label_smoothing: float = 0.0, eps: float = DEFAULT_EPS,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_features, num_classes, operator=operator, sigmoid_k=sigmoid_k,
+                         label_smoothing=label_smoothing, eps=eps, device=device, dtype=dtype)
+        self.margin = check_real("margin", margin, 1.0)
+        if not isinstance(anneal, bool):
+            raise TypeError(f"anneal must be True or False; got {anneal!r}")
+        self.anneal = anneal
+        self.lambda_base = check_real("lambda_base", lambda_base, 0.0)
+        self.lambda_gamma = check_real("lambda_gamma", lambda_gamma, 0.0)
+        self.lambda_power = check_real("lambda_power", lambda_power, 0.0)
+        self.lambda_min = check_real("lambda_min", lambda_min, 0.0)
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long, device=device))
+
+    def margin_function(self, cos_theta: Tensor) -> Tensor:
+        """``psi(theta)`` of the true class from its cosine (see :func:`.margin.extended_margin_function`)."""
+        return extended_margin_function(safe_acos(cos_theta), self.margin, self.operator, self.sigmoid_k)
+
+    def annealing_weight(self, dtype: torch.dtype = torch.float64) -> Tensor | float:
+        """The lambda used now: SphereFace's schedule at ``iteration`` (a ``dtype`` tensor), or 0.0
+        without annealing."""
+        if not self.anneal:
+            return 0.0
+        return annealing_lambda(self.iteration, self.lambda_base, self.lambda_gamma, self.lambda_power,
+                                self.lambda_min, dtype=dtype)
+
+    @property
+    def current_lambda(self) -> float:
+        """The annealing lambda as a Python float (for logging)."""
+        return float(self.annealing_weight())
+
+    def target_logit(self, cos_target: Tensor, score_target: Tensor) -> Tensor:
+        """``(lambda g(theta_y) + psi(theta_y)) / (1 + lambda)`` (just ``psi`` when lambda = 0)."""
+        psi = self.margin_function(cos_target)
+        lam = self.annealing_weight(psi.dtype)
+        if not isinstance(lam, Tensor):
+            return psi
+        return (lam * score_target + psi) / (1.0 + lam)
+
+    def on_training_step(self) -> None:
+        """Advance the annealing counter ``iteration`` (once per training forward)."""
+        self.iteration.add_(1)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", margin={self.margin:g}"
+        if not self.anneal:
+            return s + ", anneal=False"
+        return s + (f", anneal=(base={self.lambda_base:g}, gamma={self.lambda_gamma:g}, "
+                    f"power={self.lambda_power:g}, min={self.lambda_min:g})")
+
+
+class ASoftmaxLoss(GASoftmaxLoss):
+    """A-Softmax / SphereFace loss (Liu et al., CVPR 2017, Sec. 3.2): GA-Softmax with cosine g and
+    integer margin m (default 4).
+
+    True-class logit ``|x| (lambda cos(theta_y) + psi(theta_y)) / (1 + lambda)`` with
+    ``psi(theta) = (-1)^n cos(m theta) - 2n``, ``n = floor(m theta / pi)``; ``cos(m theta)`` is
+    evaluated as the Chebyshev polynomial ``T_m(cos theta)``, so no arccos enters the gradient.
+    Annealing as in :class:`GASoftmaxLoss` (on by default, SphereFace's schedule).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, *, margin: int = A_SOFTMAX_MARGIN, anneal: bool = True,
+                 lambda_base: float = LAMBDA_BASE, lambda_gamma: float = LAMBDA_GAMMA,
+                 lambda_power: float = LAMBDA_POWER, lambda_min: float = LAMBDA_MIN,
+                 label_smoothing: float = 0.0, eps: float = DEFAULT_EPS, device=None, dtype=None) -> None:
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            raise TypeError(f"A-Softmax margin must be an integer >= 1; got {type(margin).__name__} {margin!r}")
+        if not (isinstance(margin, int) or (math.isfinite(margin) and margin.is_integer())):
+            raise ValueError(
+                f"A-Softmax margin must be an integer >= 1; got {margin!r} (use GASoftmaxLoss for a real-valued margin)"
+            )
+        super().__init__(in_features, num_classes, margin=margin, operator="cosine", anneal=anneal,
+                         lambda_base=lambda_base, lambda_gamma=lambda_gamma, lambda_power=lambda_power,
+                         lambda_min=lambda_min, label_smoothing=label_smoothing, eps=eps, device=device, dtype=dtype)
+        self.margin_int = int(margin)
+
+    def margin_function(self, cos_theta: Tensor) -> Tensor:
+        """``(-1)^n T_m(cos theta) - 2n`` (see :func:`.margin.a_softmax_margin_function`)."""
+        return a_softmax_margin_function(cos_theta, self.margin_int)
+
+
+__all__ = ["LOSS_OPERATORS", "WeightNormalizedSoftmaxLoss", "GASoftmaxLoss", "ASoftmaxLoss"]

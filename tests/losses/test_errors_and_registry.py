@@ -1,0 +1,99 @@
+"""build_loss and the argument checks of every loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sphereconv.losses import (
+    ArcFaceLoss,
+    ASoftmaxLoss,
+    CosFaceLoss,
+    GASoftmaxLoss,
+    SoftmaxLoss,
+    WeightNormalizedSoftmaxLoss,
+    build_loss,
+    list_losses,
+)
+
+
+def test_build_loss_maps_every_config_name():
+    expected = {
+        "softmax": SoftmaxLoss,
+        "weight_normalized": WeightNormalizedSoftmaxLoss,
+        "ga_softmax": GASoftmaxLoss,
+        "a_softmax": ASoftmaxLoss,
+        "cosface": CosFaceLoss,
+        "arcface": ArcFaceLoss,
+    }
+    assert list_losses() == list(expected)
+    for name, cls in expected.items():
+        loss = build_loss(name, 8, 3)
+        assert type(loss) is cls and loss.weight.shape == (3, 8)
+    ga = build_loss("ga_softmax", 8, 3, margin=2.5, operator="sigmoid", sigmoid_k=0.7)
+    assert ga.margin == 2.5 and ga.operator == "sigmoid" and ga.sigmoid_k == 0.7
+    assert build_loss("A-Softmax", 4, 2, margin=2).margin_int == 2
+
+
+def test_build_loss_rejects_unknown_names_and_options():
+    with pytest.raises(ValueError, match=r"unknown loss 'focal'.*softmax, weight_normalized, ga_softmax, a_softmax, cosface, arcface"):
+        build_loss("focal", 8, 3)
+    with pytest.raises(TypeError, match=r"'cosface' does not accept option\(s\) operator; allowed: scale, margin"):
+        build_loss("cosface", 8, 3, operator="linear")
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: GASoftmaxLoss(4, 3, margin=0.5), r"margin must be a finite number in \[1.0, inf\); got 0.5"),
+    (lambda: GASoftmaxLoss(4, 3, margin=float("nan")), r"margin.*nan"),
+    (lambda: GASoftmaxLoss(4, 3, operator="tanh"), r"unknown operator 'tanh'; allowed: linear, cosine, sigmoid, square_cosine"),
+    (lambda: WeightNormalizedSoftmaxLoss(4, 3, operator="learnable_sigmoid"), r"unknown operator 'learnable_sigmoid'"),
+    (lambda: WeightNormalizedSoftmaxLoss(4, 3, operator="sigmoid", sigmoid_k=0.0), r"sigmoid_k must be a positive finite number; got 0.0"),
+    (lambda: GASoftmaxLoss(4, 3, sigmoid_k=-1.0), r"sigmoid_k.*-1.0"),
+    (lambda: GASoftmaxLoss(4, 3, lambda_min=-1.0), r"lambda_min must be a finite number in \[0.0, inf\); got -1.0"),
+    (lambda: ASoftmaxLoss(4, 3, margin=2.5), r"A-Softmax margin must be an integer >= 1; got 2.5"),
+    (lambda: ASoftmaxLoss(4, 3, margin=0), r"margin must be a finite number in \[1.0, inf\); got 0.0"),
+    (lambda: CosFaceLoss(4, 3, scale=0.0), r"scale must be a positive finite number; got 0.0"),
+    (lambda: CosFaceLoss(4, 3, margin=-0.1), r"margin must be a finite number in \[0.0, 2.0\]; got -0.1"),
+    (lambda: ArcFaceLoss(4, 3, scale=-2.0), r"scale.*-2.0"),
+    (lambda: ArcFaceLoss(4, 3, margin=2.0), r"margin must be a finite number in \[0.0, 1.5707963\d*\]; got 2.0"),
+    (lambda: SoftmaxLoss(4, 3, label_smoothing=1.5), r"label_smoothing must be a finite number in \[0.0, 1.0\]; got 1.5"),
+    (lambda: SoftmaxLoss(4, 1), r"num_classes must be an int >= 2; got 1"),
+    (lambda: SoftmaxLoss(0, 3), r"in_features must be an int >= 1; got 0"),
+    (lambda: WeightNormalizedSoftmaxLoss(4, 3, eps=0.0), r"eps must be a positive finite number; got 0.0"),
+])
+def test_bad_constructor_arguments_raise_value_error(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: GASoftmaxLoss(4, 3, margin="2"), r"margin must be a real number; got str '2'"),
+    (lambda: ASoftmaxLoss(4, 3, margin="4"), r"A-Softmax margin must be an integer >= 1; got str '4'"),
+    (lambda: GASoftmaxLoss(4, 3, anneal="yes"), r"anneal must be True or False; got 'yes'"),
+    (lambda: SoftmaxLoss(4.0, 3), r"in_features must be an int >= 1; got float 4.0"),
+    (lambda: SoftmaxLoss(4, 3, bias=1), r"bias must be True or False; got 1"),
+    (lambda: WeightNormalizedSoftmaxLoss(4, 3, operator=None), r"operator must be a string"),
+])
+def test_bad_constructor_argument_types_raise_type_error(make, match):
+    with pytest.raises(TypeError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("name", list_losses())
+def test_bad_inputs_raise_clear_errors(name):
+    loss = build_loss(name, 4, 3)
+    x = torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\] \(num_classes = 3\); got \[-1, 3\]"):
+        loss(x, torch.tensor([0, 3, 1, -1, 2]))
+    with pytest.raises(ValueError, match=r"features must have shape \(N >= 1, in_features = 4\); got \(5, 6\)"):
+        loss(torch.randn(5, 6), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"features must have shape .* got \(5, 4, 1\)"):
+        loss.logits(torch.randn(5, 4, 1))
+    with pytest.raises(ValueError, match=r"labels must have shape \(5,\), one per feature row; got \(4,\)"):
+        loss(x, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"labels must be an integer tensor of class indices; got dtype torch.float32"):
+        loss(x, torch.zeros(5))
+    with pytest.raises(TypeError, match=r"features must be a floating-point tensor; got dtype torch.int64"):
+        loss(torch.zeros(5, 4, dtype=torch.long), torch.zeros(5, dtype=torch.long))
+    # int32 labels are accepted.
+    assert torch.isfinite(loss(x, torch.tensor([0, 1, 2, 1, 0], dtype=torch.int32)))
