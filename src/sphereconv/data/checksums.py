@@ -1,0 +1,86 @@
+"""Integrity checks for dataset files.
+
+Two kinds of checksum are used, because distributions repackage the same data:
+
+- the SHA-256 of the *decompressed content* of a file, which is what a dataset file means and does
+  not depend on how it was compressed (Debian's ``dataset-fashion-mnist`` ships gzip files whose
+  bytes differ from upstream's while their content is identical);
+- the MD5 of a downloaded file's *bytes*, where that is what the publisher gives (the MNIST gzip
+  files, the CIFAR archives).
+
+Files that have neither are validated structurally by their readers (magic numbers, counts, shapes).
+Every mismatch raises :class:`~sphereconv.errors.DatasetError` naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import zlib
+from pathlib import Path
+
+from ..errors import DatasetError
+
+# First two bytes of every gzip stream (RFC 1952, Section 2.3.1).
+GZIP_MAGIC = b"\x1f\x8b"
+# Read files in 1 MiB blocks when hashing them.
+HASH_BLOCK_BYTES = 1 << 20
+
+
+def file_md5(path: str | Path) -> str:
+    """Hex MD5 of the bytes of ``path``."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(HASH_BLOCK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_content(path: str | Path) -> bytes:
+    """The decompressed content of ``path``: gunzipped when it starts with the gzip magic, else raw.
+
+    A truncated or damaged gzip stream raises :class:`DatasetError` naming the file.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(GZIP_MAGIC))
+            handle.seek(0)
+            if head != GZIP_MAGIC:
+                return handle.read()
+            with gzip.GzipFile(fileobj=handle) as stream:
+                return stream.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DatasetError(
+            f"{path} is a damaged or truncated gzip file ({exc}); delete it and download it again "
+            "(or reinstall the package that provided it)"
+        ) from exc
+    except OSError as exc:
+        raise DatasetError(f"cannot read dataset file {path}: {exc}") from exc
+
+
+def verify_content(path: str | Path, content: bytes, expected_sha256: str | None) -> None:
+    """Raise :class:`DatasetError` unless ``sha256(content) == expected_sha256`` (``None``: no check)."""
+    if expected_sha256 is None:
+        return
+    actual = sha256_hex(content)
+    if actual != expected_sha256:
+        raise DatasetError(
+            f"checksum mismatch for {path}: SHA-256 of its decompressed content is {actual}, expected "
+            f"{expected_sha256}; the file is corrupt or not the expected dataset file: delete it and download "
+            "it again (or reinstall the package that provided it)"
+        )
+
+
+def verify_md5(path: str | Path, expected_md5: str | None) -> None:
+    """Raise :class:`DatasetError` unless the MD5 of the bytes of ``path`` equals ``expected_md5``."""
+    if expected_md5 is None:
+        return
+    actual = file_md5(path)
+    if actual != expected_md5:
+        raise DatasetError(f"checksum mismatch for {path}: MD5 is {actual}, expected {expected_md5}")

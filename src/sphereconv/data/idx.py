@@ -1,0 +1,67 @@
+"""Reader for the IDX format of MNIST and Fashion-MNIST (the digit data of Liu et al. 2017, Sec. 5).
+
+An IDX file is a 4-byte header ``0x00 0x00 <type code> <number of dimensions>``, then one big-endian
+uint32 per dimension, then the values in row-major order, big-endian (format description at
+http://yann.lecun.com/exdb/mnist/). Files may be gzip-compressed; the compression is detected from
+the content, not the file name. A file whose length does not match its header raises
+:class:`~sphereconv.errors.DatasetError` (it is truncated or padded), never a silently short array.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DatasetError
+from .checksums import read_content
+
+# Type codes of the IDX header and the big-endian numpy dtype each stands for.
+IDX_DTYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+# Bytes before the dimension sizes: two zero bytes, the type code, the number of dimensions.
+IDX_MAGIC_BYTES = 4
+# Each dimension size is a big-endian uint32.
+IDX_DIM_BYTES = 4
+
+
+def parse_idx(content: bytes, source: str | Path = "<bytes>") -> np.ndarray:
+    """Decode the (decompressed) bytes of an IDX file into a native-endian numpy array.
+
+    Raises :class:`DatasetError` naming ``source`` for a bad magic number, an unknown type code or
+    a length that does not match the header.
+    """
+    if len(content) < IDX_MAGIC_BYTES:
+        raise DatasetError(f"{source} is not an IDX file: only {len(content)} bytes; delete it and download it again")
+    zero, type_code, ndim = struct.unpack(">HBB", content[:IDX_MAGIC_BYTES])
+    if zero != 0 or type_code not in IDX_DTYPES or ndim == 0:
+        raise DatasetError(
+            f"{source} is not an IDX file (magic bytes {content[:IDX_MAGIC_BYTES].hex()}, expected 0000 followed by "
+            f"a type code in {sorted(hex(c) for c in IDX_DTYPES)} and a dimension count); delete it and download it again"
+        )
+    header_bytes = IDX_MAGIC_BYTES + IDX_DIM_BYTES * ndim
+    if len(content) < header_bytes:
+        raise DatasetError(f"{source} is truncated inside its IDX header; delete it and download it again")
+    dims = struct.unpack(f">{ndim}I", content[IDX_MAGIC_BYTES:header_bytes])
+    dtype = IDX_DTYPES[type_code]
+    expected = header_bytes + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(content) != expected:
+        state = "truncated" if len(content) < expected else "longer than its header says"
+        raise DatasetError(
+            f"{source} is {state}: its IDX header promises shape {tuple(dims)} ({expected} bytes), the file has "
+            f"{len(content)} bytes; delete it and download it again (or reinstall the package that provided it)"
+        )
+    values = np.frombuffer(content, dtype=dtype, offset=header_bytes).reshape(dims)
+    return values.astype(dtype.newbyteorder("="), copy=True)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (raw or gzip-compressed) into a numpy array; see :func:`parse_idx`."""
+    return parse_idx(read_content(path), path)

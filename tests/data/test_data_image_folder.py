@@ -1,0 +1,112 @@
+"""Image-folder reader on PNG/JPEG files written with Pillow."""
+
+from __future__ import annotations
+
+import builtins
+
+import numpy as np
+import pytest
+import torch
+
+from sphereconv.data import dataset_info, list_image_folder, load_dataset
+from sphereconv.data.image_folder import FLAT_TEST_FRACTION, flat_split_of
+from sphereconv.errors import DatasetError
+
+Image = pytest.importorskip("PIL.Image")
+
+
+def save_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_split_layout_reads_pixels_labels_and_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    expected = {}
+    for split, per_class in (("train", 3), ("test", 2)):
+        for label, name in enumerate(("cat", "dog")):
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+                save_png(tmp_path / split / name / f"{i}.png", pixels)
+                expected.setdefault(split, []).append((pixels, label))
+    for split in ("train", "test"):
+        x, y = load_dataset("folder", split, data_dir=tmp_path)
+        assert x.dtype == torch.uint8 and x.shape == (len(expected[split]), 3, 6, 5)
+        for image, label, (pixels, want) in zip(x, y, expected[split]):
+            assert torch.equal(image, torch.from_numpy(pixels).permute(2, 0, 1)) and int(label) == want
+    info = dataset_info("image_folder", data_dir=tmp_path)
+    assert info.class_names == ("cat", "dog") and info.num_classes == 2
+    assert info.in_channels == 3 and info.image_size == (6, 5)
+
+
+def test_val_folder_and_greyscale(tmp_path):
+    save_png(tmp_path / "train" / "a" / "0.png", np.full((4, 4), 200, np.uint8))
+    save_png(tmp_path / "val" / "a" / "0.png", np.full((4, 4), 50, np.uint8))
+    x, y = load_dataset("folder", "test", data_dir=tmp_path, channels=1)
+    assert x.shape == (1, 1, 4, 4) and int(x.max()) == 50 and y.tolist() == [0]
+    x, _ = load_dataset("folder", "test", data_dir=tmp_path)  # RGB conversion of a greyscale file
+    assert x.shape == (1, 3, 4, 4) and (x == 50).all()
+
+
+def test_mixed_sizes_need_image_size_and_are_resized(tmp_path):
+    save_png(tmp_path / "train" / "a" / "big.png", np.zeros((16, 16, 3), np.uint8))
+    Image.fromarray(np.full((8, 12, 3), 255, np.uint8)).save(tmp_path / "train" / "a" / "small.jpg")
+    (tmp_path / "test" / "a").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"small\.jpg is 12x8 but .*big\.png is 16x16.*pass image_size"):
+        load_dataset("folder", "train", data_dir=tmp_path)
+    x, _ = load_dataset("folder", "train", data_dir=tmp_path, image_size=10)
+    assert x.shape == (2, 3, 10, 10)
+    assert int(x[0].max()) == 0 and int(x[1].min()) >= 250  # JPEG of a flat image stays near 255
+
+
+def test_flat_layout_split_rule_is_a_stable_partition(tmp_path):
+    names = [f"img_{i:03d}.png" for i in range(60)]
+    for name in names:
+        save_png(tmp_path / "birds" / name, np.zeros((2, 2, 3), np.uint8))
+    save_png(tmp_path / "fish" / "only.png", np.zeros((2, 2, 3), np.uint8))
+    classes, train = list_image_folder(tmp_path, "train")
+    _, test = list_image_folder(tmp_path, "test")
+    assert classes == ("birds", "fish")
+    train_names = {p.name for p, _ in train}
+    test_names = {p.name for p, _ in test}
+    assert not train_names & test_names and train_names | test_names == set(names) | {"only.png"}
+    expected_test = {n for n in names if flat_split_of("birds", n) == "test"}
+    expected_test |= {"only.png"} if flat_split_of("fish", "only.png") == "test" else set()
+    assert test_names == expected_test
+    assert 0.05 < len(test_names) / 61 < 2 * FLAT_TEST_FRACTION
+    # Adding files never moves existing ones between splits.
+    save_png(tmp_path / "birds" / "new.png", np.zeros((2, 2, 3), np.uint8))
+    _, test_after = list_image_folder(tmp_path, "test")
+    assert test_names <= {p.name for p, _ in test_after}
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(DatasetError, match="needs data_dir"):
+        load_dataset("folder", "train")
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset("folder", "train", data_dir=tmp_path / "nope")
+    save_png(tmp_path / "train" / "a" / "0.png", np.zeros((2, 2, 3), np.uint8))
+    with pytest.raises(DatasetError, match=r"no test/ or val/ folder"):
+        load_dataset("folder", "test", data_dir=tmp_path)
+    save_png(tmp_path / "test" / "b" / "0.png", np.zeros((2, 2, 3), np.uint8))
+    with pytest.raises(DatasetError, match=r"class folder that .*train does not have"):
+        load_dataset("folder", "test", data_dir=tmp_path)
+    (tmp_path / "train" / "a" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match=r"cannot read image .*1\.png"):
+        load_dataset("folder", "train", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="image_size must be"):
+        load_dataset("folder", "train", data_dir=tmp_path, image_size=-3)
+
+
+def test_missing_pillow_gives_install_instructions(tmp_path, monkeypatch):
+    save_png(tmp_path / "a" / "0.png", np.zeros((2, 2, 3), np.uint8))
+    real_import = builtins.__import__
+
+    def no_pil(name, *args, **kwargs):
+        if name == "PIL" or name.startswith("PIL."):
+            raise ImportError("No module named 'PIL'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pil)
+    with pytest.raises(DatasetError, match=r"needs Pillow.*pip install pillow"):
+        load_dataset("folder", "train", data_dir=tmp_path)
