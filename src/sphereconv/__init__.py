@@ -6,6 +6,7 @@ decoupled operators of "Decoupled Networks" (Liu et al., CVPR 2018, arXiv:1804.0
 
 __version__ = "0.1.0"
 
-from . import nn  # noqa: E402
+from . import losses, models, nn  # noqa: E402
+from .models import convert_model, create_model, list_models  # noqa: E402
 
-__all__ = ["nn", "__version__"]
+__all__ = ["nn", "losses", "models", "convert_model", "create_model", "list_models", "__version__"]

@@ -1,0 +1,29 @@
+"""Networks of "Deep Hyperspherical Learning" (Liu et al., NIPS 2017, Sec. 5) behind a registry.
+
+``create_model(name, **kwargs)`` builds a registered network (``list_models()`` names them):
+the plain SphereNet family ``spherenet9/18/36/69``, the wide CIFAR ``sphere_resnet32`` and the
+ImageNet-style ``sphere_resnet18/34``; ``operator="none"`` gives each one's CNN baseline.
+``convert_model`` turns the convolutions of any existing network into SphereConv layers.
+"""
+
+from .convert import convert_model
+from .layers import BN_EPS, BN_MOMENTUM, PLAIN_OPERATOR, ConvUnit, conv_layer, init_weights
+from .registry import create_model, list_models, register_model
+from .resnet import BasicBlock, SphereResNet
+from .spherenet import SphereNet
+
+__all__ = [
+    "create_model",
+    "list_models",
+    "register_model",
+    "convert_model",
+    "conv_layer",
+    "init_weights",
+    "ConvUnit",
+    "SphereNet",
+    "SphereResNet",
+    "BasicBlock",
+    "BN_EPS",
+    "BN_MOMENTUM",
+    "PLAIN_OPERATOR",
+]

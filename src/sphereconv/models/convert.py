@@ -1,0 +1,138 @@
+"""Turn the convolutions (and optionally linear layers) of any network into Sphere layers.
+
+Liu et al., "Deep Hyperspherical Learning" (NIPS 2017), Sec. 2.1: SphereConv keeps the
+convolution's filters and geometry and only replaces ``<w, x>`` by ``g(theta)``. So an existing
+network (a ResNet from another library, say) becomes a SphereNet by swapping each layer for a
+``SphereConv1d/2d/3d`` (or ``SphereLinear``) that adopts the original parameters.
+
+Which layers are converted:
+
+- *Candidates* are modules whose type is exactly ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d``,
+  plus exactly ``nn.Linear`` when ``convert_linear=True``. Subclasses (Sphere layers, SphereNorm,
+  decoupled convolutions, weight-standardised or "same"-padding convolutions of other libraries)
+  are left untouched, since their forward differs from the plain layer's.
+- ``include`` keeps only the candidates it matches, ``exclude`` drops those it matches. Each is a
+  glob pattern (``fnmatch``, e.g. ``"layer4.*"``), a list of patterns matched against the
+  qualified module name of ``model.named_modules()``, or a predicate ``f(name, module) -> bool``.
+- ``skip_classifier=True`` (default) keeps the *classifier* plain: the layer (any ``nn.Linear`` or
+  convolution, Sphere or not) registered last in ``model.named_modules()`` order, which for the
+  usual networks (``fc`` of a ResNet, the 1x1 score conv of a fully convolutional net, the
+  ``classifier`` of this package's models) is the one producing the logits. Networks that register
+  their head earlier, or have several heads, should name them in ``exclude``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Callable, Iterable, Union
+
+from torch import nn
+
+from ..nn.angular import DEFAULT_EPS, DEFAULT_SIGMOID_K, SPHERE_OPERATORS, canonical_operator, check_positive
+from ..nn.conv import SphereConv1d, SphereConv2d, SphereConv3d, SphereLinear
+
+LayerSelector = Union[str, Iterable[str], Callable[[str, nn.Module], bool], None]
+
+_CONV_TO_SPHERE: dict[type, type] = {nn.Conv1d: SphereConv1d, nn.Conv2d: SphereConv2d, nn.Conv3d: SphereConv3d}
+_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _selector(value: LayerSelector, argument: str, names: list[str]) -> Callable[[str, nn.Module], bool] | None:
+    """Turn ``include``/``exclude`` into a predicate; patterns matching no module raise ``ValueError``."""
+    if value is None:
+        return None
+    if callable(value):
+        return value
+    patterns = [value] if isinstance(value, str) else list(value) if isinstance(value, Iterable) else None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{argument} must be None, a glob pattern, a list of glob patterns or a predicate "
+                        f"f(name, module) -> bool; got {value!r}")
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ValueError(f"{argument} pattern {pattern!r} matches no module of the model; module names look like: {sample}")
+    return lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _sphere_copy(layer: nn.Module, operator: str, sigmoid_k: float, eps: float) -> nn.Module:
+    """A Sphere layer with ``layer``'s geometry that adopts its ``weight``/``bias`` Parameters."""
+    weight = layer.weight
+    factory = {"device": weight.device, "dtype": weight.dtype}
+    sphere: nn.Module
+    if isinstance(layer, nn.Linear):
+        sphere = SphereLinear(layer.in_features, layer.out_features, bias=layer.bias is not None, **factory,
+                              operator=operator, sigmoid_k=sigmoid_k, eps=eps)
+    else:
+        sphere = _CONV_TO_SPHERE[type(layer)](
+            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+            layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, **factory,
+            operator=operator, sigmoid_k=sigmoid_k, eps=eps,
+        )
+    # Adopt the very Parameter objects: values, requires_grad and optimizer references carry over.
+    sphere.weight = layer.weight
+    sphere.bias = layer.bias
+    sphere.train(layer.training)
+    return sphere
+
+
+def convert_model(
+    model: nn.Module,
+    operator: str = "linear",
+    *,
+    sigmoid_k: float = DEFAULT_SIGMOID_K,
+    eps: float = DEFAULT_EPS,
+    include: LayerSelector = None,
+    exclude: LayerSelector = None,
+    skip_classifier: bool = True,
+    convert_linear: bool = False,
+) -> nn.Module:
+    """Replace the plain convolutions of ``model`` by SphereConv layers, in place.
+
+    Each selected ``nn.ConvNd`` becomes ``SphereConvNd`` (and each selected ``nn.Linear`` a
+    ``SphereLinear`` if ``convert_linear``) computing ``g(theta)``, ``cos(theta) = <w, x> / (|w| |x|)``,
+    with the same geometry (kernel, stride, padding, dilation, groups, padding mode), device and
+    dtype, adopting the original ``weight`` and ``bias`` Parameter objects (an optimizer built
+    before the conversion keeps working). ``operator`` is ``linear`` (the SphereResNet default),
+    ``cosine``, ``sigmoid`` or ``learnable_sigmoid``; ``sigmoid_k`` and ``eps`` as in
+    ``SphereConv2d``. Selection (``include``, ``exclude``, ``skip_classifier``) is described in
+    the module docstring. A layer shared by several parents is replaced everywhere.
+
+    Returns ``model`` (or the new layer when ``model`` itself is a selected plain layer).
+    Forward hooks registered on replaced layers are not carried over.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    operator = canonical_operator(operator, SPHERE_OPERATORS)
+    check_positive("sigmoid_k", sigmoid_k)
+    check_positive("eps", eps)
+    for flag, value in (("skip_classifier", skip_classifier), ("convert_linear", convert_linear)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False; got {value!r}")
+
+    named = list(model.named_modules())
+    names = [name for name, _ in named]
+    include_fn = _selector(include, "include", names)
+    exclude_fn = _selector(exclude, "exclude", names)
+    classifier = None
+    if skip_classifier:
+        layers = [module for _, module in named if isinstance(module, _LAYER_TYPES)]
+        classifier = layers[-1] if layers else None
+
+    replacements: dict[int, nn.Module] = {}
+    for name, module in named:
+        plain_type = type(module) in _CONV_TO_SPHERE or (convert_linear and type(module) is nn.Linear)
+        if not plain_type or module is classifier:
+            continue
+        if include_fn is not None and not include_fn(name, module):
+            continue
+        if exclude_fn is not None and exclude_fn(name, module):
+            continue
+        replacements[id(module)] = _sphere_copy(module, operator, sigmoid_k, eps)
+
+    if id(model) in replacements:
+        return replacements[id(model)]
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if id(child) in replacements:
+                setattr(parent, child_name, replacements[id(child)])
+    return model
