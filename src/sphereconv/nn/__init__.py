@@ -1,18 +1,54 @@
-"""Hyperspherical layers mirroring ``torch.nn`` (Liu et al. 2017; Liu et al. 2018)."""
+"""Hyperspherical layers mirroring ``torch.nn``.
+
+SphereConv, SphereLinear and SphereNorm follow Liu et al., "Deep Hyperspherical Learning" (NIPS 2017,
+Sec. 2.1 and the normalisation discussion); the decoupled operators follow Liu et al., "Decoupled
+Networks" (CVPR 2018, Sec. 3).
+"""
 
 from . import functional
 from .angular import ANGULAR_OPERATORS, SPHERE_OPERATORS, angular_function, safe_acos
 from .conv import SPHERE_CONV_TYPES, SphereConv1d, SphereConv2d, SphereConv3d, SphereLinear
+from .decoupled import (
+    MAGNITUDES,
+    DecoupledConv2d,
+    decoupled_conv2d,
+    decoupled_from_cosine,
+    magnitude_function,
+)
+from .functional import (
+    sphere_conv1d,
+    sphere_conv2d,
+    sphere_conv3d,
+    sphere_convnd,
+    sphere_cosine,
+    sphere_linear,
+)
+from .norm import SPHERE_NORM_TYPES, SphereNorm1d, SphereNorm2d, SphereNorm3d
 
 __all__ = [
     "functional",
     "ANGULAR_OPERATORS",
     "SPHERE_OPERATORS",
+    "MAGNITUDES",
     "angular_function",
     "safe_acos",
+    "sphere_conv1d",
+    "sphere_conv2d",
+    "sphere_conv3d",
+    "sphere_convnd",
+    "sphere_cosine",
+    "sphere_linear",
+    "decoupled_conv2d",
+    "decoupled_from_cosine",
+    "magnitude_function",
     "SPHERE_CONV_TYPES",
+    "SPHERE_NORM_TYPES",
     "SphereConv1d",
     "SphereConv2d",
     "SphereConv3d",
     "SphereLinear",
+    "SphereNorm1d",
+    "SphereNorm2d",
+    "SphereNorm3d",
+    "DecoupledConv2d",
 ]

@@ -69,6 +69,8 @@ class _SphereConvNd(_SphereMixin):
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         padding = self.padding
         if self.padding_mode != "zeros":
+            # Check the input first: F.pad's error for a wrong-rank input does not say what is allowed.
+            SF._check_conv_args(input, weight, self.groups, weight.dim() - 2)
             # Pad once and use the same padded tensor for the inner product and the patch norm.
             input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0

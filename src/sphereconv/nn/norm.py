@@ -1,0 +1,163 @@
+"""SphereNorm (Liu et al. 2017, "Hyperspherical learning as a normalization method").
+
+The paper observes that SphereConv normalises every filter and every input patch onto the unit
+hypersphere, so it is a normalisation that, unlike BatchNorm, uses no batch statistics: a sample's
+output is the same at any batch size, in training and at test time. Equipped with learnable
+rescaling factors it can reduce to the original convolution, and it can be used with or without
+BatchNorm. This module implements that reading with per-output-channel parameters
+``gamma``, ``beta`` and a magnitude mix ``s`` in (0, 1):
+
+    out = gamma * (s * |w|_e |x|_e + (1 - s)) * g(theta) + beta (+ bias)
+
+with ``cos(theta) = <w, x> / (|w|_e |x|_e)`` and ``|v|_e = sqrt(sum v^2 + eps)`` as in SphereConv.
+For s -> 0 the output is the pure hyperspherical ``gamma * g(theta) + beta`` (bounded by |gamma| +
+|beta|, scale invariant); for s = 1, cosine g, gamma = 1 and beta = 0 it is exactly the plain
+convolution ``<w, x>``, since ``|w|_e |x|_e cos(theta) = <w, x>``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as SF
+from .angular import DEFAULT_EPS, DEFAULT_SIGMOID_K, angular_function
+from .conv import SphereConv1d, SphereConv2d, SphereConv3d
+
+# Initial magnitude mix s (not given in the paper; a choice of this library): small, so that a new
+# layer starts close to the pure hyperspherical normalisation gamma * g + beta, while the sigmoid
+# that keeps s in (0, 1) still passes a useful gradient (ds/dlogit = s (1 - s)).
+DEFAULT_MAGNITUDE_INIT = 0.02
+
+
+class _SphereNormMixin:
+    """SphereNorm parameters and forward pass shared by the 1-d, 2-d and 3-d layers.
+
+    Mixed in before a ``SphereConvNd`` class, whose attributes (declared here) it reads.
+    """
+
+    weight: Tensor
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: str
+    _reversed_padding_repeated_twice: list[int]
+    operator: str
+    eps: float
+    gamma: nn.Parameter
+    beta: nn.Parameter
+    magnitude_logit: nn.Parameter | None
+
+    def _init_norm(self, out_channels: int, learn_magnitude: bool, magnitude_init: float) -> None:
+        if not isinstance(learn_magnitude, bool):
+            raise TypeError(f"learn_magnitude must be True or False; got {learn_magnitude!r}")
+        if isinstance(magnitude_init, bool) or not isinstance(magnitude_init, (int, float)) or not 0.0 < magnitude_init < 1.0:
+            raise ValueError(f"magnitude_init must be a number strictly between 0 and 1; got {magnitude_init!r}")
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.gamma = nn.Parameter(torch.ones(out_channels, **factory))
+        self.beta = nn.Parameter(torch.zeros(out_channels, **factory))
+        if learn_magnitude:
+            logit = math.log(magnitude_init / (1.0 - magnitude_init))
+            self.magnitude_logit = nn.Parameter(torch.full((out_channels,), logit, **factory))
+        else:
+            self.register_parameter("magnitude_logit", None)  # type: ignore[attr-defined]
+
+    def magnitude_mix(self) -> Tensor | None:
+        """The per-channel mix s = sigmoid(magnitude_logit), or None when the magnitude is not learnt."""
+        return None if self.magnitude_logit is None else torch.sigmoid(self.magnitude_logit)
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        dims = weight.dim() - 2
+        SF._check_conv_args(input, weight, self.groups, dims)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            # Pad once: the inner product and the patch norm must see the same padded tensor.
+            input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        unbatched = input.dim() == dims + 1
+        if unbatched:
+            input = input.unsqueeze(0)
+        out_dtype = None if torch.is_autocast_enabled(input.device.type) else torch.promote_types(input.dtype, weight.dtype)
+        cos_theta, x_norm, w_norm = SF.sphere_cosine(input, weight, self.stride, padding, self.dilation, self.groups, self.eps)
+        channel_shape = (-1, *([1] * dims))
+        k = self.effective_k()  # type: ignore[attr-defined]
+        g = angular_function(cos_theta, self.operator, k.reshape(channel_shape) if isinstance(k, Tensor) else k)
+        scale = self.gamma.to(g.dtype).reshape(channel_shape)
+        mix = self.magnitude_mix()
+        if mix is not None:
+            mix = mix.to(g.dtype).reshape(channel_shape)
+            scale = scale * (mix * (w_norm.reshape(channel_shape) * x_norm) + (1.0 - mix))
+        out = scale * g + self.beta.to(g.dtype).reshape(channel_shape)
+        if bias is not None:
+            out = out + bias.to(out.dtype).reshape(channel_shape)
+        if out_dtype is not None and out.dtype != out_dtype:
+            out = out.to(out_dtype)
+        return out.squeeze(0) if unbatched else out
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)  # type: ignore[misc]
+        # A plain convolution's state dict has no rescaling factors: they keep their initial values.
+        for name in ("gamma", "beta", "magnitude_logit"):
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", learn_magnitude={self.magnitude_logit is not None}"  # type: ignore[misc]
+
+
+_NORM_DOC = """{dims}-d SphereNorm (Liu et al. 2017, SphereConv Sec. 2.1 used as a normalisation), a subclass of ``SphereConv{dims}d``.
+
+    ``out = gamma * (s * |w|_e |x|_e + (1 - s)) * g(theta) + beta (+ bias)`` per output channel, with
+    ``s = sigmoid(magnitude_logit)`` (initialised to ``magnitude_init``), ``gamma = 1`` and
+    ``beta = 0`` at initialisation, theta the angle between filter and input patch and g the
+    ``operator`` (as in SphereConv). ``learn_magnitude=False`` drops the magnitude term:
+    ``out = gamma * g(theta) + beta``. No batch statistics are used, so a sample's output does not
+    depend on its batch or on train/eval mode. With s = 1, cosine g, gamma = 1 and beta = 0 the layer
+    is the plain convolution ``<w, x>``; a plain ``nn.Conv{dims}d`` state dict loads into it (gamma,
+    beta and the mix keep their initial values).
+    """
+
+
+class SphereNorm1d(_SphereNormMixin, SphereConv1d):
+    __doc__ = _NORM_DOC.format(dims=1)
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=False, padding_mode="zeros", device=None, dtype=None, *, operator="cosine",
+                 sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS, learn_magnitude=True,
+                 magnitude_init=DEFAULT_MAGNITUDE_INIT):
+        SphereConv1d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                              bias, padding_mode, device, dtype, operator=operator, sigmoid_k=sigmoid_k, eps=eps)
+        self._init_norm(out_channels, learn_magnitude, magnitude_init)
+
+
+class SphereNorm2d(_SphereNormMixin, SphereConv2d):
+    __doc__ = _NORM_DOC.format(dims=2)
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=False, padding_mode="zeros", device=None, dtype=None, *, operator="cosine",
+                 sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS, learn_magnitude=True,
+                 magnitude_init=DEFAULT_MAGNITUDE_INIT):
+        SphereConv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                              bias, padding_mode, device, dtype, operator=operator, sigmoid_k=sigmoid_k, eps=eps)
+        self._init_norm(out_channels, learn_magnitude, magnitude_init)
+
+
+class SphereNorm3d(_SphereNormMixin, SphereConv3d):
+    __doc__ = _NORM_DOC.format(dims=3)
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=False, padding_mode="zeros", device=None, dtype=None, *, operator="cosine",
+                 sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS, learn_magnitude=True,
+                 magnitude_init=DEFAULT_MAGNITUDE_INIT):
+        SphereConv3d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                              bias, padding_mode, device, dtype, operator=operator, sigmoid_k=sigmoid_k, eps=eps)
+        self._init_norm(out_channels, learn_magnitude, magnitude_init)
+
+
+SPHERE_NORM_TYPES = (SphereNorm1d, SphereNorm2d, SphereNorm3d)
+"""The SphereNorm layer classes (each also an instance of the matching SphereConv class)."""
+
+__all__ = ["SphereNorm1d", "SphereNorm2d", "SphereNorm3d", "SPHERE_NORM_TYPES", "DEFAULT_MAGNITUDE_INIT"]

@@ -1,0 +1,247 @@
+"""API contract of ``sphereconv.nn``: argument validation, state-dict compatibility with plain
+convolutions, exports and docstrings."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import sphereconv.nn as snn
+from sphereconv.nn import (
+    DecoupledConv2d,
+    SphereConv1d,
+    SphereConv2d,
+    SphereConv3d,
+    SphereLinear,
+    SphereNorm2d,
+    decoupled_conv2d,
+    functional as SF,
+)
+
+LAYERS = {
+    "conv2d": lambda **kw: SphereConv2d(3, 4, 3, **kw),
+    "linear": lambda **kw: SphereLinear(3, 4, **kw),
+    "norm2d": lambda **kw: SphereNorm2d(3, 4, 3, **kw),
+    "decoupled": lambda **kw: DecoupledConv2d(3, 4, 3, **kw),
+}
+
+
+# ---------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.parametrize("make", list(LAYERS.values()), ids=list(LAYERS))
+def test_unknown_operator_names_value_and_allowed_set(make):
+    with pytest.raises(ValueError, match=r"'tangent'.*linear, cosine, sigmoid, learnable_sigmoid"):
+        make(operator="tangent")
+    with pytest.raises(TypeError, match=r"operator must be a string.*got int 3"):
+        make(operator=3)
+
+
+def test_unknown_operator_in_functional_forms():
+    x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match=r"'tangent'.*allowed: linear, cosine"):
+        SF.sphere_conv2d(x, w, operator="tangent")
+    with pytest.raises(ValueError, match=r"'square_cosine'.*allowed: linear, cosine, sigmoid, learnable_sigmoid \("):
+        SF.sphere_conv2d(x, w, operator="square_cosine")  # a decoupled-only g
+    with pytest.raises(ValueError, match=r"'tangent'"):
+        SF.sphere_linear(torch.randn(2, 3), torch.randn(4, 3), operator="tangent")
+    with pytest.raises(ValueError, match=r"'tangent'.*square_cosine"):
+        decoupled_conv2d(x, w, operator="tangent")
+
+
+@pytest.mark.parametrize("bad", [0, -0.3, float("nan")])
+@pytest.mark.parametrize("make", list(LAYERS.values()), ids=list(LAYERS))
+def test_non_positive_sigmoid_k_and_eps_are_rejected(make, bad):
+    with pytest.raises(ValueError, match=rf"sigmoid_k must be a positive finite number; got {bad!r}"):
+        make(operator="sigmoid", sigmoid_k=bad)
+    with pytest.raises(ValueError, match=rf"eps must be a positive finite number; got {bad!r}"):
+        make(eps=bad)
+
+
+def test_functional_k_and_eps_validation():
+    x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match=r"sigmoid_k must be positive.*\[0.5, 0.0, 0.5, 0.5\]"):
+        SF.sphere_conv2d(x, w, operator="sigmoid", sigmoid_k=torch.tensor([0.5, 0.0, 0.5, 0.5]))
+    with pytest.raises(ValueError, match=r"eps must be a positive finite number; got 0"):
+        SF.sphere_conv2d(x, w, eps=0)
+    with pytest.raises(ValueError, match=r"eps must be a positive finite number; got -1"):
+        decoupled_conv2d(x, w, eps=-1)
+    with pytest.raises(TypeError, match=r"sigmoid_k must be a positive number; got str"):
+        SF.sphere_linear(torch.randn(2, 3), torch.randn(4, 3), operator="sigmoid", sigmoid_k="0.3")
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "circular"])
+@pytest.mark.parametrize("shape", [(5, 5), (1, 1, 3, 5, 5)])
+def test_wrong_input_rank_names_the_shape(mode, shape):
+    for layer in (SphereConv2d(3, 4, 3, padding=1, padding_mode=mode),
+                  SphereNorm2d(3, 4, 3, padding=1, padding_mode=mode),
+                  DecoupledConv2d(3, 4, 3, padding=1, padding_mode=mode)):
+        with pytest.raises(ValueError, match=rf"input must have 4 dimensions.*got shape {re.escape(str(shape))}"):
+            layer(torch.randn(shape))
+
+
+def test_wrong_input_rank_in_1d_3d_and_linear():
+    with pytest.raises(ValueError, match=r"input must have 3 dimensions .* got shape \(2, 3, 4, 4\)"):
+        SphereConv1d(3, 4, 3)(torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"input must have 5 dimensions .* got shape \(3, 4\)"):
+        SphereConv3d(3, 4, 3)(torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"in_features = 3; got shape \(2, 5\)"):
+        SphereLinear(3, 4)(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("make", [lambda: SphereConv2d(3, 4, 3), lambda: SphereNorm2d(3, 4, 3),
+                                  lambda: DecoupledConv2d(3, 4, 3), lambda: SphereConv2d(4, 4, 3, groups=2)])
+def test_channel_mismatch_names_both_counts(make):
+    layer = make()
+    with pytest.raises(ValueError, match=r"input has 5 channels but weight expects in_channels = \d x groups \d = \d"):
+        layer(torch.randn(2, 5, 6, 6))
+
+
+def test_unknown_magnitude_and_bad_decoupled_coefficients():
+    x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    allowed = r"allowed: sphere, ball, tanh, linear, seg, log, mix"
+    with pytest.raises(ValueError, match=rf"unknown magnitude 'cube'; {allowed}"):
+        DecoupledConv2d(3, 4, 3, magnitude="cube")
+    with pytest.raises(ValueError, match=rf"unknown magnitude 'cube'; {allowed}"):
+        decoupled_conv2d(x, w, magnitude="cube")
+    with pytest.raises(TypeError, match=r"magnitude must be a string"):
+        decoupled_conv2d(x, w, magnitude=None)
+    with pytest.raises(ValueError, match=r"rho must be a positive finite number; got -1.0"):
+        DecoupledConv2d(3, 4, 3, magnitude="ball", rho=-1.0)
+    with pytest.raises(ValueError, match=r"rho must be positive"):
+        decoupled_conv2d(x, w, magnitude="tanh", rho=torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"alpha must be a finite number; got inf"):
+        decoupled_conv2d(x, w, alpha=float("inf"))
+    with pytest.raises(TypeError, match=r"weighted must be True or False; got 1"):
+        DecoupledConv2d(3, 4, 3, weighted=1)
+    with pytest.raises(ValueError, match=r"momentum must be a number in \(0, 1\]; got 0"):
+        DecoupledConv2d(3, 4, 3, momentum=0)
+    with pytest.raises(ValueError, match=r"alpha has 3 values; expected 1 or out_channels = 4"):
+        decoupled_conv2d(x, w, alpha=torch.ones(3))
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.5, True])
+def test_sphere_norm_magnitude_init_must_lie_in_open_unit_interval(bad):
+    with pytest.raises(ValueError, match=rf"magnitude_init must be a number strictly between 0 and 1; got {bad!r}"):
+        SphereNorm2d(3, 4, 3, magnitude_init=bad)
+
+
+# ---------------------------------------------------------------- state dicts
+
+
+@pytest.mark.parametrize("operator", ["linear", "cosine", "sigmoid", "learnable_sigmoid"])
+def test_plain_conv_state_dict_loads_into_sphere_conv(operator):
+    torch.manual_seed(0)
+    plain = nn.Conv2d(3, 4, 3, bias=False)
+    layer = SphereConv2d(3, 4, 3, operator=operator)
+    result = layer.load_state_dict(plain.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(layer.weight, plain.weight)
+    if operator == "learnable_sigmoid":
+        assert torch.equal(layer.sigmoid_k_raw.detach(), torch.full((4,), 0.7))
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(layer(x), SF.sphere_conv2d(x, plain.weight, operator=operator,
+                                                          sigmoid_k=layer.effective_k()))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: SphereConv2d(3, 4, 3, operator="learnable_sigmoid"),
+    lambda: SphereNorm2d(3, 4, 3, operator="learnable_sigmoid"),
+    lambda: SphereNorm2d(3, 4, 3, learn_magnitude=False),
+    lambda: DecoupledConv2d(3, 4, 3, magnitude="seg", learnable=True, operator="learnable_sigmoid"),
+    lambda: DecoupledConv2d(3, 4, 3, magnitude="mix"),
+])
+@pytest.mark.parametrize("bias", [False, True])
+def test_state_dicts_are_compatible_both_ways(make, bias):
+    torch.manual_seed(1)
+    layer = make()
+    if bias:  # same layer with a bias, matching a plain Conv2d(bias=True)
+        layer.bias = nn.Parameter(torch.zeros(4))
+    plain = nn.Conv2d(3, 4, 3, bias=bias)
+    initial = {k: v.clone() for k, v in layer.state_dict().items() if k not in plain.state_dict()}
+    layer.load_state_dict(plain.state_dict(), strict=True)  # plain -> sphere: extras keep their init
+    for key, value in layer.state_dict().items():
+        if key in initial:
+            assert torch.equal(value, initial[key]), key
+        else:
+            assert torch.equal(value, plain.state_dict()[key]), key
+    # sphere -> plain: every shared key has the same shape; only the extras are unexpected
+    back = nn.Conv2d(3, 4, 3, bias=bias)
+    result = back.load_state_dict(layer.state_dict(), strict=False)
+    assert not result.missing_keys
+    assert sorted(result.unexpected_keys) == sorted(initial)
+    assert torch.equal(back.weight, layer.weight)
+
+
+def test_loading_still_rejects_wrong_shapes_and_unknown_keys():
+    layer = SphereNorm2d(3, 4, 3)
+    with pytest.raises(RuntimeError, match="size mismatch for weight"):
+        layer.load_state_dict(nn.Conv2d(3, 5, 3, bias=False).state_dict())
+    state = dict(nn.Conv2d(3, 4, 3, bias=False).state_dict(), stray=torch.zeros(1))
+    with pytest.raises(RuntimeError, match="Unexpected key.*stray"):
+        layer.load_state_dict(state)
+
+
+def test_sphere_state_dict_round_trip_keeps_learnt_extras():
+    torch.manual_seed(2)
+    source = DecoupledConv2d(3, 4, 3, magnitude="tanh", learnable=True)
+    source(torch.randn(2, 3, 5, 5))  # one running-average update
+    with torch.no_grad():
+        source.radius.mul_(3.0)
+    target = DecoupledConv2d(3, 4, 3, magnitude="tanh", learnable=True)
+    target.load_state_dict(source.state_dict())
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+    assert int(target.num_batches_tracked) == 1
+
+
+# ---------------------------------------------------------------- exports and docs
+
+
+def test_exports():
+    assert snn.MAGNITUDES == ("sphere", "ball", "tanh", "linear", "seg", "log", "mix")
+    for name in snn.__all__:
+        assert hasattr(snn, name), name
+    for name in ("SphereNorm2d", "DecoupledConv2d", "decoupled_conv2d", "sphere_conv2d", "sphere_cosine"):
+        assert name in snn.__all__
+    assert isinstance(SphereNorm2d(3, 4, 3), snn.SPHERE_CONV_TYPES)  # penalties apply to SphereNorm too
+    assert not isinstance(DecoupledConv2d(3, 4, 3), snn.SPHERE_CONV_TYPES)
+
+
+_MODULES = [snn.angular, snn.functional, snn.conv, snn.norm, snn.decoupled]
+
+
+def _public_objects():
+    for module in _MODULES:
+        for name, obj in vars(module).items():
+            if name.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):
+                continue
+            if obj.__module__ != module.__name__:
+                continue  # imported from elsewhere
+            yield f"{module.__name__}.{name}", obj
+            if inspect.isclass(obj):
+                for attr, member in vars(obj).items():
+                    if not attr.startswith("_") and inspect.isfunction(member):
+                        yield f"{module.__name__}.{name}.{attr}", member
+
+
+@pytest.mark.parametrize("qualname,obj", list(_public_objects()), ids=lambda v: v if isinstance(v, str) else "")
+def test_public_objects_have_docstrings(qualname, obj):
+    assert inspect.getdoc(obj), f"{qualname} has no docstring"
+
+
+@pytest.mark.parametrize("module", _MODULES, ids=lambda m: m.__name__)
+def test_module_docstrings_cite_the_paper(module):
+    doc = module.__doc__ or ""
+    assert "Liu et al." in doc or "Sec." in doc, module.__name__
+
+
+@pytest.mark.parametrize("obj", [SF.sphere_conv2d, snn.decoupled_conv2d, snn.magnitude_function,
+                                 SphereConv2d, SphereNorm2d, DecoupledConv2d])
+def test_operator_docstrings_state_formula_and_section(obj):
+    doc = inspect.getdoc(obj)
+    assert "=" in doc and "Sec" in doc, obj
