@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-scale="${SPHERECONV_SCALE:-small}"
+scale="${SPHERECONV_SCALE:-quick}"
 out="${SPHERECONV_OUT:-runs/quickstart}"
 .venv/bin/sphereconv reproduce convergence --scale "$scale" --dataset fashion-mnist --download --out "$out"
 echo "report: $out/convergence/report.md"
