@@ -1,0 +1,41 @@
+"""Training engine: configuration, training loop, checkpoints, evaluation and data parallelism.
+
+Implements the training procedure of Liu et al., "Deep Hyperspherical Learning" (NIPS 2017,
+Sec. 5) and the reference code's recipe (wy1iu/SphereNet) as :func:`train`, driven by a validated
+:class:`TrainConfig`; :func:`evaluate` scores a saved checkpoint.
+"""
+
+from .checkpoint import (
+    export_weights,
+    find_latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
+from .config import TrainConfig, config_from_dict, config_keys, config_to_dict, describe_keys, load_config, save_config
+from .distributed import DistributedContext, setup_distributed
+from .evaluation import evaluate
+from .trainer import Callback, Trainer, train
+
+__all__ = [
+    "TrainConfig",
+    "load_config",
+    "config_to_dict",
+    "config_from_dict",
+    "config_keys",
+    "describe_keys",
+    "save_config",
+    "train",
+    "Trainer",
+    "Callback",
+    "evaluate",
+    "save_checkpoint",
+    "load_checkpoint",
+    "find_latest_checkpoint",
+    "list_checkpoints",
+    "export_weights",
+    "load_weights",
+    "DistributedContext",
+    "setup_distributed",
+]

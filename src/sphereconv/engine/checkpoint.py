@@ -1,0 +1,275 @@
+"""Checkpoints: atomic writes, rotation, safe loading, compatibility checks and weight export.
+
+A checkpoint is one ``torch.save`` file ``checkpoints/step_00001234.pt`` holding plain data only
+(tensors, numbers, strings, lists, dicts, tuples) so that it loads with
+``torch.load(weights_only=True)``: the unpickler then refuses anything that would run code. It
+holds everything a resumed run needs to continue bit for bit: model, optimizer, scheduler, grad
+scaler and loss-module state, the step, the data loader's position, the RNG states of torch,
+CUDA, numpy and Python, the progress counters and the resolved configuration.
+
+Writes are atomic: the file is written to a temporary name in the same directory, flushed and
+fsynced, renamed over the final name (``os.replace``) and the directory is fsynced, so a crash
+leaves either the previous set of checkpoints or the new one, never a half-written file under a
+checkpoint name. Only the newest ``keep`` checkpoints are kept.
+
+Weights for sharing are exported as safetensors (no pickle at all).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .atomic import atomic_write, remove_temporaries
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "sphereconv-checkpoint"
+FORMAT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+_CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.pt$")
+
+# Longest excerpt of an underlying error quoted in a one-line message.
+EXCERPT_CHARS = 200
+# Configuration keys that define the network and its loss: a checkpoint can only be loaded into a
+# run whose values of these keys match.
+ARCHITECTURE_KEYS = ("model", "operator", "sigmoid_k", "fc_operator", "width_mult", "batch_norm",
+                     "sphere_norm", "feature_dim", "model_kwargs", "loss", "loss_kwargs", "dataset")
+
+
+# ------------------------------------------------------------------------------------------------
+# Atomic saving
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+# ------------------------------------------------------------------------------------------------
+# RNG state as plain data
+
+def capture_rng_state() -> dict[str, Any]:
+    """RNG states of Python ``random``, numpy's global generator, torch CPU and every CUDA device.
+
+    Stored as tensors, ints, floats, strings and tuples only (``weights_only``-loadable).
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`; raises CheckpointError if the state is malformed."""
+    try:
+        python = state["python"]
+        random.setstate((python[0], tuple(python[1]), python[2]))
+        numpy_state = state["numpy"]
+        np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                             numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            cuda_states = list(state["cuda"])
+            if len(cuda_states) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda_states)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint holds a malformed RNG state ({type(exc).__name__}: {exc})") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving, listing, loading
+
+def checkpoint_dir(out: str | os.PathLike) -> Path:
+    """The checkpoint directory of a run directory."""
+    return Path(out) / CHECKPOINT_DIR
+
+
+def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
+    """File name of the checkpoint at ``step`` in ``directory``."""
+    return Path(directory) / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every checkpoint file in ``directory``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in directory.iterdir():
+        match = _CHECKPOINT_NAME.match(entry.name)
+        if match and entry.is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> int:
+    """Delete temporary files left by checkpoint writes that were killed; return how many."""
+    return remove_temporaries(directory)
+
+
+def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike, step: int, keep: int) -> Path:
+    """Write ``state`` (plus format name and version) atomically as the checkpoint of ``step``.
+
+    Afterwards only the newest ``keep`` checkpoints of ``directory`` remain.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1; got {keep}")
+    payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step": int(step), **state}
+    path = atomic_save(payload, checkpoint_path(directory, step))
+    for _, old in list_checkpoints(directory)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises :class:`CheckpointError` (one line) when the file is missing, truncated, not a
+    checkpoint, carries pickled code or objects, or has an unsupported format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... here
+        raise CheckpointError(_load_failure(path, exc)) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{str(path)!r} is not a sphereconv checkpoint (no '{FORMAT_NAME}' format marker)")
+    version = state.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format version {version!r}; this sphereconv reads version {FORMAT_VERSION}")
+    missing = [k for k in ("step", "model", "config") if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: missing {', '.join(missing)}")
+    return state
+
+
+def _load_failure(path: Path, exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text.lower():
+        first = text.split(". ")[0][:EXCERPT_CHARS]
+        return (f"refused to load {str(path)!r}: it contains pickled code or objects that are not plain "
+                f"tensors and data ({first}); only load checkpoints you trust with other tools")
+    if isinstance(exc, EOFError) or "central directory" in text or "failed reading" in text or "truncated" in text.lower():
+        return f"checkpoint {str(path)!r} is truncated or corrupt ({type(exc).__name__}: {text[:EXCERPT_CHARS]})"
+    return f"{str(path)!r} is not a readable checkpoint ({type(exc).__name__}: {text[:EXCERPT_CHARS]})"
+
+
+def find_latest_checkpoint(directory: str | os.PathLike,
+                           map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+    """Newest checkpoint in ``directory`` that loads; broken ones are skipped with a warning.
+
+    Returns ``(path, state)`` or ``None`` when there is no loadable checkpoint.
+    """
+    for step, path in reversed(list_checkpoints(directory)):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CheckpointError as exc:
+            logger.warning("skipping checkpoint of step %d: %s", step, exc)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Compatibility
+
+def _describe(config: Mapping[str, Any]) -> str:
+    return f"model {config.get('model')!r} with operator {config.get('operator')!r}"
+
+
+def check_config_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], source: str) -> None:
+    """Raise CheckpointError (one line) if ``saved`` and ``current`` differ in an architecture key."""
+    differing = [key for key in ARCHITECTURE_KEYS if saved.get(key) != current.get(key)]
+    if differing:
+        changes = ", ".join(f"{k}={saved.get(k)!r} there but {current.get(k)!r} here" for k in differing)
+        raise CheckpointError(
+            f"{source} belongs to a different model ({_describe(saved)}, not {_describe(current)}): {changes}")
+
+
+def check_state_compatible(saved: Mapping[str, torch.Tensor], model: nn.Module, source: str) -> None:
+    """Raise CheckpointError (one line) unless ``saved`` has exactly ``model``'s keys and shapes."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s) such as {missing[0]!r}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s) such as {unexpected[0]!r}")
+        raise CheckpointError(f"{source} does not match this model: {'; '.join(parts)}")
+    for key, tensor in expected.items():
+        other = saved[key]
+        if not isinstance(other, torch.Tensor):
+            raise CheckpointError(f"{source} does not match this model: {key!r} is not a tensor")
+        if tuple(other.shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{source} does not match this model: {key!r} has shape "
+                                  f"{tuple(other.shape)} there but {tuple(tensor.shape)} here")
+
+
+def load_model_state(model: nn.Module, saved: Mapping[str, torch.Tensor], source: str) -> None:
+    """Check ``saved`` against ``model`` (keys and shapes) and load it."""
+    check_state_compatible(saved, model, source)
+    model.load_state_dict(saved)
+
+
+# ------------------------------------------------------------------------------------------------
+# safetensors export
+
+def _plain_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage: give every tensor its own copy.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def export_weights(module: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``module.state_dict()`` to a safetensors file atomically; ``metadata`` is str -> str."""
+    from safetensors.torch import save
+
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"export_weights expects an nn.Module; got {type(module).__name__}")
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    data = save(_plain_state(module), metadata=meta or None)
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; CheckpointError if it is missing or corrupt."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # safetensors raises SafetensorError / OSError for bad files
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({' '.join(str(exc).split())[:EXCERPT_CHARS]})") from None
+    return tensors, metadata
+
+
+def load_weights(module: nn.Module, path: str | os.PathLike) -> dict[str, str]:
+    """Load a safetensors file written by :func:`export_weights` into ``module``; return its metadata.
+
+    Raises CheckpointError (one line) if the file is unreadable or its tensors do not match
+    ``module`` (missing/unexpected keys or different shapes).
+    """
+    tensors, metadata = read_weights(path)
+    load_model_state(module, tensors, f"weights file {str(path)!r}")
+    return metadata

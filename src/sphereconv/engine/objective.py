@@ -1,0 +1,135 @@
+"""What is trained: the network, its classification loss and the orthogonality penalty.
+
+Liu et al., "Deep Hyperspherical Learning" (NIPS 2017): Sec. 2.2 (softmax, weight-normalised
+softmax and GA-Softmax on the penultimate features), Sec. 5 (orthogonality penalty on SphereConv
+filters, reference coefficient 1e-4). With ``loss="softmax"`` the model's own classifier
+produces the logits and cross-entropy (with optional label smoothing) is the loss; every other
+loss is a module owning its classifier weight, applied to ``model.forward_features(x)``.
+
+:class:`TrainingModule` puts model and loss into one ``nn.Module`` so that
+``DistributedDataParallel`` and ``torch.compile`` see a single forward pass. Losses, norms and
+softmax are computed in float32 even under autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..losses import build_loss
+from ..models import create_model
+from ..nn.angular import DEFAULT_SIGMOID_K
+from .config import TrainConfig
+
+# Keyword arguments passed to create_model only when they differ from the model defaults, so
+# that models without the option still build with a default config.
+_OPTIONAL_MODEL_ARGS = {"sigmoid_k": DEFAULT_SIGMOID_K, "batch_norm": True, "sphere_norm": False,
+                        "fc_operator": None, "feature_dim": None}
+
+
+class TrainingModule(nn.Module):
+    """``forward(images, labels) -> (loss, logits)`` for a model and (optionally) a loss module.
+
+    ``loss_module=None``: ``logits = model(images)``, ``loss = cross_entropy(logits, labels)`` with
+    ``label_smoothing``. Otherwise ``f = model.forward_features(images)``, ``loss =
+    loss_module(f, labels)`` (training logits carry the margin) and ``logits =
+    loss_module.logits(f)`` (margin-free, for accuracy).
+    """
+
+    def __init__(self, model: nn.Module, loss_module: nn.Module | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_module = loss_module
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        if self.loss_module is None:
+            logits = self.model(images).float()
+            return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing), logits
+        features = self.model.forward_features(images).float()
+        return self.loss_module(features, labels), self.loss_module.logits(features)
+
+
+def model_kwargs(config: TrainConfig, num_classes: int, in_channels: int, image_size: Any) -> dict[str, Any]:
+    """Keyword arguments of ``create_model`` for ``config`` and a dataset's shape."""
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size,
+                              "operator": config.operator, "width_mult": config.width_mult}
+    for key, default in _OPTIONAL_MODEL_ARGS.items():
+        value = getattr(config, key)
+        if value != default:
+            kwargs[key] = value
+    overlap = sorted(set(kwargs) & set(config.model_kwargs))
+    if overlap:
+        raise ConfigError(f"model_kwargs repeats {', '.join(overlap)}; set those as top-level config keys instead")
+    kwargs.update(config.model_kwargs)
+    return kwargs
+
+
+def build_model(config: TrainConfig, num_classes: int, in_channels: int, image_size: Any) -> nn.Module:
+    """``create_model`` for ``config``; a bad name or option becomes a ConfigError naming it."""
+    try:
+        return create_model(config.model, **model_kwargs(config, num_classes, in_channels, image_size))
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"cannot build model={config.model!r}: {exc}") from None
+
+
+def build_loss_module(config: TrainConfig, model: nn.Module, num_classes: int) -> nn.Module | None:
+    """The loss module for ``config.loss`` on ``model.num_features`` (None for plain softmax)."""
+    if config.loss == "softmax":
+        if config.loss_kwargs:
+            raise ConfigError(f"loss_kwargs={config.loss_kwargs!r} has no effect with loss='softmax' "
+                              "(its classifier is the model's own); remove them or choose another loss")
+        return None
+    num_features = getattr(model, "num_features", None)
+    if not isinstance(num_features, int) or not hasattr(model, "forward_features"):
+        raise ConfigError(f"loss={config.loss!r} needs a model with forward_features and num_features; "
+                          f"model={config.model!r} has none")
+    kwargs = dict(config.loss_kwargs)
+    if config.label_smoothing:
+        if "label_smoothing" in kwargs:
+            raise ConfigError("label_smoothing is set both as a key and in loss_kwargs; keep one")
+        kwargs["label_smoothing"] = config.label_smoothing
+    try:
+        return build_loss(config.loss, num_features, num_classes, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"cannot build loss={config.loss!r} with loss_kwargs={config.loss_kwargs!r}: {exc}") from None
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``amp`` (``bf16``/``fp16``) on ``device``; a null context for ``none``."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate_batches(module: TrainingModule, batches, device: torch.device, amp: str = "none",
+                     channels_last: bool = False) -> Tensor:
+    """Sum of loss, correct predictions and count over ``batches``: a float64 tensor of 3 values.
+
+    ``module`` is put in eval mode for the pass and restored afterwards.
+    """
+    was_training = module.training
+    module.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    try:
+        for images, labels in batches:
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp):
+                loss, logits = module(images, labels)
+            count = labels.shape[0]
+            totals[0] += loss.double() * count
+            totals[1] += (logits.argmax(dim=1) == labels).sum()
+            totals[2] += count
+    finally:
+        module.train(was_training)
+    return totals

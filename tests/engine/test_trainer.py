@@ -1,0 +1,224 @@
+"""The training loop on real Fashion-MNIST subsets: run files, skipped non-finite steps, divergence,
+signals, out-of-memory, refusing to overwrite or to resume a different model, evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+import yaml
+from engine_helpers import tiny_overrides
+
+from sphereconv.data import load_dataset
+from sphereconv.engine import Callback, config_to_dict, evaluate, load_config, train
+from sphereconv.engine import trainer as trainer_module
+from sphereconv.engine.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, save_checkpoint
+from sphereconv.errors import CheckpointError, ConfigError, SphereconvError, TrainingDivergedError
+
+METRIC_KEYS = {"step", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds",
+               "images_per_second"}
+SUMMARY_KEYS = {"final_test_acc", "best_test_acc", "best_step", "steps", "images_per_second", "model", "operator",
+                "dataset", "loss", "seed", "seconds", "skipped_steps"}
+_CACHE: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def cached_dataset(monkeypatch):
+    """Read each real Fashion-MNIST split once per test session (the files are verified each read)."""
+    def cached(name, split, data_dir=None, download=False, **kwargs):
+        key = (name, split, data_dir)
+        if key not in _CACHE:
+            _CACHE[key] = load_dataset(name, split, data_dir, download, **kwargs)
+        return _CACHE[key]
+
+    monkeypatch.setattr(trainer_module, "load_dataset", cached)
+
+
+def _config(tmp_path, **extra):
+    return load_config(None, tiny_overrides(tmp_path / "run", **extra))
+
+
+def _state_copy(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_run_writes_config_metrics_summary_and_checkpoints(tmp_path):
+    config = _config(tmp_path, tensorboard=True)
+    summary = train(config)
+    out = tmp_path / "run"
+    assert yaml.safe_load((out / "config.yaml").read_text()) == config_to_dict(config)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [6, 12]
+    assert all(METRIC_KEYS <= r.keys() for r in records)
+    assert records[0]["epoch"] == pytest.approx(6 / 8)  # 256 images / 32 = 8 steps per epoch
+    assert all(0.0 <= r["test_acc"] <= 1.0 and math.isfinite(r["train_loss"]) for r in records)
+    written = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= written.keys() and written == json.loads(json.dumps(summary))
+    assert summary["final_test_acc"] == records[-1]["test_acc"]
+    assert summary["best_test_acc"] == max(r["test_acc"] for r in records)
+    assert summary["steps"] == 12 and summary["skipped_steps"] == 0 and summary["interrupted"] is None
+    assert [s for s, _ in list_checkpoints(checkpoint_dir(out))] == [6, 12]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    # evaluate() rebuilds the model from the checkpoint and reproduces the final test accuracy.
+    result = evaluate(checkpoint_dir(out) / "step_00000012.pt", subset_size=200, device="cpu")
+    assert result["accuracy"] == pytest.approx(summary["final_test_acc"])
+    assert result["images"] == 200 and result["step"] == 12
+    with pytest.raises(CheckpointError):
+        evaluate(out / "config.yaml")
+    # A checkpoint written on a GPU machine (device and precision absent here) still evaluates.
+    state = load_checkpoint(checkpoint_dir(out) / "step_00000012.pt")
+    state["config"].update(device="cuda:0", amp="fp16")
+    moved = save_checkpoint({k: v for k, v in state.items() if k != "step"}, tmp_path / "gpu", 12, keep=1)
+    assert evaluate(moved, subset_size=200, device="cpu")["accuracy"] == result["accuracy"]
+
+
+def test_epochs_become_iterations(tmp_path):
+    summary = train(_config(tmp_path, iterations=None, epochs=1.5, eval_every=0, checkpoint_every=0))
+    assert summary["steps"] == 12 and summary["epochs"] == 1.5
+
+
+def test_existing_run_is_not_overwritten_silently(tmp_path):
+    train(_config(tmp_path, iterations=2, eval_every=0))
+    with pytest.raises(ConfigError, match="already holds a training run.*--resume.*--overwrite"):
+        train(_config(tmp_path, iterations=2))
+    summary = train(_config(tmp_path, iterations=3, eval_every=0, overwrite=True))
+    assert summary["steps"] == 3
+    assert [s for s, _ in list_checkpoints(checkpoint_dir(tmp_path / "run"))] == [3]
+
+
+class PoisonBatches(Callback):
+    """Replace the images of the given steps by NaN and record model state around them."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+        self.before: dict[int, dict] = {}
+        self.after: dict[int, dict] = {}
+
+    def on_train_start(self, trainer):
+        self.trainer = trainer
+
+    def on_batch(self, step, images, labels):
+        if step in self.steps:
+            self.before[step] = {**_state_copy(self.trainer.model),
+                                 **{f"opt.{k}": v for k, v in _optimizer_tensors(self.trainer.optimizer).items()}}
+            return torch.full_like(images, float("nan")), labels
+        return None
+
+    def on_step_end(self, step, info):
+        if step in self.steps:
+            self.after[step] = {**_state_copy(self.trainer.model),
+                                **{f"opt.{k}": v for k, v in _optimizer_tensors(self.trainer.optimizer).items()}}
+            assert info["skipped"]
+
+
+def _optimizer_tensors(optimizer):
+    return {f"{i}.{k}": v.clone() for i, state in optimizer.state.items() for k, v in state.items()}
+
+
+def test_nonfinite_step_is_skipped_and_leaves_weights_untouched(tmp_path):
+    poison = PoisonBatches({3})
+    summary = train(_config(tmp_path), [poison])
+    before, after = poison.before[3], poison.after[3]
+    assert before.keys() == after.keys() and any("running_mean" in k for k in before)
+    for key in before:  # weights, BatchNorm statistics and Adam moments all unchanged
+        assert torch.equal(before[key], after[key]), key
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 12
+    assert math.isfinite(summary["final_test_loss"])
+    state = load_checkpoint(checkpoint_dir(tmp_path / "run") / "step_00000012.pt")
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_persistent_nonfinite_steps_stop_with_a_clear_message(tmp_path):
+    with pytest.raises(TrainingDivergedError) as info:
+        train(_config(tmp_path, max_nonfinite_steps=3), [PoisonBatches(range(8, 13))])
+    message = str(info.value)
+    assert "diverged at step 10" in message and "3 consecutive steps" in message
+    assert "lr=0.001" in message and "step_00000006.pt" in message and "\n" not in message
+    # The last good checkpoint is the newest and loads with finite weights.
+    steps = [s for s, _ in list_checkpoints(checkpoint_dir(tmp_path / "run"))]
+    assert steps == [6]
+    state = load_checkpoint(checkpoint_dir(tmp_path / "run") / "step_00000006.pt")
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+class SendSignal(Callback):
+    def __init__(self, step, signum):
+        self.step, self.signum = step, signum
+
+    def on_step_end(self, step, info):
+        if step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_checkpoints_and_resume_finishes_identically(tmp_path, signum):
+    reference = train(_config(tmp_path / "reference"))
+    previous = signal.getsignal(signum)
+    interrupted = train(_config(tmp_path), [SendSignal(3, signum)])
+    assert signal.getsignal(signum) is previous  # handlers restored
+    assert interrupted["interrupted"] == signal.Signals(signum).name
+    stopped = interrupted["steps"]
+    assert 3 <= stopped < 12
+    out = tmp_path / "run"
+    assert [s for s, _ in list_checkpoints(checkpoint_dir(out))] == [stopped]
+    assert not (out / "summary.json").exists()
+    resumed = train(_config(tmp_path, resume=True))
+    assert resumed["steps"] == 12 and resumed["final_test_acc"] == reference["final_test_acc"]
+    expected = load_checkpoint(checkpoint_dir(tmp_path / "reference" / "run") / "step_00000012.pt")["model"]
+    actual = load_checkpoint(checkpoint_dir(out) / "step_00000012.pt")["model"]
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_resume_of_a_different_model_is_refused(tmp_path):
+    train(_config(tmp_path, iterations=6))
+    with pytest.raises(CheckpointError) as info:
+        train(_config(tmp_path, iterations=6, resume=True, width_mult=0.125, operator="linear"))
+    message = str(info.value)
+    assert "different model" in message and "width_mult=0.0625 there but 0.125 here" in message
+    assert "\n" not in message
+
+
+def test_resume_without_checkpoint_starts_at_zero(tmp_path, caplog):
+    summary = train(_config(tmp_path, iterations=3, eval_every=0, resume=True))
+    assert summary["steps"] == 3
+    assert "no checkpoint" in caplog.text
+
+
+def test_out_of_memory_names_the_batch_size(tmp_path):
+    class ExhaustMemory(Callback):
+        def on_train_start(self, trainer):
+            def forward(images):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            trainer.model.forward = forward
+
+    with pytest.raises(SphereconvError) as info:
+        train(_config(tmp_path), [ExhaustMemory()])
+    message = str(info.value)
+    assert "out of memory during training with batch size 32" in message
+    assert "--batch-size" in message and "--amp bf16" in message
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"amp": "bf16", "channels_last": True, "loss": "cosface", "optimizer": "adamw", "schedule": "cosine"},
+    {"operator": "none", "loss": "a_softmax", "optimizer": "sgd", "lr": 0.01, "schedule": "onecycle",
+     "augment": "flip", "grad_clip": 1.0, "label_smoothing": 0.1},
+])
+def test_options_train_to_finite_results(tmp_path, overrides):
+    summary = train(_config(tmp_path, iterations=4, eval_every=0, **overrides))
+    assert summary["steps"] == 4 and summary["skipped_steps"] == 0
+    assert math.isfinite(summary["final_test_loss"]) and math.isfinite(summary["final_train_loss"])
+
+
+def test_bad_model_options_fail_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="cannot build model='spherenet9'.*no_such_option"):
+        train(_config(tmp_path, model_kwargs={"no_such_option": 1}))
+    with pytest.raises(ConfigError, match="cannot build loss='ga_softmax'.*wings"):
+        train(_config(tmp_path, loss="ga_softmax", loss_kwargs={"wings": 2}))
+    with pytest.raises(ConfigError, match="train_subset=70000 exceeds the 60000"):
+        train(_config(tmp_path, train_subset=70000))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

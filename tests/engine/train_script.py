@@ -1,0 +1,81 @@
+"""Run ``sphereconv.engine.train`` in a subprocess for the kill/resume and torchrun tests.
+
+Usage: ``python train_script.py '<overrides as JSON>' [options]``. Prints ``STARTED`` when the loop
+begins and the summary as JSON at the end. Fault injection:
+
+- ``--kill-at-step N``: SIGKILL itself right after step N;
+- ``--kill-in-checkpoint-write N``: SIGKILL itself while the checkpoint of step N is written (the
+  temporary file is complete but not yet renamed);
+- ``--exit-rank R --exit-at-step N``: rank R exits abruptly (``os._exit``) after step N;
+- ``--dump-dir DIR``: every rank saves its final model state to ``DIR/rank<R>.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+import torch
+
+from sphereconv.engine import Callback, load_config, train
+
+
+def _die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FaultInjection(Callback):
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+
+    def on_train_start(self, trainer) -> None:
+        self.rank = trainer.ctx.rank
+        print("STARTED", trainer.step, flush=True)
+
+    def on_step_end(self, step: int, info: dict) -> None:
+        if step == self.args.kill_at_step:
+            _die()
+        if step == self.args.exit_at_step and self.rank == self.args.exit_rank:
+            print(f"rank {self.rank} exiting at step {step}", flush=True)
+            os._exit(3)
+
+    def on_train_end(self, trainer, summary: dict) -> None:
+        if self.args.dump_dir:
+            torch.save(trainer.model.state_dict(), os.path.join(self.args.dump_dir, f"rank{trainer.ctx.rank}.pt"))
+
+
+def _kill_during_write(step: int) -> None:
+    """Make the checkpoint write of ``step`` die between fsync and rename."""
+    real_replace = os.replace
+    name = f"step_{step:08d}.pt"
+
+    def replace(src, dst):
+        if os.fspath(dst).endswith(name):
+            _die()
+        return real_replace(src, dst)
+
+    os.replace = replace
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("overrides")
+    parser.add_argument("--kill-at-step", type=int)
+    parser.add_argument("--kill-in-checkpoint-write", type=int)
+    parser.add_argument("--exit-rank", type=int)
+    parser.add_argument("--exit-at-step", type=int)
+    parser.add_argument("--dump-dir")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.kill_in_checkpoint_write is not None:
+        _kill_during_write(args.kill_in_checkpoint_write)
+    summary = train(load_config(None, json.loads(args.overrides)), [FaultInjection(args)])
+    print("SUMMARY " + json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
