@@ -11,16 +11,33 @@ first, and the resulting one-channel-per-group map is box-filtered with the laye
 padding and dilation (a convolution with an all-ones kernel). Norms, the cosine and g are always
 computed in float32 (or float64 for float64 inputs), also under ``torch.autocast`` and TF32, where
 the inner product itself may be computed in lower precision.
+
+Two implementations compute the same function:
+
+- ``"fused"`` (the default): one autograd node per layer (:mod:`sphereconv.nn._fused`) that keeps
+  the backend's convolution, computes the patch norm from a channel sum and a one-channel box
+  filter, and runs normalisation, clamp and g (and their backward) as one epilogue that saves the
+  cosine and the inverse patch norm (the sigmoids one more output-sized tensor); Triton kernels on
+  CUDA when Triton is installed. ``torch.compile`` and ``torch.export`` trace through it.
+- ``"reference"``: the obvious composition of ATen ops below, differentiated by autograd. It
+  supports double backward (the fused path is once-differentiable) and is what the fused path is
+  tested against.
+
+Choose per call with ``impl="auto" | "fused" | "reference"`` or, for every ``"auto"`` call inside a
+block, with the context manager :func:`use_reference_impl`. ``"auto"`` means fused unless a
+:func:`use_reference_impl` block is active.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _fused
 from .angular import (
     DEFAULT_EPS,
     DEFAULT_SIGMOID_K,
@@ -31,6 +48,39 @@ from .angular import (
 )
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+# Implementation switch (see module docstring).
+IMPLEMENTATIONS = ("auto", "fused", "reference")
+_reference_by_default = False
+
+
+@contextlib.contextmanager
+def use_reference_impl(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, calls with ``impl="auto"`` take the reference path (``enabled=False``: fused).
+
+    The switch is process-wide (not per thread); blocks nest and restore the previous setting.
+    """
+    global _reference_by_default
+    previous = _reference_by_default
+    _reference_by_default = bool(enabled)
+    try:
+        yield
+    finally:
+        _reference_by_default = previous
+
+
+def _traced_tensor(value) -> bool:
+    """True for a tensor seen while torch.compile/export traces: its values cannot be checked
+    without a graph break (a learnable k = |raw| + 0.05 is positive by construction)."""
+    return isinstance(value, Tensor) and torch.compiler.is_compiling()
+
+
+def _use_fused(impl: str) -> bool:
+    if impl == "auto":
+        return not _reference_by_default
+    if impl in ("fused", "reference"):
+        return impl == "fused"
+    raise ValueError(f"impl must be one of {', '.join(IMPLEMENTATIONS)}; got {impl!r}")
 
 
 def _ntuple(value, n: int, name: str) -> tuple[int, ...]:
@@ -108,15 +158,17 @@ def sphere_cosine(
     dims = weight.dim() - 2
     out_channels = weight.shape[0]
     cdtype = compute_dtype(input.dtype)
-    inner = _CONV[dims](input, weight, None, stride, padding, dilation, groups).to(cdtype)
+    w_norm = (weight.to(cdtype).flatten(1).square().sum(1) + eps).sqrt()  # (C_out,)
+    # Normalise the filters before the convolution, as the reference code does: <w/|w|_e, x> is
+    # bounded by |x|, so huge weights and inputs cannot overflow it, and no 0 * inf reaches a gradient.
+    w_unit = (weight.to(cdtype) / w_norm.reshape(-1, *([1] * (dims + 1)))).to(weight.dtype)
+    inner = _CONV[dims](input, w_unit, None, stride, padding, dilation, groups).to(cdtype)
     x_sq = patch_sq_norm(input, weight.shape[2:], stride, padding, dilation, groups)
     x_norm = (x_sq.clamp_min(0.0) + eps).sqrt()  # (N, G, *spatial)
-    w_norm = (weight.to(cdtype).flatten(1).square().sum(1) + eps).sqrt()  # (C_out,)
     n, spatial = inner.shape[0], inner.shape[2:]
     per_group = out_channels // groups
     inner_g = inner.reshape(n, groups, per_group, *spatial)
-    w_g = w_norm.reshape(groups, per_group, *([1] * dims))
-    cos_theta = (inner_g / (w_g * x_norm.unsqueeze(2))).reshape(inner.shape)
+    cos_theta = (inner_g / x_norm.unsqueeze(2)).reshape(inner.shape)
     x_norm_out = x_norm.unsqueeze(2).expand(n, groups, per_group, *spatial).reshape(inner.shape)
     return cos_theta, x_norm_out, w_norm
 
@@ -142,20 +194,29 @@ def sphere_convnd(
     operator: str = "cosine",
     sigmoid_k: float | Tensor = DEFAULT_SIGMOID_K,
     eps: float = DEFAULT_EPS,
+    impl: str = "auto",
 ) -> Tensor:
-    """SphereConv of any spatial rank (inferred from ``weight``); see :func:`sphere_conv2d`."""
+    """SphereConv of any spatial rank (inferred from ``weight``); see :func:`sphere_conv2d`.
+
+    ``impl`` picks the implementation: ``"auto"`` (fused unless inside :func:`use_reference_impl`),
+    ``"fused"`` or ``"reference"``.
+    """
     dims = weight.dim() - 2
     if dims not in _CONV:
         raise ValueError(f"weight must have 3, 4 or 5 dimensions; got shape {tuple(weight.shape)}")
     operator = canonical_operator(operator, SPHERE_OPERATORS)
     check_positive("eps", eps)
-    if operator in ("sigmoid", "learnable_sigmoid"):
+    if operator in ("sigmoid", "learnable_sigmoid") and not _traced_tensor(sigmoid_k):
         check_positive("sigmoid_k", sigmoid_k)
     _check_conv_args(input, weight, groups, dims)
     unbatched = input.dim() == dims + 1
     if unbatched:
         input = input.unsqueeze(0)
-    out_dtype = torch.result_type(input, weight) if not torch.is_autocast_enabled(input.device.type) else None
+    out_dtype = torch.promote_types(input.dtype, weight.dtype) if not torch.is_autocast_enabled(input.device.type) else None
+    if _use_fused(impl):
+        out = _fused.fused_sphere_convnd(input, weight, bias, stride, padding, dilation, groups,
+                                         operator, sigmoid_k, eps, out_dtype)
+        return out.squeeze(0) if unbatched else out
     cos_theta, _, _ = sphere_cosine(input, weight, stride, padding, dilation, groups, eps)
     out = angular_function(cos_theta, operator, _channel_k(sigmoid_k, dims, weight.shape[0]))
     if bias is not None:
@@ -166,51 +227,57 @@ def sphere_convnd(
 
 
 def sphere_conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-                  operator="cosine", sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS) -> Tensor:
+                  operator="cosine", sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS, impl="auto") -> Tensor:
     """1-d SphereConv: ``g(theta) (+ bias)`` for every filter and input window (paper Sec. 2.1)."""
     return sphere_convnd(input, weight, bias, stride, padding, dilation, groups,
-                         operator=operator, sigmoid_k=sigmoid_k, eps=eps)
+                         operator=operator, sigmoid_k=sigmoid_k, eps=eps, impl=impl)
 
 
 def sphere_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-                  operator="cosine", sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS) -> Tensor:
+                  operator="cosine", sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS, impl="auto") -> Tensor:
     """2-d SphereConv (Liu et al. 2017, Sec. 2.1).
 
     ``out[n, o, i, j] = g(theta) (+ bias[o])`` with ``cos(theta) = <w_o, x_patch> / (|w_o|_e |x_patch|_e)``,
     ``|v|_e = sqrt(sum v^2 + eps)``. Arguments mirror :func:`torch.nn.functional.conv2d`;
     ``operator`` is one of ``linear``, ``cosine``, ``sigmoid``, ``learnable_sigmoid`` (``lr_sigmoid``);
-    ``sigmoid_k`` is a float or a per-output-channel tensor of k values.
+    ``sigmoid_k`` is a float or a per-output-channel tensor of k values; ``impl`` is ``"auto"``,
+    ``"fused"`` or ``"reference"`` (see the module docstring).
     """
     return sphere_convnd(input, weight, bias, stride, padding, dilation, groups,
-                         operator=operator, sigmoid_k=sigmoid_k, eps=eps)
+                         operator=operator, sigmoid_k=sigmoid_k, eps=eps, impl=impl)
 
 
 def sphere_conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-                  operator="cosine", sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS) -> Tensor:
+                  operator="cosine", sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS, impl="auto") -> Tensor:
     """3-d SphereConv: ``g(theta) (+ bias)`` for every filter and input volume patch (paper Sec. 2.1)."""
     return sphere_convnd(input, weight, bias, stride, padding, dilation, groups,
-                         operator=operator, sigmoid_k=sigmoid_k, eps=eps)
+                         operator=operator, sigmoid_k=sigmoid_k, eps=eps, impl=impl)
 
 
 def sphere_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *,
-                  operator: str = "cosine", sigmoid_k=DEFAULT_SIGMOID_K, eps: float = DEFAULT_EPS) -> Tensor:
+                  operator: str = "cosine", sigmoid_k=DEFAULT_SIGMOID_K, eps: float = DEFAULT_EPS,
+                  impl: str = "auto") -> Tensor:
     """Hyperspherical fully connected layer: ``g(theta_j) (+ bias_j)`` with theta_j the angle
     between the input vector and row j of ``weight`` (paper Sec. 2.1, SphereConv on whole vectors).
+    ``impl``: ``"auto"``, ``"fused"`` or ``"reference"`` (see the module docstring).
     """
     operator = canonical_operator(operator, SPHERE_OPERATORS)
     check_positive("eps", eps)
-    if operator in ("sigmoid", "learnable_sigmoid"):
+    if operator in ("sigmoid", "learnable_sigmoid") and not _traced_tensor(sigmoid_k):
         check_positive("sigmoid_k", sigmoid_k)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-d (out_features, in_features); got shape {tuple(weight.shape)}")
     if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
         raise ValueError(f"input's last dimension must be in_features = {weight.shape[1]}; got shape {tuple(input.shape)}")
     cdtype = compute_dtype(input.dtype)
-    out_dtype = torch.result_type(input, weight) if not torch.is_autocast_enabled(input.device.type) else None
-    inner = F.linear(input, weight).to(cdtype)
+    out_dtype = torch.promote_types(input.dtype, weight.dtype) if not torch.is_autocast_enabled(input.device.type) else None
+    if _use_fused(impl):
+        return _fused.fused_sphere_linear(input, weight, bias, operator, sigmoid_k, eps, out_dtype)
+    w_norm = (weight.to(cdtype).square().sum(1, keepdim=True) + eps).sqrt()
+    # Filters normalised first (see sphere_cosine): no overflow of <w, x>, no 0 * inf in a gradient.
+    inner = F.linear(input, (weight.to(cdtype) / w_norm).to(weight.dtype)).to(cdtype)
     x_norm = (input.to(cdtype).square().sum(-1, keepdim=True) + eps).sqrt()
-    w_norm = (weight.to(cdtype).square().sum(1) + eps).sqrt()
-    cos_theta = inner / (x_norm * w_norm)
+    cos_theta = inner / x_norm
     out = angular_function(cos_theta, operator, sigmoid_k)
     if bias is not None:
         out = out + bias.to(out.dtype)
@@ -228,4 +295,6 @@ __all__ = [
     "sphere_cosine",
     "patch_sq_norm",
     "compute_dtype",
+    "use_reference_impl",
+    "IMPLEMENTATIONS",
 ]

@@ -1,0 +1,616 @@
+"""Fused SphereConv and SphereLinear: one autograd node per layer, minimal saved state.
+
+Implements the operator of Liu et al., "Deep Hyperspherical Learning" (NIPS 2017, arXiv:1711.03189),
+Section 2.1, with the same numerics as the reference path in :mod:`sphereconv.nn.functional`:
+
+    cos(theta) = <w, x> / (|w|_e |x|_e),   |v|_e = sqrt(sum v^2 + eps),   out = g(clamp(cos)) + b.
+
+Forward, per layer:
+
+1. ``w_hat = w / |w|_e`` (weight-sized, float32/float64);
+2. ``inner = conv(x, w_hat)`` from the backend as is (oneDNN/cuDNN; the autocast dtype if enabled);
+3. ``r = 1 / |x|_e`` from the channel sum of ``x^2`` and a one-channel box filter, in float32/
+   float64 (average pooling times the window size, or sums of strided slices when dilated: never
+   TF32, and a cheap backward);
+4. one epilogue ``c = inner * r``, ``out = g(clamp(c, -1, 1)) + b``.
+
+Folding ``1 / |w|_e`` into the weight removes the filter norm from every output-sized pass; its
+gradient becomes a weight-sized projection, ``dL/dw = (dL/dw_hat - w_hat <w_hat, dL/dw_hat>) / |w|_e``.
+
+Backward:
+
+    dL/dc      = dL/dout * g'(c) * [|c| <= 1]               (clamp passes the gradient on [-1, 1])
+    dL/dinner  = dL/dc * r
+    dL/dsumsq  = -r^2 / 2 * sum_{output channels of the group} dL/dc * c
+    dL/dx      = conv_input_grad(dL/dinner, w_hat) + 2 x * box_filter^T(dL/dsumsq)
+    dL/dw_hat  = conv_weight_grad(x, dL/dinner)
+
+with g'(c) for the operators (theta = arccos c, rho(c) = 1/sqrt(max(1 - c^2, eps_dtype)), the same
+bounded arccos derivative as :func:`sphereconv.nn.angular.acos_derivative_bound`, zero outside
+[-1, 1] like the reference path's clamp):
+
+    cosine:  1
+    linear:  (2/pi) rho(c)
+    sigmoid: s_k sech^2(u) / (2k) * rho(c),   u = (pi/2 - theta)/(2k) = asin(c)/(2k),  s_k = 1/tanh(pi/4k)
+
+and for the learnable sigmoid ``dg/dk = -s_k sech^2(u) u / k + tanh(u) (s_k^2 - 1) a / k`` with
+``a = pi/(4k)`` (the gradient flows through ``c_k = s_k`` too).
+
+Saved for backward: the input (and its low-precision copy under autocast, which the convolution's
+weight gradient reads, as a plain autocast convolution keeps it), ``w_hat`` and ``|w|_e``
+(weight-sized), ``r`` (one channel per group), k, and output-sized: the cosine ``c`` on the ATen
+path, plus for the sigmoid operators ``sigmoid(2u)`` (``2u`` for a learnable k), because an arcsine
+costs more on a CPU than the memory; the conv output alone on the Triton path, which recomputes
+everything else. Nothing is recomputed by a second convolution.
+
+Where it runs: eager CUDA with Triton installed uses the kernels of :mod:`sphereconv.nn._triton`;
+everything else (CPU, float64, and any trace) runs the epilogue as vectorised, mostly in-place ATen
+ops. ``torch.compile`` traces through the autograd function (forward and backward; inductor fuses
+the epilogue itself) and ``torch.export`` / ONNX export trace its forward as ordinary ATen ops, so
+no custom operator needs registering. The backward is once-differentiable: double backward needs
+``impl="reference"``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+# Linear operator (paper Sec. 2.1): g = 1 - 2 theta/pi = (2/pi) asin(c).
+_LINEAR_SCALE = 2.0 / math.pi
+_OPERATORS = ("cosine", "linear", "sigmoid", "learnable_sigmoid")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Cap of the arccos derivative 1/sqrt(max(1 - c^2, eps)): rsqrt(eps) of the compute dtype, with
+# eps its machine epsilon as in angular._SafeAcos / angular.acos_derivative_bound, rounded as the
+# reference path rounds it (computed once here: nothing is read back from a tensor while
+# torch.compile traces the backward).
+_ACOS_CAP = {dtype: float(torch.tensor(torch.finfo(dtype).eps, dtype=dtype).rsqrt()) for dtype in (torch.float32, torch.float64)}
+
+
+def _acos_derivative_cap(dtype: torch.dtype) -> float:
+    """Cap of the arccos derivative ``1/sqrt(max(1 - c^2, eps))`` in ``dtype``: ``rsqrt(eps)``."""
+    return _ACOS_CAP[dtype]
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry
+# --------------------------------------------------------------------------------------------
+
+
+def _tuple(value, n: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * n
+    if isinstance(value, (tuple, list)) and len(value) == n and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(int(v) for v in value)
+    raise TypeError(f"{name} must be an int or a tuple of {n} ints; got {value!r}")
+
+
+def resolve_padding(input: Tensor, kernel: Sequence[int], stride, padding, dilation) -> tuple[Tensor, tuple[int, ...]]:
+    """Turn ``padding`` (ints, tuple, ``'valid'`` or ``'same'``) into explicit symmetric ints.
+
+    ``'same'`` with an odd total padding (an even effective kernel) pads ``input`` by one extra
+    element at the end of that dimension, as ``torch.nn.functional.conv2d`` does. Returns the
+    (possibly padded) input and the symmetric padding.
+    """
+    dims = len(kernel)
+    stride_t = _tuple(stride, dims, "stride")
+    dilation_t = _tuple(dilation, dims, "dilation")
+    if isinstance(padding, str):
+        if padding == "valid":
+            return input, (0,) * dims
+        if padding != "same":
+            raise ValueError(f"padding must be an int, a tuple of {dims} ints, 'valid' or 'same'; got {padding!r}")
+        if any(s != 1 for s in stride_t):
+            raise ValueError(f"padding='same' needs stride 1; got stride {stride!r}")
+        total = [d * (k - 1) for d, k in zip(dilation_t, kernel)]
+        left = tuple(t // 2 for t in total)
+        extra = [t - 2 * lft for t, lft in zip(total, left)]
+        if any(extra):
+            pad: list[int] = []
+            for e in reversed(extra):  # F.pad lists the last dimension first
+                pad += [0, e]
+            input = F.pad(input, pad)
+        return input, left
+    padding_t = _tuple(padding, dims, "padding")
+    if any(p < 0 for p in padding_t):
+        raise ValueError(f"padding must be non-negative; got {padding!r}")
+    return input, padding_t
+
+
+def _out_len(length: int, k: int, s: int, p: int, d: int) -> int:
+    return (length + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _window_slice(ndim: int, axis: int, start: int, count: int, step: int) -> tuple:
+    index: list = [slice(None)] * ndim
+    index[axis] = slice(start, start + (count - 1) * step + 1, step)
+    return tuple(index)
+
+
+def _pool_geometry(t: Tensor, kernel: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):
+    """Whether average pooling (times the window size) can compute the box filter."""
+    return (
+        len(kernel) in (1, 2, 3)
+        and all(d == 1 for d in dilation)
+        and all(2 * p <= k for p, k in zip(padding, kernel))  # avg_pool's padding limit
+        and t.dtype in (torch.float32, torch.float64)
+    )
+
+
+def _sum_pool(t: Tensor, kernel, stride, padding) -> Tensor:
+    # Average pooling counting the padding, times the window size (not divisor_override=1, which
+    # ONNX's AveragePool cannot express): equal to the window sum up to one rounding.
+    window = math.prod(kernel)
+    if len(kernel) == 1:  # 1-d as 2-d with a height of one
+        out = F.avg_pool2d(t.unsqueeze(2), (1, kernel[0]), (1, stride[0]), (0, padding[0]), count_include_pad=True)
+        return out.squeeze(2).mul_(window)
+    pool = F.avg_pool2d if len(kernel) == 2 else F.avg_pool3d
+    return pool(t, tuple(kernel), tuple(stride), tuple(padding), count_include_pad=True).mul_(window)
+
+
+def _sum_pool_transpose(grad: Tensor, like: Tensor, kernel, stride, padding) -> Tensor:
+    if len(kernel) == 1:
+        out = torch.ops.aten.avg_pool2d_backward(grad.unsqueeze(2), like.unsqueeze(2), [1, kernel[0]], [1, stride[0]],
+                                                 [0, padding[0]], False, True, 1)
+        return out.squeeze(2)
+    backward = torch.ops.aten.avg_pool2d_backward if len(kernel) == 2 else torch.ops.aten.avg_pool3d_backward
+    return backward(grad, like, list(kernel), list(stride), list(padding), False, True, 1)
+
+
+def box_sum(t: Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    """Sum of ``t`` (N, G, *spatial) over every window of the convolution geometry.
+
+    Equal to a grouped convolution with an all-ones kernel, but summed in the dtype of ``t`` (no
+    TF32, no fast-convolution rounding) and with a cheap backward: average pooling times the window
+    size where pooling's limits allow (no dilation, padding at most half the kernel; one extra
+    rounding), else one sum of ``k`` strided slices per spatial dimension.
+    """
+    if _pool_geometry(t, kernel, padding, dilation):
+        return _sum_pool(t, kernel, stride, padding)
+    if any(padding):
+        pad: list[int] = []
+        for p in reversed(padding):
+            pad += [p, p]
+        t = F.pad(t, pad)
+    for i, (k, s, d) in enumerate(zip(kernel, stride, dilation)):
+        axis = 2 + i
+        count = (t.shape[axis] - d * (k - 1) - 1) // s + 1
+        acc = t[_window_slice(t.dim(), axis, 0, count, s)]
+        if k == 1:
+            acc = acc.contiguous() if s != 1 else acc
+            t = acc
+            continue
+        acc = acc.clone(memory_format=torch.contiguous_format)
+        for j in range(1, k):
+            acc.add_(t[_window_slice(t.dim(), axis, j * d, count, s)])
+        t = acc
+    return t
+
+
+def box_sum_transpose(grad: Tensor, in_spatial: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+                      padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    """Adjoint of :func:`box_sum`: scatter-add every window's gradient back onto the input grid."""
+    if _pool_geometry(grad, kernel, padding, dilation):
+        like = grad.new_empty((grad.shape[0], grad.shape[1], *in_spatial))
+        return _sum_pool_transpose(grad, like, kernel, stride, padding)
+    dims = len(kernel)
+    padded = [n + 2 * p for n, p in zip(in_spatial, padding)]
+    for i in reversed(range(dims)):
+        axis = 2 + i
+        k, s, d = kernel[i], stride[i], dilation[i]
+        count = grad.shape[axis]
+        shape = list(grad.shape)
+        shape[axis] = padded[i]
+        full = grad.new_zeros(shape)
+        for j in range(k):
+            full[_window_slice(full.dim(), axis, j * d, count, s)].add_(grad)
+        grad = full
+    if any(padding):
+        index = [slice(None), slice(None)] + [slice(p, p + n) for p, n in zip(padding, in_spatial)]
+        grad = grad[tuple(index)]
+    return grad
+
+
+def channel_sq_sum(input: Tensor, groups: int) -> Tensor:
+    """``sum x^2`` over the input channels of each group: (N, C, *S) -> (N, G, *S), compute dtype."""
+    if _use_triton(input):
+        from . import _triton
+
+        return _triton.channel_sq_sum(input, groups)
+    x = input.to(compute_dtype(input.dtype))
+    n, c = x.shape[0], x.shape[1]
+    if groups == 1:
+        return x.square().sum(1, keepdim=True)
+    return x.square().reshape(n, groups, c // groups, *x.shape[2:]).sum(2)
+
+
+# --------------------------------------------------------------------------------------------
+# Epilogue on ATen ops (CPU, and the traced path under torch.compile / export)
+# --------------------------------------------------------------------------------------------
+
+
+def _sigmoid_consts(k):
+    """(1/k, s_k = 1/tanh(pi/4k)) for a float or a tensor k."""
+    if isinstance(k, Tensor):
+        return 1.0 / k, 1.0 / torch.tanh(math.pi / (4.0 * k))
+    return 1.0 / k, 1.0 / math.tanh(math.pi / (4.0 * k))
+
+
+def forward_epilogue(c: Tensor, operator: str, k, bias: Tensor | None,
+                     keep_angle: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``(out, extra)``: ``out = g(clamp(c, -1, 1)) (+ bias)`` in a new tensor, ``c`` untouched.
+
+    The sigmoid operators evaluate ``g = s_k tanh(u) = s_k (2 sigmoid(2u) - 1)`` with
+    ``2u = v = asin(clamp(c)) / k`` through the vectorised logistic function, and return what
+    their backward pass needs, cheaper to keep than to recompute with another arcsine:
+    ``extra = sigmoid(v)``, or ``extra = v`` when ``keep_angle`` (a learnable k needs the angle).
+    Other operators return ``extra = None``. ``k`` (float or tensor broadcastable to ``c``) and
+    ``bias`` (broadcastable to ``c``) as in the reference path.
+    """
+    out = c.clamp(-1.0, 1.0)
+    if operator == "cosine":
+        return (out.add_(bias) if bias is not None else out), None
+    out.asin_()  # asin(c) = pi/2 - theta
+    if operator == "linear":
+        # 1 - 2 theta/pi = (2/pi) asin(c)
+        out.mul_(_LINEAR_SCALE)
+        return (out.add_(bias) if bias is not None else out), None
+    inv_k, scale = _sigmoid_consts(k)
+    offset = scale if bias is None else scale - bias
+    if keep_angle:
+        v = out.mul_(inv_k)
+        return torch.sigmoid(v).mul_(2.0 * scale).sub_(offset), v
+    sig = out.mul_(inv_k).sigmoid_()
+    return torch.mul(sig, 2.0 * scale).sub_(offset), sig
+
+
+def backward_epilogue(grad: Tensor, c: Tensor, extra: Tensor | None, operator: str, k,
+                      need_k: bool) -> tuple[Tensor, float, Tensor | None, Tensor | float]:
+    """``(d, scale, dk, dk_scale)`` with ``dL/dc = d * scale`` for the saved, unclamped cosine ``c``.
+
+    ``d`` is a new tensor, zero where ``|c| > 1`` (the clamp's gradient), with the bounded arccos
+    derivative elsewhere; the float ``scale`` is left to the caller to apply on smaller tensors.
+    For a learnable k, ``dL/dout * dg/dk = dk * dk_scale``: ``dk`` unreduced (shape of ``c``),
+    ``dk_scale`` a per-channel factor to apply after summing to k's shape. ``extra`` is what
+    :func:`forward_epilogue` returned (``keep_angle=need_k``).
+    """
+    if operator == "cosine":
+        # clamp's gradient: pass on [-1, 1]; the bounds are the next floats beyond +-1, so the
+        # strict comparisons of hardtanh_backward reproduce clamp's inclusive ones exactly.
+        bound = 1.0 + torch.finfo(c.dtype).eps
+        return torch.ops.aten.hardtanh_backward(grad, c, -bound, bound), 1.0, None, 1.0
+    # rho(c) = rsqrt(max(1 - c^2, floor)), zero where |c| > 1 (exactly where 1 - c^2 < 0):
+    # rsqrt of a negative number is NaN (zeroed), rsqrt(0) = inf and large values are capped.
+    d = torch.addcmul(torch.ones((), dtype=c.dtype, device=c.device), c, c, value=-1.0)
+    d.rsqrt_().clamp_(max=_acos_derivative_cap(c.dtype)).nan_to_num_(nan=0.0)
+    if operator == "linear":
+        return d.mul_(grad), _LINEAR_SCALE, None, 1.0
+    inv_k, scale = _sigmoid_consts(k)
+    factor = 2.0 * scale * inv_k  # s/(2k) * sech^2(u) = (2s/k) * sig (1 - sig)
+    dk = None
+    if need_k:
+        v = extra
+        sig = torch.sigmoid(v)  # tanh(u) = 2 sig - 1, sech^2(u) = 4 sig (1 - sig)
+        # dg/dk = (-s sech^2(u) u + tanh(u) (s^2 - 1) pi/(4k)) / k
+        #       = (2s/k) [ (2 sig - 1) a - sig (1 - sig) v ],  a = (s^2 - 1) pi / (8 s k)
+        a = (scale * scale - 1.0) * (0.125 * math.pi) * inv_k / scale
+        dk = torch.mul(sig, 2.0 * a).sub_(a)
+        sig.addcmul_(sig, sig, value=-1.0)  # sig (1 - sig) = sech^2(u) / 4
+        dk.addcmul_(sig, v, value=-1.0).mul_(grad)
+        d.mul_(sig).mul_(grad)
+    else:
+        # d * sig (1 - sig), in place: (d sig) - (d sig) sig
+        d.mul_(extra)
+        d.addcmul_(d, extra, value=-1.0).mul_(grad)
+    if isinstance(factor, Tensor):
+        return d.mul_(factor), 1.0, dk, factor
+    return d, factor, dk, factor
+
+
+# Elements per chunk of channel_dot's scratch buffer (1 MiB of float32: stays in cache and is
+# allocated once, instead of a fresh output-sized temporary per call).
+_DOT_CHUNK = 1 << 18
+
+
+def channel_dot(a: Tensor, b: Tensor, dim: int) -> Tensor:
+    """``(a * b).sum(dim)`` without an ``a``-sized temporary (chunks along dim 0 on CPU)."""
+    if torch.compiler.is_compiling() or a.device.type != "cpu" or a.numel() <= _DOT_CHUNK or a.dim() < 2:
+        return torch.mul(a, b).sum(dim)
+    n = a.shape[0]
+    per = max(1, _DOT_CHUNK // max(1, a[0].numel()))
+    if per >= n:
+        return torch.mul(a, b).sum(dim)
+    shape = list(torch.broadcast_shapes(a.shape, b.shape))
+    out_shape = shape[:dim] + shape[dim + 1:]
+    out = torch.empty(out_shape, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+    scratch = torch.empty([per] + shape[1:], dtype=out.dtype, device=a.device)
+    for start in range(0, n, per):
+        stop = min(start + per, n)
+        prod = torch.mul(a[start:stop], b[start:stop], out=scratch[: stop - start])
+        torch.sum(prod, dim, out=out[start:stop])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd functions
+# --------------------------------------------------------------------------------------------
+
+
+def _autocast_dtype(input: Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a convolution in, or None when autocast is off / skips it."""
+    device = input.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    if input.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None  # autocast leaves float64 alone
+    return torch.get_autocast_dtype(device)
+
+
+# Run the Triton kernels on CPU tensors too (only meaningful under TRITON_INTERPRET=1; tests).
+_triton_on_cpu = False
+
+
+def _use_triton(t: Tensor) -> bool:
+    """Triton epilogue: eager mode, float32 compute (not float64), CUDA with Triton installed."""
+    if t.dtype == torch.float64 or torch.compiler.is_compiling():
+        return False
+    if t.device.type == "cuda":
+        from . import _triton
+
+        return _triton.available()
+    return _triton_on_cpu
+
+
+class _FusedSphereConvFn(torch.autograd.Function):
+    """SphereConv of any rank as one autograd node (see module docstring for the gradients)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, k_tensor, k_float, stride, padding, dilation, groups, operator, eps, out_dtype):  # type: ignore[override]
+        dims = weight.dim() - 2
+        cdtype = compute_dtype(input.dtype)
+        conv_dtype = _autocast_dtype(input)
+        device = input.device.type
+        n, out_channels = input.shape[0], weight.shape[0]
+        per_group = out_channels // groups
+        kernel = tuple(weight.shape[2:])
+
+        w32 = weight.to(cdtype)
+        w_norm = (w32.flatten(1).square().sum(1) + eps).sqrt_()
+        w_hat = w32 / w_norm.reshape(-1, *([1] * (dims + 1)))
+        w_conv = w_hat.to(conv_dtype if conv_dtype is not None else weight.dtype)
+        x_conv = input.to(conv_dtype) if conv_dtype is not None else input
+        with torch.autocast(device_type=device, enabled=False):
+            inner = _CONV[dims](x_conv, w_conv, None, stride, padding, dilation, groups)
+        # the low-precision copy the convolution read is kept for its weight gradient
+        x_lowp = x_conv if x_conv is not input else None
+        x_sq = box_sum(channel_sq_sum(input, groups), kernel, stride, padding, dilation)
+        r = x_sq.clamp_min_(0.0).add_(eps).rsqrt_()  # (N, G, *S): 1 / |x|_e
+        spatial = inner.shape[2:]
+
+        k_val = k_tensor if k_tensor is not None else k_float
+        bias_c = bias.to(cdtype) if bias is not None else None
+        used_triton = _use_triton(inner) and cdtype == torch.float32
+        if used_triton:
+            from . import _triton
+
+            out = _triton.forward_epilogue(inner, r, groups, operator, k_val, bias_c, out_dtype or cdtype)
+            saved, v = inner, None  # the kernels recompute the cosine and g from the conv output
+        else:
+            # the conv output (or its float32 copy) becomes the cosine, in place
+            c_full = inner if inner.dtype == cdtype else inner.to(cdtype)
+            c = c_full.unflatten(1, (groups, per_group)).mul_(r.unsqueeze(2))
+            k_g = k_val.reshape(groups, per_group, *([1] * dims)) if isinstance(k_val, Tensor) and k_val.numel() > 1 else k_val
+            bias_g = bias_c.reshape(groups, per_group, *([1] * dims)) if bias_c is not None else None
+            keep_angle = k_tensor is not None and k_tensor.requires_grad
+            out, v = forward_epilogue(c, operator, k_g, bias_g, keep_angle)
+            # detach(): a reshape of the grouped layout is a view, and autograd forbids in-place
+            # ops (e.g. ReLU(inplace=True)) on a view returned by a custom Function; the detached
+            # alias shares the storage without being a view.
+            out = out.reshape(n, out_channels, *spatial).detach()
+            if out_dtype is not None and out.dtype != out_dtype:
+                out = out.to(out_dtype)
+            saved = c_full
+        ctx.save_for_backward(input, x_lowp, w_hat, w_norm, saved, r, k_tensor, v)
+        ctx.geometry = (kernel, stride, padding, dilation, groups)
+        ctx.config = (operator, k_float, conv_dtype, used_triton)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.weight_dtype = weight.dtype
+        ctx.inner_dtype = inner.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        input, x_lowp, w_hat, w_norm, saved, r, k_tensor, v = ctx.saved_tensors
+        kernel, stride, padding, dilation, groups = ctx.geometry
+        operator, k_float, conv_dtype, used_triton = ctx.config
+        dims = len(kernel)
+        cdtype = w_hat.dtype
+        n, out_channels = saved.shape[0], saved.shape[1]
+        per_group = out_channels // groups
+        spatial = saved.shape[2:]
+        need_x, need_w, need_b, need_k = ctx.needs_input_grad[:4]
+        need_k = need_k and k_tensor is not None
+        k_val = k_tensor if k_tensor is not None else k_float
+        chan = (groups, per_group, *([1] * dims))
+
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            if used_triton:
+                from . import _triton
+
+                d_inner, d_sq, d_k, d_bias = _triton.backward_epilogue(
+                    grad_out, saved, r, groups, operator, k_val, need_k, need_b, ctx.inner_dtype,
+                )
+            else:
+                grad = grad_out.to(cdtype).unflatten(1, (groups, per_group))
+                r_g = r.unsqueeze(2)
+                c = saved.unflatten(1, (groups, per_group))  # the cosine
+                k_g = k_val.reshape(chan) if isinstance(k_val, Tensor) and k_val.numel() > 1 else k_val
+                d_c, scale, d_k, dk_scale = backward_epilogue(grad, c, v, operator, k_g, need_k)
+                d_bias = grad.sum_to_size(chan).reshape(-1) if need_b else None
+                if d_k is not None:
+                    d_k = d_k.sum_to_size(chan).mul_(dk_scale)
+                    d_k = d_k if k_tensor.numel() > 1 else d_k.sum()
+                # dL/dc = d_c * scale; dL/dsumsq = -r^2/2 sum_p dL/dc * c; dL/dinner = dL/dc * r
+                d_sq = channel_dot(d_c, c, 2).mul_(r.square()).mul_(-0.5 * scale)
+                r_scaled = r_g if scale == 1.0 else r_g * scale
+                if ctx.inner_dtype == cdtype:
+                    d_inner = d_c.mul_(r_scaled)
+                else:  # written straight in the dtype the convolution ran in
+                    d_inner = torch.mul(d_c, r_scaled, out=torch.empty_like(d_c, dtype=ctx.inner_dtype))
+                d_inner = d_inner.reshape(n, out_channels, *spatial)
+
+            grad_input = grad_weight = None
+            if need_x or need_w:
+                w_conv = w_hat.to(conv_dtype if conv_dtype is not None else ctx.weight_dtype)
+                x_conv = x_lowp if x_lowp is not None else input
+                d_x, d_w_hat, _ = torch.ops.aten.convolution_backward(
+                    d_inner, x_conv, w_conv, None, list(stride), list(padding), list(dilation), False,
+                    [0] * dims, groups, [need_x, need_w, False],
+                )
+            if need_x:
+                share = box_sum_transpose(d_sq, input.shape[2:], kernel, stride, padding, dilation)
+                d_x = d_x.to(cdtype)
+                c_in = input.shape[1]
+                d_x.unflatten(1, (groups, c_in // groups)).addcmul_(
+                    input.unflatten(1, (groups, c_in // groups)), share.unsqueeze(2), value=2.0
+                )
+                grad_input = d_x.to(input.dtype)
+            if need_w:
+                d_w_hat = d_w_hat.to(cdtype)
+                # d w_hat / d w: (I - w_hat w_hat^T) / |w|_e per filter
+                proj = (d_w_hat * w_hat).flatten(1).sum(1).reshape(-1, *([1] * (dims + 1)))
+                grad_weight = d_w_hat.sub_(w_hat * proj).div_(w_norm.reshape(-1, *([1] * (dims + 1))))
+                grad_weight = grad_weight.to(ctx.weight_dtype)
+        grad_bias = d_bias.to(ctx.bias_dtype) if need_b and d_bias is not None else None
+        grad_k = d_k.reshape(k_tensor.shape).to(k_tensor.dtype) if need_k else None
+        return grad_input, grad_weight, grad_bias, grad_k, None, None, None, None, None, None, None, None
+
+
+class _FusedSphereLinearFn(torch.autograd.Function):
+    """SphereLinear (SphereConv on whole vectors) as one autograd node."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, k_tensor, k_float, operator, eps, out_dtype):  # type: ignore[override]
+        cdtype = compute_dtype(input.dtype)
+        conv_dtype = _autocast_dtype(input)
+        device = input.device.type
+        w32 = weight.to(cdtype)
+        w_norm = (w32.square().sum(1) + eps).sqrt_()
+        w_hat = w32 / w_norm.unsqueeze(1)
+        w_mm = w_hat.to(conv_dtype if conv_dtype is not None else weight.dtype)
+        x_mm = input.to(conv_dtype) if conv_dtype is not None else input
+        with torch.autocast(device_type=device, enabled=False):
+            inner = F.linear(x_mm, w_mm)
+        r = input.to(cdtype).square().sum(-1, keepdim=True).add_(eps).rsqrt_()
+        k_val = k_tensor if k_tensor is not None else k_float
+        bias_c = bias.to(cdtype) if bias is not None else None
+        c = (inner if inner.dtype == cdtype else inner.to(cdtype)).mul_(r)
+        keep_angle = k_tensor is not None and k_tensor.requires_grad
+        out, v = forward_epilogue(c, operator, k_val, bias_c, keep_angle)
+        if out_dtype is not None and out.dtype != out_dtype:
+            out = out.to(out_dtype)
+        ctx.save_for_backward(input, x_mm if x_mm is not input else None, w_hat, w_norm, c, r, k_tensor, v)
+        ctx.config = (operator, k_float, conv_dtype)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.weight_dtype = weight.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        input, x_lowp, w_hat, w_norm, c, r, k_tensor, v = ctx.saved_tensors
+        operator, k_float, conv_dtype = ctx.config
+        cdtype = w_hat.dtype
+        need_x, need_w, need_b, need_k = ctx.needs_input_grad[:4]
+        need_k = need_k and k_tensor is not None
+        k_val = k_tensor if k_tensor is not None else k_float
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            grad = grad_out.to(cdtype)
+            d_c, scale, d_k, dk_scale = backward_epilogue(grad, c, v, operator, k_val, need_k)
+            out_features = w_hat.shape[0]
+            d_bias = grad.reshape(-1, out_features).sum(0) if need_b else None
+            if d_k is not None:
+                d_k = d_k.reshape(-1, out_features).sum(0).mul_(dk_scale)
+                d_k = d_k if k_tensor.numel() > 1 else d_k.sum()
+            d_sq = channel_dot(d_c, c, -1).unsqueeze(-1).mul_(r.square()).mul_(-0.5 * scale)
+            d_inner = d_c.mul_(r if scale == 1.0 else r * scale)
+            mm_dtype = conv_dtype if conv_dtype is not None else ctx.weight_dtype
+            d_inner_mm = d_inner.to(mm_dtype)
+            grad_input = grad_weight = None
+            if need_x:
+                d_x = torch.matmul(d_inner_mm, w_hat.to(mm_dtype)).to(cdtype)
+                d_x.addcmul_(input, d_sq, value=2.0)
+                grad_input = d_x.to(input.dtype)
+            if need_w:
+                x_mm = x_lowp if x_lowp is not None else input
+                d_w_hat = torch.matmul(d_inner_mm.reshape(-1, out_features).t(), x_mm.reshape(-1, x_mm.shape[-1])).to(cdtype)
+                proj = (d_w_hat * w_hat).sum(1, keepdim=True)
+                grad_weight = d_w_hat.sub_(w_hat * proj).div_(w_norm.unsqueeze(1)).to(ctx.weight_dtype)
+        grad_bias = d_bias.to(ctx.bias_dtype) if need_b and d_bias is not None else None
+        grad_k = d_k.reshape(k_tensor.shape).to(k_tensor.dtype) if need_k else None
+        return grad_input, grad_weight, grad_bias, grad_k, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+
+def _split_k(operator: str, sigmoid_k, cdtype: torch.dtype, out_channels: int) -> tuple[Tensor | None, float]:
+    """k as (tensor or None, float): a tensor keeps its autograd history (learnable k)."""
+    if operator not in ("sigmoid", "learnable_sigmoid"):
+        return None, 0.0
+    if isinstance(sigmoid_k, Tensor):
+        k = sigmoid_k.to(cdtype).reshape(-1)
+        if k.numel() not in (1, out_channels):
+            raise ValueError(f"sigmoid_k has {k.numel()} values; expected 1 or out_channels = {out_channels}")
+        return k, 0.0
+    return None, float(sigmoid_k)
+
+
+def fused_sphere_convnd(input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
+                        operator: str, sigmoid_k, eps: float, out_dtype: torch.dtype | None) -> Tensor:
+    """Batched SphereConv through :class:`_FusedSphereConvFn`; arguments already validated.
+
+    ``operator`` is canonical; ``out_dtype`` None keeps the compute dtype (autocast).
+    """
+    if operator not in _OPERATORS:
+        raise ValueError(f"unknown operator {operator!r}; allowed: {', '.join(_OPERATORS)}")
+    dims = weight.dim() - 2
+    kernel = tuple(weight.shape[2:])
+    stride_t = _tuple(stride, dims, "stride")
+    dilation_t = _tuple(dilation, dims, "dilation")
+    if any(s < 1 for s in stride_t) or any(d < 1 for d in dilation_t):
+        raise ValueError(f"stride and dilation must be positive; got stride={stride!r}, dilation={dilation!r}")
+    input, padding_t = resolve_padding(input, kernel, stride_t, padding, dilation_t)
+    for axis, (length, k, s, p, d) in enumerate(zip(input.shape[2:], kernel, stride_t, padding_t, dilation_t)):
+        if _out_len(length, k, s, p, d) < 1:
+            raise ValueError(
+                f"input spatial size {tuple(input.shape[2:])} (padded by {padding_t}) is smaller than the dilated "
+                f"kernel {kernel} (dilation {dilation_t}) along spatial dimension {axis}"
+            )
+    k_tensor, k_float = _split_k(operator, sigmoid_k, compute_dtype(input.dtype), weight.shape[0])
+    return _FusedSphereConvFn.apply(input, weight, bias, k_tensor, k_float, stride_t, padding_t, dilation_t, groups,
+                                    operator, float(eps), out_dtype)
+
+
+def fused_sphere_linear(input: Tensor, weight: Tensor, bias: Tensor | None, operator: str, sigmoid_k, eps: float,
+                        out_dtype: torch.dtype | None) -> Tensor:
+    """SphereLinear through :class:`_FusedSphereLinearFn`; arguments already validated."""
+    if operator not in _OPERATORS:
+        raise ValueError(f"unknown operator {operator!r}; allowed: {', '.join(_OPERATORS)}")
+    k_tensor, k_float = _split_k(operator, sigmoid_k, compute_dtype(input.dtype), weight.shape[0])
+    return _FusedSphereLinearFn.apply(input, weight, bias, k_tensor, k_float, operator, float(eps), out_dtype)

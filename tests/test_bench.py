@@ -1,0 +1,129 @@
+"""``sphereconv.bench`` and the ``sphereconv bench`` subcommand, on tiny CPU workloads."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from sphereconv import bench
+from sphereconv.cli import bench as bench_cli
+from sphereconv.cli.parsing import CommandLineError, OneLineArgumentParser
+from sphereconv.errors import SphereconvError
+
+REQUIRED_KEYS = {"operator", "shape", "dtype", "device", "conv_ms", "sphere_ms", "ratio"}
+TINY = bench.LayerShape("tiny", 2, 4, 6, 6)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _parser() -> OneLineArgumentParser:
+    parser = OneLineArgumentParser(prog="sphereconv")
+    bench_cli.register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_layer_records_cover_every_operator_and_dtype():
+    config = bench.BenchConfig(device="cpu", shapes=[TINY], repeats=2, warmup=1, reference=True)
+    records = bench.run(config)
+    assert [(r["operator"], r["dtype"]) for r in records] == [
+        (op, dtype) for dtype in ("fp32", "bf16") for op in ("linear", "cosine", "sigmoid", "learnable_sigmoid")
+    ]
+    for r in records:
+        assert REQUIRED_KEYS <= r.keys()
+        assert r["kind"] == "layer" and r["shape"] == "2x4x6x6" and r["device"] == "cpu" and r["repeats"] == 2
+        assert r["conv_ms"] > 0 and r["sphere_ms"] > 0 and r["reference_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["sphere_ms"] / r["conv_ms"], rel=1e-3)
+        assert r["threads"] == 1 and "conv_peak_mb" not in r  # peak memory is measured on CUDA only
+    table = bench.format_table(records)
+    assert table.count("\n") == len(records) + 1 and "reference ms" in table and "learnable_sigmoid" in table
+
+
+def test_interleaved_medians_rotate_the_order_and_exclude_warmup():
+    calls: list[str] = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    medians = bench.interleaved_medians(steps, torch.device("cpu"), repeats=3, warmup=2)
+    assert set(medians) == {"a", "b", "c"}
+    assert calls[:3] == ["a", "b", "c"] and calls[3:6] == ["b", "c", "a"] and calls[6:9] == ["c", "a", "b"]
+    assert len(calls) == 15
+
+
+def test_wall_and_cpu_clocks():
+    steps = {"sleep": lambda: time.sleep(0.02), "spin": lambda: sum(i * i for i in range(20000))}
+    wall = bench.interleaved_medians(steps, torch.device("cpu"), repeats=3, warmup=0, timer="wall")
+    cpu = bench.interleaved_medians(steps, torch.device("cpu"), repeats=3, warmup=0, timer="cpu")
+    assert wall["sleep"] >= 19.0
+    assert cpu["sleep"] < 5.0 < wall["sleep"]  # sleeping (like waiting for a core) costs no CPU time
+    assert cpu["spin"] > 0.0
+    with pytest.raises(ValueError, match="timer must be one of wall, cpu; got 'gpu'"):
+        bench.interleaved_medians(steps, torch.device("cpu"), repeats=1, warmup=0, timer="gpu")
+
+
+def test_cli_writes_valid_json_and_prints_the_table(tmp_path, capsys):
+    out = tmp_path / "out.json"
+    args = _parser().parse_args(["bench", "--device", "cpu", "--shape", "2x4x6x6", "--shape", "1x3x5x7",
+                                 "--operators", "cosine,lr_sigmoid", "--dtypes", "fp32", "--repeats", "2",
+                                 "--warmup", "0", "--threads", "1", "--timer", "cpu", "--json", str(out)])
+    assert args.func(args) == 0
+    records = json.loads(out.read_text())
+    assert len(records) == 4
+    assert {r["shape"] for r in records} == {"2x4x6x6", "1x3x5x7"}
+    assert {r["operator"] for r in records} == {"cosine", "learnable_sigmoid"}
+    for r in records:
+        assert REQUIRED_KEYS <= r.keys() and r["timer"] == "cpu" and r["dtype"] == "fp32"
+    printed = capsys.readouterr().out
+    assert "sphereconv bench on cpu" in printed and "1x3x5x7" in printed and f"wrote 4 records to {out}" in printed
+
+
+def test_cli_models_only_times_training_steps(tmp_path):
+    out = tmp_path / "models.json"
+    args = _parser().parse_args(["bench", "--device", "cpu", "--models-only", "--model-batch", "2",
+                                 "--model-width-mult", "0.0625", "--operators", "linear", "--dtypes", "bf16",
+                                 "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    assert args.func(args) == 0
+    (record,) = json.loads(out.read_text())
+    assert REQUIRED_KEYS <= record.keys()
+    assert record["kind"] == "model" and record["model"] == "spherenet9" and record["operator"] == "linear"
+    assert record["dtype"] == "bf16" and record["batch"] == 2
+    assert record["conv_images_per_s"] == pytest.approx(2 / record["conv_ms"] * 1e3, rel=1e-3)
+    assert record["images_per_s_ratio"] == pytest.approx(record["conv_ms"] / record["sphere_ms"], rel=1e-3)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shape", "2x4x6"], "shape must be NxCinxCoutxHW"),
+    (["--shape", "0x4x6x6"], "four positive integers"),
+    (["--operators", "cosine,tanh"], "unknown operator tanh"),
+    (["--dtypes", "fp16"], "unknown dtype fp16"),
+    (["--repeats", "0"], "positive integer"),
+    (["--timer", "gpu"], "invalid choice"),
+])
+def test_cli_rejects_bad_flags_in_one_line(argv, message):
+    with pytest.raises(CommandLineError, match=message):
+        _parser().parse_args(["bench", *argv])
+
+
+def test_bad_device_is_a_user_error():
+    args = _parser().parse_args(["bench", "--device", "tpu"])
+    with pytest.raises(SphereconvError, match="--device: device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'tpu'"):
+        args.func(args)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is available; use --device cpu"):
+            bench.resolve_device("cuda")
+
+
+def test_library_config_validation():
+    with pytest.raises(ValueError, match="unknown operator 'none'"):
+        bench.run(bench.BenchConfig(device="cpu", operators=["none"]))
+    with pytest.raises(ValueError, match="nothing to measure"):
+        bench.run(bench.BenchConfig(device="cpu", layers=False, models=False))
+    assert bench.parse_shape("16x128x128x32") == bench.LayerShape("16x128x128x32", 16, 128, 128, 32)
+    assert [s.label for s in bench.CPU_LAYER_SHAPES] == ["16x128x128x32", "16x192x192x16", "16x256x256x8", "2x256x256x56"]
+    assert [s.label for s in bench.CUDA_LAYER_SHAPES] == ["128x128x128x32", "128x192x192x16", "128x256x256x8", "64x256x256x56"]
