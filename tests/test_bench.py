@@ -17,14 +17,6 @@ REQUIRED_KEYS = {"operator", "shape", "dtype", "device", "conv_ms", "sphere_ms",
 TINY = bench.LayerShape("tiny", 2, 4, 6, 6)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _parser() -> OneLineArgumentParser:
     parser = OneLineArgumentParser(prog="sphereconv")
     bench_cli.register(parser.add_subparsers(dest="command", required=True))

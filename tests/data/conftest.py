@@ -12,22 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from sphereconv.data import discovery
 
 # IDX type code of unsigned bytes and of big-endian int32 (format description of MNIST).
 IDX_UBYTE = 0x08
 IDX_INT32 = 0x0C
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Small tensor ops are slower with several threads on a busy machine; keep tests on one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(autouse=True)

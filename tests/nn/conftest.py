@@ -1,16 +1,10 @@
-"""Shared setup for the nn tests: the tensors here are tiny, and on a small shared machine one
-intra-op thread is orders of magnitude faster than several threads waiting on each other."""
+"""Shared fixtures of the nn tests."""
 
 from __future__ import annotations
 
-import torch
+import pytest
 
-torch.set_num_threads(1)
-
-
-import pytest  # noqa: E402
-
-from sphereconv.nn import functional as SF  # noqa: E402
+from sphereconv.nn import functional as SF
 
 
 @pytest.fixture(params=["fused", "reference"])

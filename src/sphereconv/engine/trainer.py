@@ -54,6 +54,9 @@ from .objective import TrainingModule, autocast, build_loss_module, build_model,
 from .optim import build_optimizer, build_scheduler, parameter_groups
 from .run_dir import RunDirectory
 
+# A run should last several BatchNorm memories (1/momentum steps) for its running statistics to settle.
+BN_SETTLE_MEMORIES = 5
+
 logger = logging.getLogger(__name__)
 
 # Training subsets are drawn (stratified) with a fixed seed so that runs with different training
@@ -285,8 +288,24 @@ class Trainer:
         else:
             self.total_steps = max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
 
+    def _warn_if_batch_norm_lags(self) -> None:
+        """Warn when BatchNorm's running statistics cannot settle within the run.
+
+        An exponential running average with momentum m remembers about 1/m steps; the reference's
+        m = 0.001 (decay 0.999) needs thousands of steps before test-time statistics follow the
+        weights, and shorter runs then evaluate near chance although they train well.
+        """
+        momenta = [m.momentum for m in self.model.modules()
+                   if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.momentum is not None]
+        if momenta and min(momenta) * self.total_steps < BN_SETTLE_MEMORIES:
+            logger.warning(
+                "BatchNorm momentum %g remembers ~%d steps but the run has %d: test accuracy will lag; "
+                "for short runs set model_kwargs: {bn_momentum: 0.1}", min(momenta), round(1 / min(momenta)),
+                self.total_steps)
+
     def _build_optimization(self) -> None:
         cfg = self.config
+        self._warn_if_batch_norm_lags()
         modules = [self.model] + ([self.loss_module] if self.loss_module is not None else [])
         self.optimizer = build_optimizer(cfg, parameter_groups(modules, cfg.weight_decay, cfg.sphere_weight_decay))
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
