@@ -83,14 +83,6 @@ def _use_fused(impl: str) -> bool:
     raise ValueError(f"impl must be one of {', '.join(IMPLEMENTATIONS)}; got {impl!r}")
 
 
-def _ntuple(value, n: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value,) * n
-    if isinstance(value, (tuple, list)) and len(value) == n and all(isinstance(v, int) for v in value):
-        return tuple(value)
-    raise TypeError(f"{name} must be an int or a tuple of {n} ints; got {value!r}")
-
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the norms, cosine and g are computed in: float64 stays, everything else is float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
