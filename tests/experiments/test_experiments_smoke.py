@@ -1,0 +1,109 @@
+"""Every ``sphereconv reproduce`` experiment end to end at smoke scale on real Fashion-MNIST."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from png_checks import CURVE_PLOT_SIZE, assert_png
+from sphereconv.cli.main import main
+from sphereconv.experiments.definitions import EXPERIMENTS, get_experiment
+from sphereconv.experiments.plots import DPI, FEATURE_PANEL_INCHES
+from sphereconv.experiments.runner import plan_experiment
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def reproduce(out, *args: str) -> int:
+    """``sphereconv reproduce ... --scale smoke`` in this process (data found in the system folder)."""
+    return main(["reproduce", *args, "--scale", "smoke", "--device", "cpu", "--no-progress", "--out", str(out)])
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_experiment_runs_end_to_end_at_smoke_scale(name, tmp_path, capsys):
+    rc = reproduce(tmp_path, name)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    experiment = get_experiment(name)
+    out = tmp_path / name
+    report = (out / "report.md").read_text()
+    assert f"`{name}`" in report.splitlines()[0]
+    table_rows = [line for line in report.splitlines() if line.startswith("| `")]
+    assert [re.match(r"\| `([^`]+)`", row).group(1) for row in table_rows] == experiment.variant_names()
+    results = json.loads((out / "results.json").read_text())
+    assert results["scale"] == "smoke" and results["dataset"] == "fashion-mnist"
+    for variant in results["variants"]:
+        (run,) = variant["runs"]
+        assert 0.0 <= run["final_test_acc"] <= 1.0 and run["steps"] == 8
+        assert (tmp_path / name / variant["name"] / "seed0" / "summary.json").is_file()
+    for plot in ("test_acc.png", "train_loss.png"):
+        assert_png(out / plot, CURVE_PLOT_SIZE)
+        assert f"]({plot})" in report
+    if experiment.sweep_label:
+        assert_png(out / "sweep.png", CURVE_PLOT_SIZE)
+    if experiment.features2d:
+        width = int(FEATURE_PANEL_INCHES * DPI * len(experiment.variants))
+        assert_png(out / "features2d.png", (width, round((FEATURE_PANEL_INCHES + 0.6) * DPI)))
+        assert "not available here" in report  # no MNIST on this machine: says it used Fashion-MNIST
+    assert f"report: {out / 'report.md'}" in captured.out
+
+
+def test_seeds_resume_and_skip(tmp_path, capsys):
+    assert reproduce(tmp_path, "convergence", "--seeds", "2") == 0
+    capsys.readouterr()
+    report = (tmp_path / "convergence" / "report.md").read_text()
+    assert "(mean ± std)" in report and re.search(r"\| \d+\.\d\d ± \d+\.\d\d \|", report)
+    results = json.loads((tmp_path / "convergence" / "results.json").read_text())
+    assert [len(v["runs"]) for v in results["variants"]] == [2, 2]
+    seeds = {run["seed"] for v in results["variants"] for run in v["runs"]}
+    assert seeds == {0, 1}
+
+    # A run killed after its last checkpoint (no summary yet) is resumed; finished ones skipped.
+    killed = tmp_path / "convergence" / "cnn9" / "seed1"
+    (killed / "summary.json").unlink()
+    assert reproduce(tmp_path, "convergence", "--seeds", "2") == 0
+    log = capsys.readouterr().out
+    assert log.count("already finished, skipped") == 3
+    assert "convergence/cnn9/seed1 (resumed)" in log
+    assert (killed / "summary.json").is_file()
+
+    # Finished runs made with other settings are never mixed in silently.
+    rc = reproduce(tmp_path, "convergence", "--iterations", "6", "--seeds", "2")
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds a finished run with different settings" in err and "iterations: 8 there vs 6 now" in err
+
+
+def test_dry_run_plans_every_experiment_without_training(tmp_path, capsys):
+    assert main(["reproduce", "all", "--scale", "smoke", "--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for name, experiment in EXPERIMENTS.items():
+        assert f"{name}: {len(experiment.variants)} run(s) at scale 'smoke'" in out
+    assert not any(tmp_path.iterdir())
+
+
+def test_scales_resolve_to_valid_configs_with_the_intended_recipe(tmp_path):
+    paper = plan_experiment("convergence", "paper", out=tmp_path)
+    config = paper.runs[0].config
+    assert (config.dataset, config.iterations, config.batch_size, config.eval_every) == ("cifar10", 64000, 128, 500)
+    assert config.lr_milestones == pytest.approx([34000 / 64000, 54000 / 64000]) and config.optimizer == "adam"
+    resnet = plan_experiment("resnet", "paper", out=tmp_path)
+    assert {r.config.augment for r in resnet.runs} == {"crop_flip"}
+    width = plan_experiment("width", "quick", out=tmp_path, iterations=50)
+    assert sorted({r.config.width_mult for r in width.runs}) == pytest.approx([0.25 * 0.125, 0.25 * 0.5, 0.25])
+    assert {r.config.eval_every for r in width.runs} == {50 // 15}
+    narrow = plan_experiment("width", "quick", out=tmp_path, width_mult=0.5)
+    assert sorted({r.config.width_mult for r in narrow.runs}) == pytest.approx([0.5 * 0.125, 0.5 * 0.5, 0.5])
+    spherenorm = plan_experiment("spherenorm", "small", out=tmp_path, seeds=2)
+    assert sorted({r.config.batch_size for r in spherenorm.runs}) == [2, 8, 32, 128]
+    assert len(spherenorm.runs) == 2 * len(get_experiment("spherenorm").variants)
+    assert all(r.out == tmp_path / "spherenorm" / r.variant.name / f"seed{r.seed}" for r in spherenorm.runs)
