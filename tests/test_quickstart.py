@@ -39,3 +39,15 @@ def test_main_job_runs_as_written_at_smoke_scale(tmp_path):
     assert "cnn" in report.lower() and "sphere" in report.lower()
     pngs = list(report_dir.glob("*.png"))
     assert pngs and all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_readme_python_api_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    namespace["loss"].backward()
+    assert namespace["loss"].ndim == 0 and bool(namespace["loss"].isfinite())
+    from sphereconv.nn import SphereConv2d
+
+    assert any(isinstance(m, SphereConv2d) for m in namespace["resnet"].modules())

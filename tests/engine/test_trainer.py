@@ -222,3 +222,10 @@ def test_bad_model_options_fail_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="train_subset=70000 exceeds the 60000"):
         train(_config(tmp_path, train_subset=70000))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("bn_momentum, warned", [(None, True), (0.1, False)])
+def test_short_run_with_reference_batch_norm_momentum_warns(tmp_path, caplog, bn_momentum, warned):
+    kwargs = {} if bn_momentum is None else {"model_kwargs": {"bn_momentum": bn_momentum}}
+    train(_config(tmp_path, iterations=2, eval_every=0, **kwargs))
+    assert ("BatchNorm momentum" in caplog.text) is warned

@@ -56,6 +56,8 @@ from .run_dir import RunDirectory
 
 # A run should last several BatchNorm memories (1/momentum steps) for its running statistics to settle.
 BN_SETTLE_MEMORIES = 5
+# PyTorch's default BatchNorm momentum, the value the warning suggests for short runs.
+SHORT_RUN_BN_MOMENTUM = 0.1
 
 logger = logging.getLogger(__name__)
 
@@ -297,11 +299,11 @@ class Trainer:
         """
         momenta = [m.momentum for m in self.model.modules()
                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.momentum is not None]
-        if momenta and min(momenta) * self.total_steps < BN_SETTLE_MEMORIES:
+        if momenta and min(momenta) < SHORT_RUN_BN_MOMENTUM and min(momenta) * self.total_steps < BN_SETTLE_MEMORIES:
             logger.warning(
                 "BatchNorm momentum %g remembers ~%d steps but the run has %d: test accuracy will lag; "
-                "for short runs set model_kwargs: {bn_momentum: 0.1}", min(momenta), round(1 / min(momenta)),
-                self.total_steps)
+                "for short runs set model_kwargs: {bn_momentum: %g}", min(momenta), round(1 / min(momenta)),
+                self.total_steps, SHORT_RUN_BN_MOMENTUM)
 
     def _build_optimization(self) -> None:
         cfg = self.config

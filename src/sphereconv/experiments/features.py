@@ -32,7 +32,7 @@ def load_trained_model(run_dir: Path):
     if found is None:
         raise CheckpointError(f"{run_dir} has no loadable checkpoint in {checkpoint_dir(run_dir)}")
     path, state = found
-    config = config_from_dict(state["config"])
+    config = config_from_dict(state["config"], check_environment=False)
     info = dataset_info(config.dataset, config.data_dir)
     model = build_model(config, info.num_classes, info.in_channels, info.image_size)
     load_model_state(model, state["model"], str(path))
