@@ -7,7 +7,8 @@ begins and the summary as JSON at the end. Fault injection:
 - ``--kill-in-checkpoint-write N``: SIGKILL itself while the checkpoint of step N is written (the
   temporary file is complete but not yet renamed);
 - ``--exit-rank R --exit-at-step N``: rank R exits abruptly (``os._exit``) after step N;
-- ``--dump-dir DIR``: every rank saves its final model state to ``DIR/rank<R>.pt``.
+- ``--dump-dir DIR``: every rank saves its final model state to ``DIR/rank<R>.pt`` and its summary
+  to ``DIR/summary_rank<R>.json``.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ def main() -> None:
         _kill_during_write(args.kill_in_checkpoint_write)
     summary = train(load_config(None, json.loads(args.overrides)), [FaultInjection(args)])
     print("SUMMARY " + json.dumps(summary), flush=True)
+    if args.dump_dir:
+        # Ranks print concurrently and their stdout lines can interleave: keep a file per rank.
+        rank = int(os.environ.get("RANK", "0"))
+        with open(os.path.join(args.dump_dir, f"summary_rank{rank}.json"), "w") as f:
+            json.dump(summary, f)
 
 
 if __name__ == "__main__":
