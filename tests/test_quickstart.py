@@ -34,9 +34,14 @@ def test_main_job_runs_as_written_at_smoke_scale(tmp_path):
     env = dict(os.environ, SPHERECONV_SCALE="smoke", SPHERECONV_OUT=str(tmp_path / "quickstart"))
     proc = subprocess.run(main_job, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    report_dir = tmp_path / "quickstart" / "convergence"
+    report_dir = tmp_path / "quickstart" / "quickstart"
     report = (report_dir / "report.md").read_text()
-    assert "cnn" in report.lower() and "sphere" in report.lower()
+    assert f"report: {tmp_path / 'quickstart' / 'quickstart' / 'report.md'}" in proc.stdout
+    # The main job's answer at a glance: the paired difference with its interval, both seeds ...
+    row = next(line for line in report.splitlines() if line.startswith("| `S` | cosine vs cnn |"))
+    assert "| 2 |" in row and re.search(r"\[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", row), row
+    # ... and what the committed full sweep has found, with a link to the results page.
+    assert "What the full sweep" in report and "docs/RESULTS.md" in report
     pngs = list(report_dir.glob("*.png"))
     assert pngs and all(p.stat().st_size > 1000 for p in pngs)
 

@@ -3,6 +3,10 @@
 Trains every variant of the experiment for every seed into ``OUT/EXPERIMENT/<variant>/seed<k>/``
 (finished runs are skipped, interrupted ones resumed) and writes ``report.md``, ``results.json``
 and PNG plots into ``OUT/EXPERIMENT/``. ``all`` runs every experiment in turn.
+
+``--grid FILE`` runs a grid of regimes x models x seeds instead (configs/sweeps/*.yaml; see
+:mod:`sphereconv.experiments.sweep`): one small results file per finished run in the grid's results
+folder, runs already there skipped, and one combined report with paired statistics.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from ..errors import ConfigError
 from ..experiments.definitions import EXPERIMENTS
 from ..experiments.scales import SCALES
 from .parsing import positive_float, positive_int
@@ -17,6 +22,8 @@ from .parsing import positive_float, positive_int
 ALL = "all"
 DEFAULT_SCALE = "small"
 DEFAULT_OUT = "runs/reproduce"
+# The only scale that applies to a grid (whose file sets every run's size): the plumbing check.
+GRID_SCALE = "smoke"
 
 
 def register(subparsers) -> None:
@@ -27,8 +34,12 @@ def register(subparsers) -> None:
         help="run one of the paper's experiments and write a report with plots",
         description=__doc__.split("\n\n")[0] + f" Scales: {scales}.",
     )
-    parser.add_argument("experiment", choices=[*EXPERIMENTS, ALL], metavar="EXPERIMENT", help=f"one of: {', '.join(EXPERIMENTS)}, or {ALL}")
-    parser.add_argument("--scale", choices=list(SCALES), default=DEFAULT_SCALE, help=f"run size (default {DEFAULT_SCALE})")
+    parser.add_argument("experiment", nargs="?", choices=[*EXPERIMENTS, ALL], metavar="EXPERIMENT",
+                        help=f"one of: {', '.join(EXPERIMENTS)}, or {ALL} (omit with --grid)")
+    parser.add_argument("--grid", default=None, metavar="FILE", help="run the grid file FILE (e.g. configs/sweeps/claims.yaml) instead of an experiment")
+    parser.add_argument("--results", default=None, metavar="DIR", help="--grid only: folder of the results files and report (default: the grid's)")
+    parser.add_argument("--scale", choices=list(SCALES), default=None,
+                        help=f"run size (default {DEFAULT_SCALE}; with --grid only {GRID_SCALE}, which shrinks every run)")
     parser.add_argument("--dataset", default=None, help="dataset instead of the scale's (e.g. cifar100 at paper scale)")
     parser.add_argument("--data-dir", default=None, help="folder holding the dataset files")
     parser.add_argument("--download", action="store_true", help="download the dataset if it is missing")
@@ -79,10 +90,46 @@ def _print_plan(plan) -> None:
             )
 
 
+def _grid_command(args: argparse.Namespace) -> str:
+    words = ["sphereconv", "reproduce", "--grid", args.grid]
+    for flag, value in (("--scale", args.scale), ("--out", args.out), ("--results", args.results), ("--device", args.device), ("--data-dir", args.data_dir)):
+        if value is not None:
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
+def run_grid_command(args: argparse.Namespace) -> int:
+    """``reproduce --grid FILE``: train the grid's missing runs and write its report."""
+    from ..experiments.sweep import describe_plan, load_grid, plan_grid, run_grid
+
+    if args.experiment is not None:
+        raise ConfigError(f"give either an experiment ({args.experiment!r}) or --grid, not both")
+    for flag, value in (("--dataset", args.dataset), ("--seeds", args.seeds), ("--iterations", args.iterations), ("--width-mult", args.width_mult)):
+        if value is not None:
+            raise ConfigError(f"{flag} {value} cannot be combined with --grid: the grid file sets it for every run")
+    if args.scale not in (None, GRID_SCALE):
+        raise ConfigError(f"--scale {args.scale} cannot be combined with --grid (its file sets each run's size); only --scale {GRID_SCALE} applies")
+    options = {"out": args.out, "results": args.results, "smoke": args.scale == GRID_SCALE, "device": args.device,
+               "data_dir": args.data_dir, "download": args.download, "progress": args.progress}
+    if args.dry_run:
+        plan = plan_grid(load_grid(args.grid), **options)
+        print(f"grid {plan.grid.name}: {len(plan.runs)} run(s) -> results {plan.results_dir}, training in {plan.train_dir}")
+        print("\n".join(describe_plan(plan)))
+        return 0
+    report = run_grid(args.grid, command=_grid_command(args), **options)
+    print(f"report: {report}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run (or with ``--dry-run`` only plan) the experiment(s); returns the exit code."""
+    """Run (or with ``--dry-run`` only plan) the experiment(s) or the grid; returns the exit code."""
     from ..experiments.runner import plan_experiment, run_experiment
 
+    if args.grid is not None:
+        return run_grid_command(args)
+    if args.experiment is None:
+        raise ConfigError(f"name an experiment ({', '.join(EXPERIMENTS)} or {ALL}) or pass --grid FILE")
+    args.scale = args.scale or DEFAULT_SCALE
     names = list(EXPERIMENTS) if args.experiment == ALL else [args.experiment]
     if args.dry_run:
         for name in names:

@@ -5,7 +5,9 @@
   (NIPS 2017, Fig. 4);
 - sweep plots: final test accuracy against a swept setting (width, depth, batch size), one line
   per group, error bars spanning the seeds;
-- 2-D feature scatter plots (NIPS 2017 Sec. 5.4, Fig. 5): test features coloured by class.
+- 2-D feature scatter plots (NIPS 2017 Sec. 5.4, Fig. 5): test features coloured by class;
+- effect plots of the sweep: a paired SphereNet-minus-CNN difference with its 95% interval against
+  width or run length.
 
 Every figure has the same fixed pixel size so that reports and tests can rely on it.
 """
@@ -172,5 +174,47 @@ def plot_features2d(
             axes.legend(fontsize=6, markerscale=3, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     if title:
         figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return _save(figure, out)
+
+
+def plot_effects(
+    groups: dict[str, list[tuple[float, float, float, float]]],
+    out: Path,
+    *,
+    xlabel: str,
+    ylabel: str = "SphereNet - CNN, final test accuracy (points)",
+    log_x: bool = False,
+    title: str | None = None,
+) -> Path:
+    """A paired effect against a swept value, one line per group, with its confidence interval.
+
+    ``groups`` maps a legend label to ``(x, mean, low, high)`` points in the units of the y axis;
+    a NaN interval (a single pair) draws the point without an error bar. A dashed line marks 0.
+    """
+    figure = _new_figure()
+    axes = figure.add_subplot(1, 1, 1)
+    axes.axhline(0.0, color="grey", linestyle="--", linewidth=1)
+    count = len(groups)
+    for index, (colour, (label, points)) in enumerate(zip(_colours(count), groups.items())):
+        points = sorted(points)
+        xs = np.array([p[0] for p in points], dtype=float)
+        # Nudge the groups apart horizontally so that overlapping error bars stay readable.
+        xs = xs * (1.0 + 0.03 * (index - (count - 1) / 2)) if log_x else xs + 0.01 * (index - (count - 1) / 2) * max(xs.max(), 1.0)
+        means = np.array([p[1] for p in points], dtype=float)
+        lows = np.nan_to_num(means - np.array([p[2] for p in points], dtype=float))
+        highs = np.nan_to_num(np.array([p[3] for p in points], dtype=float) - means)
+        axes.errorbar(xs, means, yerr=[lows, highs], color=colour, label=label, marker="o", markersize=4, capsize=3)
+    if log_x:
+        axes.set_xscale("log", base=2)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(True, alpha=0.3)
+    if title:
+        axes.set_title(title, fontsize=10)
+    if groups:
+        axes.legend(fontsize=8, loc="best")
+    else:
+        axes.text(0.5, 0.5, "no paired results yet", ha="center", va="center", transform=axes.transAxes)
     figure.tight_layout()
     return _save(figure, out)

@@ -197,8 +197,8 @@ def run_status(run: PlannedRun) -> str:
     return "new"
 
 
-def _train_one(run: PlannedRun, status: str) -> str:
-    """Train (or continue) one run; returns a one-line outcome."""
+def train_run(run: PlannedRun, status: str) -> str:
+    """Train (or continue, if ``status`` is ``partial``) one run; returns a one-line outcome."""
     from ..engine import train
 
     config = dataclasses.replace(run.config, resume=status == "partial", overwrite=status == "stale")
@@ -232,7 +232,7 @@ def execute_plan(plan: Plan, log: Callable[[str], None] = print) -> None:
             log(f"{tag}: diverged earlier, skipped")
             continue
         started = time.perf_counter()
-        outcome = _train_one(run, status)
+        outcome = train_run(run, status)
         resumed = " (resumed)" if status == "partial" else ""
         log(f"{tag}{resumed}: {outcome} in {time.perf_counter() - started:.0f} s")
 

@@ -1,0 +1,160 @@
+"""``sphereconv reproduce --grid``: order, results files, skipping, resuming and the report (smoke scale)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from png_checks import CURVE_PLOT_SIZE, assert_png
+from sphereconv.cli.main import main
+from sphereconv.errors import ConfigError
+from sphereconv.experiments.sweep import load_grid, plan_grid
+
+ROOT = Path(__file__).resolve().parents[2]
+CLAIMS = ROOT / "configs" / "sweeps" / "claims.yaml"
+
+TINY_GRID = {
+    "name": "tiny",
+    "title": "Tiny grid",
+    "seeds": [0, 1],
+    "baseline": "cnn",
+    "base": {"model": "spherenet9", "model_kwargs": {"bn_momentum": 0.1}, "dataset": "fashion-mnist"},
+    "models": {"cnn": {"label": "CNN-9", "operator": "none"}, "cosine": {"label": "SphereNet-9 cosine", "operator": "cosine"}},
+    "regimes": {"A": {"label": "regime A", "width_mult": 0.25}},
+    "stages": [{"regime": "A", "models": ["cnn", "cosine"]}],
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def write_grid(path: Path, **changes) -> Path:
+    path.write_text(yaml.safe_dump({**TINY_GRID, **changes}))
+    return path
+
+
+def grid_main(grid: Path, out: Path, *extra: str) -> int:
+    return main(["reproduce", "--grid", str(grid), "--scale", "smoke", "--device", "cpu", "--no-progress", "--out", str(out), *extra])
+
+
+def test_claims_grid_is_the_registered_protocol(tmp_path):
+    plan = plan_grid(load_grid(CLAIMS), out=tmp_path, progress=False)
+    assert len(plan.runs) == 60 and plan.results_dir == Path("docs/results/sweep")
+    # Paired order: CNN and cosine alternate seed by seed before anything else runs.
+    assert [r.run_id for r in plan.runs[:6]] == ["S-cnn-s0", "S-cosine-s0", "S-cnn-s1", "S-cosine-s1", "S-cnn-s2", "S-cosine-s2"]
+    assert [r.run_id for r in plan.runs[6:8]] == ["S-linear-s0", "S-sigmoid-s0"]
+    first = plan.runs[0].planned.config
+    assert (first.width_mult, first.batch_size, first.augment, first.iterations, first.eval_every) == (0.25, 128, "crop_flip", 600, 100)
+    assert first.test_subset is None and first.train_subset is None  # full 10k test set, all 60k images
+    for run in plan.runs:
+        config = run.planned.config
+        assert config.model_kwargs == {"bn_momentum": 0.1} and config.loss == "softmax"
+        assert (config.optimizer, config.lr, config.lr_milestones) == ("adam", 1e-3, [34 / 64, 54 / 64])
+        assert (config.weight_decay, config.sphere_weight_decay, config.orthogonality) == (5e-4, 0.0, 1e-4)
+    regimes = {r.regime.name: r.planned.config for r in plan.runs}
+    assert (regimes["Q"].batch_size, regimes["Q"].iterations, regimes["Q"].augment) == (32, 1500, "none")
+    assert (regimes["L"].iterations, regimes["WL"].width_mult, regimes["WL"].iterations) == (3000, 0.5, 3000)
+    assert {r.seed for r in plan.runs} == {0, 1, 2}
+    # A smoke run never writes into the committed results folder.
+    assert plan_grid(load_grid(CLAIMS), out=tmp_path, smoke=True, progress=False).results_dir == tmp_path / "claims"
+
+
+@pytest.mark.slow  # five smoke-scale trainings (a few seconds each): the resume path needs real checkpoints
+def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
+    grid = write_grid(tmp_path / "tiny.yaml")
+    out, results = tmp_path / "out", tmp_path / "results"
+    assert grid_main(grid, out, "--results", str(results)) == 0
+    log = capsys.readouterr().out
+    assert [line.split(":")[0] for line in log.splitlines() if line.startswith("[")] == [
+        "[1/4] A-cnn-s0", "[2/4] A-cosine-s0", "[3/4] A-cnn-s1", "[4/4] A-cosine-s1"]
+    files = sorted(p.name for p in (results / "runs").iterdir())
+    assert files == ["A-cnn-s0.json", "A-cnn-s1.json", "A-cosine-s0.json", "A-cosine-s1.json"]
+    document = json.loads((results / "runs" / "A-cosine-s1.json").read_text())
+    assert document["settings"]["operator"] == "cosine" and document["settings"]["seed"] == 1
+    assert document["metrics"][-1]["step"] == 8 and 0 <= document["summary"]["final_test_acc"] <= 1
+    assert (results / "runs" / "A-cosine-s1.json").stat().st_size < 10_000
+    report = (results / "report.md").read_text()
+    assert "| `A` | cosine vs cnn | 2 |" in report and "pending (2/3 paired seeds)" in report
+    assert "| `A` | CNN-9 | 2/2 |" in report
+    assert_png(results / "test_acc_A.png", CURVE_PLOT_SIZE)
+
+    # Pre-seeded results folder: a fresh training folder trains nothing.
+    assert grid_main(grid, tmp_path / "elsewhere", "--results", str(results)) == 0
+    assert capsys.readouterr().out.count("skipped") == 4 and not (tmp_path / "elsewhere" / "tiny" / "train").exists()
+
+    # A run killed after a checkpoint (no summary, no results file yet) resumes from it.
+    killed = out / "tiny" / "train" / "A-cnn-s1"
+    (killed / "summary.json").unlink()
+    (results / "runs" / "A-cnn-s1.json").unlink()
+    assert any((killed / "checkpoints").iterdir())
+    assert grid_main(grid, out, "--results", str(results)) == 0
+    log = capsys.readouterr().out
+    assert "A-cnn-s1: resumed:" in log and log.count("skipped") == 3
+    assert json.loads((results / "runs" / "A-cnn-s1.json").read_text())["summary"]["steps"] == 8
+
+    # A results file made with other settings is refused, naming the setting.
+    changed = write_grid(tmp_path / "changed.yaml", regimes={"A": {"label": "regime A", "width_mult": 0.5}})
+    assert grid_main(changed, out, "--results", str(results)) == 2
+    err = capsys.readouterr().err
+    assert "different settings" in err and "width_mult" in err
+
+
+@pytest.mark.slow  # six tiny trainings: the effect plot needs two regimes with a SphereNet and a CNN each
+def test_report_has_paired_effect_plots_and_the_other_grids_summary(tmp_path, capsys):
+    # A sweep sized by its own file (no --scale smoke), as the committed one is.
+    tiny = {**TINY_GRID["base"], "train_subset": 256, "test_subset": 128, "iterations": 8, "batch_size": 16, "eval_every": 4, "schedule": "constant"}
+    sweep = write_grid(tmp_path / "sweep.yaml", name="sweep", seeds=[0], results=str(tmp_path / "committed"), base=tiny,
+                       regimes={"A": {"label": "narrow", "width_mult": 0.0625}, "B": {"label": "wide", "width_mult": 0.125}},
+                       stages=[{"regime": "A", "models": ["cnn", "cosine"]}, {"regime": "B", "models": ["cnn", "cosine"]}])
+    assert main(["reproduce", "--grid", str(sweep), "--device", "cpu", "--no-progress", "--out", str(tmp_path / "out")]) == 0
+    report = (tmp_path / "committed" / "report.md").read_text()
+    assert "![effect against width multiplier](effect_width.png)" in report
+    assert_png(tmp_path / "committed" / "effect_width.png", CURVE_PLOT_SIZE)
+    quick = write_grid(tmp_path / "quick.yaml", name="quick", seeds=[0], summary_from="sweep.yaml")
+    assert grid_main(quick, tmp_path / "q") == 0
+    assert "report: " in capsys.readouterr().out
+    quick_report = (tmp_path / "q" / "quick" / "report.md").read_text()
+    summary = quick_report.split("What the full sweep", 1)[1]
+    assert summary.count("SphereNet-9 cosine vs CNN-9: pending (1/3 paired seeds)") == 2  # regimes A and B
+    assert "4 of 4 runs finished" in quick_report and "`B` (width 0.125, batch 16" in quick_report
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"regims": {}}, "unknown key(s) regims"),
+        ({"stages": [{"regime": "Z", "models": ["cnn"]}]}, "stage 1 names regime 'Z'"),
+        ({"stages": [{"regime": "A", "models": ["mlp"]}]}, "stage 1 models must be a list drawn from: cnn, cosine"),
+        ({"baseline": "vgg"}, "baseline 'vgg' is not a model"),
+        ({"seeds": [0, -1]}, "seeds must be a non-empty list"),
+        ({"regimes": {"A": {"label": "A", "width_mult": -1}}}, "regime 'A', model 'cnn'"),
+    ],
+)
+def test_bad_grid_files_get_one_line_errors(tmp_path, changes, message):
+    path = write_grid(tmp_path / "bad.yaml", **changes)
+    with pytest.raises(ConfigError, match=None) as info:
+        plan_grid(load_grid(path), out=tmp_path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_grid_and_experiment_flags_conflict_clearly(tmp_path, capsys):
+    grid = write_grid(tmp_path / "tiny.yaml")
+    assert main(["reproduce", "convergence", "--grid", str(grid)]) == 2
+    assert "either an experiment" in capsys.readouterr().err
+    assert main(["reproduce", "--grid", str(grid), "--iterations", "5"]) == 2
+    assert "--iterations 5 cannot be combined with --grid" in capsys.readouterr().err
+    assert main(["reproduce", "--grid", str(grid), "--scale", "quick"]) == 2
+    assert "only --scale smoke applies" in capsys.readouterr().err
+    assert main(["reproduce"]) == 2
+    assert "name an experiment" in capsys.readouterr().err
+    assert main(["reproduce", "--grid", str(grid), "--dry-run", "--out", str(tmp_path / "o")]) == 0
+    assert "1. A-cnn-s0: new; operator=none width_mult=0.25" in capsys.readouterr().out
