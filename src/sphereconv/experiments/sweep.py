@@ -52,6 +52,8 @@ MIN_SEEDS_FOR_VERDICT = 3
 CONVERGENCE_MARK = 0.85
 # A smoke-scale grid multiplies every regime's width by this (width 1/4 becomes 1/16, the smoke width).
 SMOKE_WIDTH_FACTOR = 0.25
+# Pending comparisons beyond this many are counted rather than listed in the verdict lines.
+MAX_LISTED_PENDING = 4
 # Where the reports point readers for the protocol and the discussion.
 RESULTS_PAGE = "docs/RESULTS.md"
 
@@ -433,7 +435,7 @@ def compare_cells(plan: GridPlan, cells: list[Cell]) -> list[Comparison]:
     return comparisons
 
 
-def _points(comparison: PairedComparison, scale: float = 100.0, digits: int = 2) -> str:
+def _points(comparison: PairedComparison, scale: float = 100.0, digits: int = 2) -> tuple[str, str, str]:
     d = comparison.difference
     if d.n == 0:
         return "—", "—", "—"
@@ -461,12 +463,21 @@ def comparison_lines(plan: GridPlan, comparisons: list[Comparison]) -> list[str]
     return lines
 
 
+def _grouped(by_outcome: dict[str, list[str]]) -> str:
+    """``outcome: model@regime, ...; ...``, with long pending lists shortened to a count."""
+    parts = []
+    for outcome, names in by_outcome.items():
+        listed = f"{len(names)} comparisons" if outcome == "pending" and len(names) > MAX_LISTED_PENDING else ", ".join(names)
+        parts.append(f"{outcome}: {listed}")
+    return "; ".join(parts) or "no results yet"
+
+
 def claim_conclusions(plan: GridPlan, comparisons: list[Comparison]) -> list[str]:
     """The protocol's claims, each with the verdicts so far, in plain words."""
     by_verdict: dict[str, list[str]] = {}
     for c in comparisons:
         by_verdict.setdefault(verdict(c.accuracy).split(" (")[0], []).append(f"{c.model.name}@{c.regime.name}")
-    accuracy = "; ".join(f"{key}: {', '.join(names)}" for key, names in by_verdict.items()) or "no results yet"
+    accuracy = _grouped(by_verdict)
     speed: dict[str, list[str]] = {}
     for c in comparisons:
         if c.convergence is not None:
@@ -476,7 +487,7 @@ def claim_conclusions(plan: GridPlan, comparisons: list[Comparison]) -> list[str
         else:
             key = "pending"
         speed.setdefault(key, []).append(f"{c.model.name}@{c.regime.name}")
-    convergence = "; ".join(f"{key}: {', '.join(names)}" for key, names in speed.items()) or "no results yet"
+    convergence = _grouped(speed)
     lines = [
         f"**SphereNets at least as accurate as CNN-9** (final accuracy, paired): {accuracy}.",
         f"**SphereNets converge faster** (iterations to {100 * CONVERGENCE_MARK:g}%, paired): {convergence}.",
@@ -548,13 +559,14 @@ def write_grid_report(plan: GridPlan, command: str) -> Path:
     for c in comparisons:
         mean, interval, p = _points(c.accuracy)
         best_mean, best_interval, _ = _points(c.best)
+        best = "—" if c.best.n == 0 else f"{best_mean} {best_interval}"
         if c.convergence is not None:
             conv_mean, conv_interval, _ = _points(c.convergence, scale=1.0, digits=0)
             convergence = f"{conv_mean} {conv_interval}"
         else:
             convergence = f"reached by {c.reached[0]} / {c.reached[1]} of {c.reached[2]} seeds" if c.reached[2] else "—"
         parts.append(f"| `{c.regime.name}` | {c.model.name} vs {grid.baseline} | {c.accuracy.n} | {mean} | {interval} | {p} | "
-                     f"{verdict(c.accuracy)} | {best_mean} {best_interval} | {convergence} |")
+                     f"{verdict(c.accuracy)} | {best} | {convergence} |")
     header = ["regime", "model", "seeds done", "final acc. % mean [95% CI]", "best acc. % mean [95% CI]"]
     header += [f"iters to {100 * t:g}% (seeds reaching)" for t in thresholds] + ["images/s"]
     parts += ["", "## Cells", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
