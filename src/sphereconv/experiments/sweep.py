@@ -615,7 +615,9 @@ def write_grid_report(plan: GridPlan, command: str) -> Path:
     if grid.summary_from is not None:
         parts += ["", *summary_of_other_grid(grid.summary_from, out)]
     report = out / REPORT_FILE
-    report.write_text("\n".join(parts) + "\n")
+    temporary = report.with_suffix(f".md.{os.getpid()}.tmp")  # two workers may report at once
+    temporary.write_text("\n".join(parts) + "\n")
+    temporary.replace(report)
     return report
 
 
