@@ -32,7 +32,9 @@ def psi_of_angle(theta: float, m: float, operator: str, k: float = 0.3) -> float
 
 
 def norm_e(v: list[float], eps: float) -> float:
-    return math.sqrt(sum(a * a for a in v) + eps)
+    """sqrt(sum v^2 + eps m^2), m = max |v| (1 if v is all zero): the relative eps of sphereconv.nn."""
+    m = max(abs(a) for a in v) or 1.0
+    return math.sqrt(sum(a * a for a in v) + eps * m * m)
 
 
 def cosines(x: list[float], weight: torch.Tensor, eps: float) -> list[float]:

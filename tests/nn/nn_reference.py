@@ -2,7 +2,10 @@
 
 Every operator is recomputed patch by patch: the input is padded with the layer's padding mode, each
 patch is cut out explicitly, and the cosine, the angle (explicit arccos) and g are evaluated from
-their textbook formulas (paper Sec. 2.1, SPEC section 1), with the sigmoid in its exp form.
+their textbook formulas (paper Sec. 2.1, SPEC section 1), with the sigmoid in its exp form. The norms
+are the documented ones of ``sphereconv.nn.functional``: ``sqrt(sum v^2 + eps m^2)`` with ``m`` the
+largest |x| of the sample over the group's input channels (all positions), or of the filter; 1 when
+that is 0. Computed directly in float64, without any rescaling.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ def extract_patches(x, kernel_size, stride=1, padding=0, dilation=1, padding_mod
 def patch_cosines(x, weight, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros", eps=EPS):
     """Per-patch ``(cos, |x|_e, |w|_e)``: cos (N, C_out, *out), |x|_e (N, C_out, *out), |w|_e (C_out,)."""
     dims = weight.dim() - 2
+    # largest |x| of each sample over each group's channels (padding copies values, adds zeros)
+    peak = x.abs().reshape(x.shape[0], groups, -1).amax(-1)
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
     patches = extract_patches(x, weight.shape[2:], stride, padding, dilation, padding_mode)
     n, c_out = x.shape[0], weight.shape[0]
     c_per_group, out_per_group = weight.shape[1], c_out // groups
@@ -51,8 +57,9 @@ def patch_cosines(x, weight, stride=1, padding=0, dilation=1, groups=1, padding_
         # Move the patch contents (channel, kernel...) to the end and flatten them.
         p = p.permute(0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)).reshape(n, *out_spatial, -1)
         w = weight[o].reshape(-1)
-        wn = math.sqrt(float((w * w).sum()) + eps)
-        xn = torch.sqrt((p * p).sum(-1) + eps)
+        w_peak = float(w.abs().max()) or 1.0
+        wn = math.sqrt(float((w * w).sum()) + eps * w_peak**2)
+        xn = torch.sqrt((p * p).sum(-1) + eps * peak[:, g].reshape(-1, *([1] * dims)) ** 2)
         cos[:, o] = (p * w).sum(-1) / (wn * xn)
         x_norm[:, o] = xn
         w_norm[o] = wn
@@ -97,8 +104,10 @@ def sphere_conv_reference(x, weight, operator="cosine", k=0.3, eps=EPS, **conv):
 
 def sphere_linear_reference(x, weight, operator="cosine", k=0.3, eps=EPS):
     """SphereLinear: g of the angle between x and each row of the weight."""
-    xn = torch.sqrt((x * x).sum(-1, keepdim=True) + eps)
-    wn = torch.sqrt((weight * weight).sum(-1) + eps)
+    x_peak = x.abs().amax(-1, keepdim=True)
+    w_peak = weight.abs().amax(-1)
+    xn = torch.sqrt((x * x).sum(-1, keepdim=True) + eps * torch.where(x_peak > 0, x_peak, 1.0) ** 2)
+    wn = torch.sqrt((weight * weight).sum(-1) + eps * torch.where(w_peak > 0, w_peak, 1.0) ** 2)
     return g_of_cosine((x @ weight.T) / (xn * wn), operator, k)
 
 

@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -172,7 +173,8 @@ def test_fused_gradcheck_float64(operator):
 def test_fused_saturated_and_zero_patches_give_finite_gradients_like_the_reference(operator):
     # Patches parallel to the filter (|cos| rounds to 1 or past it) and an all-zero input patch.
     torch.manual_seed(0)
-    w = 1e2 * torch.randn(2, 3, 3, 3)  # |w|^2 >> eps, so cos rounds to +-1
+    w = 1e2 * torch.randn(2, 3, 3, 3)
+    eps = 1e-12  # relative to the largest value: below float32 resolution, so cos rounds to +-1
     x = torch.zeros(2, 3, 5, 5)
     x[0, :, 1:4, 1:4] = 10.0 * w[0]
     x[1, :, 1:4, 1:4] = -7.0 * w[1]
@@ -181,8 +183,9 @@ def test_fused_saturated_and_zero_patches_give_finite_gradients_like_the_referen
     w.requires_grad_()
     kk = torch.full((2,), 0.3, requires_grad=True) if operator == "learnable_sigmoid" else 0.3
     inputs = [x, w, kk] if operator == "learnable_sigmoid" else [x, w]
-    f = _run(lambda: SF.sphere_conv2d(x, w, padding=1, operator=operator, sigmoid_k=kk, impl="fused"), inputs)
-    r = _run(lambda: SF.sphere_conv2d(x, w, padding=1, operator=operator, sigmoid_k=kk, impl="reference"), inputs)
+    f = _run(lambda: SF.sphere_conv2d(x, w, padding=1, operator=operator, sigmoid_k=kk, eps=eps, impl="fused"), inputs)
+    r = _run(lambda: SF.sphere_conv2d(x, w, padding=1, operator=operator, sigmoid_k=kk, eps=eps, impl="reference"),
+             inputs)
     assert f[0].abs().max() <= 1.0 + 1e-6
     # theta is within float32 rounding of 0 / pi (the linear g = 1 - 2 theta/pi is the most sensitive)
     assert abs(float(f[0][0, 0, 2, 2]) - 1.0) < 1e-3 and abs(float(f[0][1, 1, 2, 2]) + 1.0) < 1e-3
@@ -218,15 +221,18 @@ def test_fused_saves_only_what_its_backward_needs(operator):
     fused, shapes = _saved_bytes(lambda: layer(x))
     with SF.use_reference_impl():
         reference, ref_shapes = _saved_bytes(lambda: layer(x))
-    # the input, the normalised weight and its norms, the cosine (plus 2u = asin(c)/k for the
-    # sigmoids), the inverse patch norm (one channel) and k
+    # the input, the normalised weight and its norm, the cosine (plus 2u = asin(c)/k for the
+    # sigmoids), the inverse patch norm (one channel) and k, and the largest values with their
+    # signs: two values per sample-group and per filter (plus the power-of-two scales where the
+    # values are rescaled, which inputs and filters near 1 on CPU are not)
     output_sized = sum(1 for s in shapes if math.prod(s) == math.prod(out_shape))
     assert output_sized == (2 if "sigmoid" in operator else 1)
     assert (4, 1, 12, 12) in shapes and (4, 8, 12, 12) in shapes
+    assert sum(1 for s in shapes if s in ((4, 1), (16,))) == 2 + 2 + (2 if operator == "learnable_sigmoid" else 0)
     # (the learnable k = |raw| + 0.05 adds its own two small saved tensors outside the node)
-    assert len(shapes) <= (9 if operator == "learnable_sigmoid" else 7)
+    assert len(shapes) <= (14 if operator == "learnable_sigmoid" else 12)
     out_bytes = 4 * 16 * 12 * 12 * 4
-    assert fused <= x.numel() * 4 + output_sized * out_bytes + 2 * layer.weight.numel() * 4 + 4 * 144 * 4 + 512
+    assert fused <= x.numel() * 4 + output_sized * out_bytes + layer.weight.numel() * 4 + 4 * 144 * 4 + 8 * 16 * 8 + 512
     assert fused < 0.6 * reference, (fused, reference, ref_shapes)
 
 
@@ -319,6 +325,7 @@ def _triton_interpreter_checks() -> None:
     from sphereconv.nn import _triton
 
     _fused._triton_on_cpu = True
+    _fused.set_kernel_backend("triton")  # forced: no self-check calls in the counts below
     calls = {"forward_epilogue": 0, "backward_epilogue": 0, "channel_sq_sum": 0}
     for name in calls:
         original = getattr(_triton, name)
@@ -369,6 +376,24 @@ def _triton_interpreter_checks() -> None:
     c = torch.linspace(-1.0, 1.0, 4001)
     out = _triton.forward_epilogue(c.reshape(1, 1, -1), torch.ones(1, 1, 4001), 1, "linear", 0.3, None, torch.float32)
     assert float((out.reshape(-1).double() - torch.asin(c.double()) * (2.0 / math.pi)).abs().max()) < 3e-7
+    # 5. "auto": the self-check at first use passes the real kernels, which stay selected, silently
+    _fused.set_kernel_backend(None)
+    assert _fused.kernel_backend() == "auto"
+    _fused.reset_kernel_status()
+    before = calls["forward_epilogue"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for operator in OPERATORS:
+            x, w, b, k, kwargs = _conv_case("2d-pad1", operator, seed=12)
+            (out_f, grads_f), (out_r, grads_r) = _conv_pair(x, w, b, k, kwargs, operator)
+            for a, e in zip((out_f, *grads_f), (out_r, *grads_r)):
+                assert _rel(a, e) < FP32_TOL, operator
+        for dtype in (torch.bfloat16, torch.float16):  # the autocast storage dtypes of the kernels
+            assert _fused._self_check("learnable_sigmoid", dtype, torch.device("cpu")) is None, dtype
+    status = _fused.kernel_status()
+    assert [(case["operator"], case["dtype"], case["kernels"]) for case in status["cases"]] == [
+        (op, "float32", "triton") for op in sorted(OPERATORS)], status
+    assert calls["forward_epilogue"] - before == 4 + 4 + 2  # 4 first-use checks, 4 layer calls, 2 direct checks
     print("triton interpreter checks passed")
 
 

@@ -42,7 +42,8 @@ def test_sphere_magnitude_with_unit_alpha_is_sphere_conv(operator):
 def test_unweighted_linear_cosine_is_convolution_with_unit_filters():
     torch.manual_seed(2)
     x, w = torch.randn(2, 3, 6, 6, dtype=F64), torch.randn(4, 3, 3, 3, dtype=F64)
-    w_unit = w / torch.sqrt(w.square().sum(dim=(1, 2, 3), keepdim=True) + 1e-4)
+    w_peak = w.abs().amax(dim=(1, 2, 3), keepdim=True)  # eps is relative to the filter's largest value
+    w_unit = w / torch.sqrt(w.square().sum(dim=(1, 2, 3), keepdim=True) + 1e-4 * w_peak**2)
     torch.testing.assert_close(decoupled_conv2d(x, w, magnitude="linear"), nn.functional.conv2d(x, w_unit),
                                rtol=1e-10, atol=1e-12)
 
@@ -94,7 +95,8 @@ def test_running_mean_updates_only_in_training_and_is_bias_corrected():
     means = []
     for x in batches:
         layer(x)
-        xn = torch.sqrt(nn.functional.conv2d(x.square().sum(1, keepdim=True), torch.ones(1, 1, 3, 3)) + 1e-4)
+        peak = x.abs().amax(dim=(1, 2, 3)).reshape(-1, 1, 1, 1)  # eps relative to each sample's largest value
+        xn = torch.sqrt(nn.functional.conv2d(x.square().sum(1, keepdim=True), torch.ones(1, 1, 3, 3)) + 1e-4 * peak**2)
         means.append(xn.mean())
     assert int(layer.num_batches_tracked) == 3
     weights = [0.1 * 0.9**2, 0.1 * 0.9, 0.1]

@@ -86,15 +86,16 @@ def test_zero_patches_in_decoupled_and_sphere_norm_layers(precision):
 @pytest.mark.parametrize("operator", SPHERE_OPERATORS)
 def test_exactly_collinear_filter_and_input(operator, sign, precision, impl):
     # The kernel covers the whole input and the input is the filter itself (or its negative):
-    # cos(theta) = +-1 up to eps, which the large scale pushes below the dtype's resolution.
+    # cos(theta) = +-1 up to eps, which is relative to the largest value (at any scale): an eps far
+    # below the dtype's resolution makes cos round to +-1 or past it.
     dtype, ctx = _setup(precision)
     torch.manual_seed(2)
-    layer = SphereConv2d(3, 1, 3, operator=operator, dtype=dtype)
+    layer = SphereConv2d(3, 1, 3, operator=operator, dtype=dtype, eps=1e-20)
     with torch.no_grad():
         layer.weight.mul_(1e6)
     x = (sign * layer.weight.detach()[0]).clone().requires_grad_()  # unbatched (C, kH, kW)
     with ctx:
-        cos, _, _ = SF.sphere_cosine(x.unsqueeze(0), layer.weight)
+        cos, _, _ = SF.sphere_cosine(x.unsqueeze(0), layer.weight, eps=layer.eps)
         out = layer(x)
     # Tolerances: the rounding of <w, x> (bf16 under autocast) moves cos by ~1 ulp of that dtype, and
     # arccos turns a cosine error d near 1 into an angle error sqrt(2 d).
@@ -138,19 +139,6 @@ def test_bf16_autocast_output_is_float32_and_close_to_float32(operator, impl):
         low = layer(x)
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, exact, rtol=0, atol=0.05)
-
-
-@pytest.mark.parametrize("x_scale,w_scale", [(1e30, 1e30), (1e30, 1.0), (1.0, 1e30), (1e-30, 1e30)])
-@pytest.mark.parametrize("operator", ["linear", "sigmoid"])
-def test_huge_filters_and_inputs_in_float32(x_scale, w_scale, operator, impl):
-    # |x|^2 and |w|^2 overflow float32 here; <w, x> for both at 1e30 would too.
-    torch.manual_seed(7)
-    for layer, shape in ((SphereConv2d(3, 4, 3, padding=1, operator=operator), (2, 3, 5, 5)),
-                         (SphereLinear(6, 3, operator=operator), (2, 6))):
-        with torch.no_grad():
-            layer.weight.mul_(w_scale)
-        x = (x_scale * torch.randn(shape)).requires_grad_()
-        _finite_grads(layer, x, layer(x))
 
 
 def _extreme_tensor(shape, scales, mode, dtype, generator):

@@ -15,9 +15,14 @@ label smoothing). :class:`AngularSoftmaxLoss` adds the angular part shared by ev
 
 with three small hooks a subclass overrides: :meth:`~AngularSoftmaxLoss.angular_score` (``a``, e.g.
 g(theta) or cos theta), :meth:`~AngularSoftmaxLoss.target_logit` (``t``, the margin) and
-:meth:`~AngularSoftmaxLoss.logit_scale` (``s``, the feature norm |x| or a fixed scale). The eps in
-both norms is the SphereConv default (1e-4, reference code wy1iu/SphereNet), so an all-zero
-feature gives cos = 0 and finite gradients; the cosine is computed in float32 (float64 stays
+:meth:`~AngularSoftmaxLoss.logit_scale` (``s``, the feature norm |x| or a fixed scale). The norms
+are those of SphereConv (:mod:`sphereconv.nn.functional`): ``|v|_e = sqrt(sum v^2 + eps m_v^2)``
+with ``m_v`` the largest |v| of the row (1 for an all-zero row) and eps the SphereConv default
+(1e-4, reference code wy1iu/SphereNet), evaluated on rows rescaled by an exact power of two. So
+cos theta is exactly invariant to the scale of a feature or a weight row at any finite magnitude
+(no overflow of ``sum x^2``), ``|x|_e`` is exactly proportional to it (logits that use it scale
+with the feature; they overflow only where ``|x|`` itself exceeds the dtype), and an all-zero
+feature gives cos = 0 and finite gradients. The cosine is computed in float32 (float64 stays
 float64) also under ``torch.autocast``.
 """
 
@@ -30,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.angular import DEFAULT_EPS, check_positive
+from ..nn.functional import power_of_two_scale
 
 # He-normal initialisation, std = sqrt(2 / fan_in): the reference recipe's initialiser for every
 # weight, the classifier included (wy1iu/SphereNet; SPEC section 5).
@@ -151,12 +157,17 @@ class AngularSoftmaxLoss(ClassifierLoss):
         """``(cos_theta (N, C) clamped to [-1, 1], feature_norm |x|_e (N, 1))`` in float32/float64."""
         dtype = torch.float64 if torch.promote_types(features.dtype, self.weight.dtype) == torch.float64 else torch.float32
         with torch.autocast(device_type=features.device.type, enabled=False):
-            x = features.to(dtype)
-            w = self.weight.to(dtype)
-            x_norm = (x.square().sum(dim=1, keepdim=True) + self.eps).sqrt()
-            w_unit = w / (w.square().sum(dim=1, keepdim=True) + self.eps).sqrt()
-            cos_theta = (x @ w_unit.t()) / x_norm
-        return cos_theta.clamp(-1.0, 1.0), x_norm
+            x, x_norm, x_scale = self._scaled_rows(features.to(dtype))
+            w, w_norm, _ = self._scaled_rows(self.weight.to(dtype))
+            cos_theta = (x @ (w / w_norm).t()) / x_norm
+        return cos_theta.clamp(-1.0, 1.0), x_norm / x_scale
+
+    def _scaled_rows(self, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(s v, |s v|_e, s)`` per row, ``s`` the power of two that brings the row's largest value
+        into [1, 2) (exact: nothing overflows or underflows in the squares)."""
+        scale, peak = power_of_two_scale(v.abs().amax(dim=1, keepdim=True))
+        v = v * scale
+        return v, (v.square().sum(dim=1, keepdim=True) + self.eps * peak.square()).sqrt(), scale
 
     def angular_score(self, cos_theta: Tensor) -> Tensor:
         """Margin-free score ``a(theta_j)`` of every class (before the scale); default ``cos theta``."""

@@ -3,9 +3,14 @@
 SphereConv, SphereLinear and SphereNorm follow Liu et al., "Deep Hyperspherical Learning" (NIPS 2017,
 Sec. 2.1 and the normalisation discussion); the decoupled operators follow Liu et al., "Decoupled
 Networks" (CVPR 2018, Sec. 3).
+
+:func:`set_kernel_backend` / ``$SPHERECONV_KERNELS`` (``auto``, ``triton``, ``aten``) choose the
+fused epilogue's kernels on CUDA, and :func:`kernel_status` reports which ones each case uses (see
+:mod:`sphereconv.nn._fused`: Triton kernels are checked against ATen at their first use).
 """
 
 from . import functional
+from ._fused import KERNEL_BACKENDS, kernel_backend, kernel_status, set_kernel_backend
 from .angular import ANGULAR_OPERATORS, SPHERE_OPERATORS, angular_function, safe_acos
 from .conv import SPHERE_CONV_TYPES, SphereConv1d, SphereConv2d, SphereConv3d, SphereLinear
 from .decoupled import (
@@ -27,6 +32,10 @@ from .norm import SPHERE_NORM_TYPES, SphereNorm1d, SphereNorm2d, SphereNorm3d
 
 __all__ = [
     "functional",
+    "KERNEL_BACKENDS",
+    "kernel_backend",
+    "kernel_status",
+    "set_kernel_backend",
     "ANGULAR_OPERATORS",
     "SPHERE_OPERATORS",
     "MAGNITUDES",

@@ -3,27 +3,45 @@
 Implements the operator of Liu et al., "Deep Hyperspherical Learning" (NIPS 2017, arXiv:1711.03189),
 Section 2.1, with the same numerics as the reference path in :mod:`sphereconv.nn.functional`:
 
-    cos(theta) = <w, x> / (|w|_e |x|_e),   |v|_e = sqrt(sum v^2 + eps),   out = g(clamp(cos)) + b.
+    cos(theta) = <w, x> / (|w|_e |x|_e),   out = g(clamp(cos)) + b,
+    |x|_e = sqrt(sum_patch x^2 + eps m_x^2),   |w|_e = sqrt(sum w^2 + eps m_w^2),
+
+with ``m_x`` the largest |x| of the sample over the input channels of the filter's group (all
+positions) and ``m_w`` the largest |w| of the filter (1 where all are zero): eps acts relative to
+the largest value, so the output is exactly invariant to positive rescaling of x or w (see
+:mod:`sphereconv.nn.functional` for the rationale).
+
+Scale-free evaluation: every sample-group (and every filter) is first multiplied by the exact power
+of two ``s = 2^-floor(log2 m)`` (:func:`power_of_two_scale`), which brings its largest magnitude
+into [1, 2) without any rounding; norms, inner products and their gradients are then computed on
+values near 1 (no overflow or underflow, in any dtype), and ``eps m^2`` becomes ``eps (m s)^2``.
+On CPU in eager mode an input whose largest values all lie in [2^-40, 2^40] (not for a float16
+convolution) is used as it is: rescaling would not change a bit there, and skipping it saves two
+elementwise passes (the check reads N x G values back from the device, which costs nothing on CPU).
 
 Forward, per layer:
 
-1. ``w_hat = w / |w|_e`` (weight-sized, float32/float64);
-2. ``inner = conv(x, w_hat)`` from the backend as is (oneDNN/cuDNN; the autocast dtype if enabled);
-3. ``r = 1 / |x|_e`` from the channel sum of ``x^2`` and a one-channel box filter, in float32/
+1. ``w_hat = w' / |w'|_e``, ``w' = s_w w`` (weight-sized, float32/float64);
+2. ``x' = s_x x`` and ``inner = conv(x', w_hat)`` from the backend as is (oneDNN/cuDNN; the
+   autocast dtype if enabled);
+3. ``r = 1 / |x'|_e`` from the channel sum of ``x'^2`` and a one-channel box filter, in float32/
    float64 (average pooling times the window size, or sums of strided slices when dilated: never
-   TF32, and a cheap backward);
+   TF32, and a cheap backward), plus ``eps (m_x s_x)^2``;
 4. one epilogue ``c = inner * r``, ``out = g(clamp(c, -1, 1)) + b``.
 
 Folding ``1 / |w|_e`` into the weight removes the filter norm from every output-sized pass; its
-gradient becomes a weight-sized projection, ``dL/dw = (dL/dw_hat - w_hat <w_hat, dL/dw_hat>) / |w|_e``.
+gradient becomes a weight-sized projection, ``dL/dw' = (dL/dw_hat - w_hat <w_hat, dL/dw_hat>) / |w'|_e``,
+plus ``-<w_hat, dL/dw_hat> eps m' sign / |w'|_e^2`` at the filter's largest element (the derivative
+of ``m``), and ``dL/dw = s_w dL/dw'``.
 
 Backward:
 
     dL/dc      = dL/dout * g'(c) * [|c| <= 1]               (clamp passes the gradient on [-1, 1])
     dL/dinner  = dL/dc * r
     dL/dsumsq  = -r^2 / 2 * sum_{output channels of the group} dL/dc * c
-    dL/dx      = conv_input_grad(dL/dinner, w_hat) + 2 x * box_filter^T(dL/dsumsq)
-    dL/dw_hat  = conv_weight_grad(x, dL/dinner)
+    dL/dm'     = 2 eps m' sum_{positions} dL/dsumsq      (m' = m_x s_x; at the largest element)
+    dL/dx      = s_x (conv_input_grad(dL/dinner, w_hat) + 2 x' * box_filter^T(dL/dsumsq) + dL/dm' sign)
+    dL/dw_hat  = conv_weight_grad(x', dL/dinner)
 
 with g'(c) for the operators (theta = arccos c, rho(c) = 1/sqrt(max(1 - c^2, eps_dtype)), the same
 bounded arccos derivative as :func:`sphereconv.nn.angular.acos_derivative_bound`, zero outside
@@ -36,16 +54,23 @@ bounded arccos derivative as :func:`sphereconv.nn.angular.acos_derivative_bound`
 and for the learnable sigmoid ``dg/dk = -s_k sech^2(u) u / k + tanh(u) (s_k^2 - 1) a / k`` with
 ``a = pi/(4k)`` (the gradient flows through ``c_k = s_k`` too).
 
-Saved for backward: the input (and its low-precision copy under autocast, which the convolution's
-weight gradient reads, as a plain autocast convolution keeps it), ``w_hat`` and ``|w|_e``
-(weight-sized), ``r`` (one channel per group), k, and output-sized: the cosine ``c`` on the ATen
+Saved for backward: the input (``x'`` is recomputed from it, one elementwise pass, rather than
+kept: the input is usually held by the layer before anyway) and its scaled low-precision copy under
+autocast (which the convolution's weight gradient reads, as a plain autocast convolution keeps it),
+``w_hat`` and ``|w'|_e`` (weight-sized), the scales and largest elements (one value per
+sample-group and per filter), ``r`` (one channel per group), k, and output-sized: the cosine ``c`` on the ATen
 path, plus for the sigmoid operators ``sigmoid(2u)`` (``2u`` for a learnable k), because an arcsine
 costs more on a CPU than the memory; the conv output alone on the Triton path, which recomputes
 everything else. Nothing is recomputed by a second convolution.
 
 Where it runs: eager CUDA with Triton installed uses the kernels of :mod:`sphereconv.nn._triton`;
 everything else (CPU, float64, and any trace) runs the epilogue as vectorised, mostly in-place ATen
-ops. ``torch.compile`` traces through the autograd function (forward and backward; inductor fuses
+ops. The first time a process would run the Triton kernels for an (operator, dtype, device), it
+checks them against the ATen epilogue on a small synthetic case, forward and backward
+(:func:`_self_check`); a mismatch beyond the dtype's tolerance, or any exception, gives one warning
+naming the case and the ATen epilogue for that case for the rest of the process (an exception in a
+later call does the same). ``SPHERECONV_KERNELS=auto|triton|aten`` or :func:`set_kernel_backend`
+force either path (``triton`` skips the check); :func:`kernel_status` reports the decisions. ``torch.compile`` traces through the autograd function (forward and backward; inductor fuses
 the epilogue itself) and ``torch.export`` / ONNX export trace its forward as ordinary ATen ops, so
 no custom operator needs registering. The backward is once-differentiable: double backward needs
 ``impl="reference"``.
@@ -54,6 +79,8 @@ no custom operator needs registering. The backward is once-differentiable: doubl
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from typing import Sequence
 
 import torch
@@ -82,6 +109,134 @@ _ACOS_CAP = {dtype: float(torch.tensor(torch.finfo(dtype).eps, dtype=dtype).rsqr
 def _acos_derivative_cap(dtype: torch.dtype) -> float:
     """Cap of the arccos derivative ``1/sqrt(max(1 - c^2, eps))`` in ``dtype``: ``rsqrt(eps)``."""
     return _ACOS_CAP[dtype]
+
+
+# --------------------------------------------------------------------------------------------
+# Scale-free evaluation: exact power-of-two rescaling by the largest magnitude
+# --------------------------------------------------------------------------------------------
+
+
+def power_of_two_scale(peak: Tensor) -> tuple[Tensor, Tensor]:
+    """``(s, m_s)`` for the largest magnitudes ``m = peak`` (>= 0, any shape) of some slices.
+
+    ``s = 2^-floor(log2 m)``, an exact power of two without autograd history, clamped so that it is
+    a normal number of the dtype; multiplying a slice by it is exact and brings its largest
+    magnitude to ``m_s = m s`` in [1, 2) (clamped ends: [2^-24, 8)), where squares neither overflow
+    nor underflow. ``m_s`` keeps the autograd history of ``m``. Where ``m = 0`` (an all-zero slice)
+    ``s = m_s = 1``: ``eps`` then stays the absolute eps of the paper and a zero patch gives cos = 0.
+    """
+    finfo = torch.finfo(peak.dtype)
+    m = peak.detach()
+    nonzero = m > 0
+    one = torch.ones_like(m)
+    safe = torch.where(nonzero, m, one).clamp(finfo.tiny, finfo.max / 4)
+    scale = torch.exp2(torch.floor(torch.log2(safe)).neg_())
+    return scale, torch.where(nonzero, peak * scale, one)
+
+
+def abs_max(t: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """``(m, sign)``: the largest ``|t|`` over the dimensions from ``dim`` on, and the sign of the
+    element(s) holding it (+1 or -1; +1 for an all-zero slice). Two fast reductions, no index search."""
+    dims = tuple(range(dim, t.dim()))
+    hi, lo = t.amax(dims), t.amin(dims).neg_()
+    return torch.maximum(hi, lo), (hi >= lo).to(t.dtype).mul_(2.0).sub_(1.0)
+
+
+# Largest magnitudes for which a tensor is used as it is (CPU, eager): with values in
+# [2^-40, 2^40], squares and sums over any patch stay far from float32's overflow and underflow,
+# and rescaling by a power of two would give the very same bits (every step scales exactly). Set
+# _always_rescale to take the rescaled path everywhere (tests).
+_DIRECT_RANGE = (2.0**-40, 2.0**40)
+_always_rescale = False
+
+
+def _scale_and_peak(m: Tensor, allow_direct: bool) -> tuple[Tensor | None, Tensor]:
+    """``(s, m s)`` from :func:`power_of_two_scale`, or ``(None, m)`` (s = 1: use the tensor as it
+    is) when ``allow_direct`` and every ``m`` lies in :data:`_DIRECT_RANGE` (one host read: CPU only)."""
+    if allow_direct and not _always_rescale and not torch.compiler.is_compiling():
+        if bool((m.clamp(*_DIRECT_RANGE) == m).all()):
+            return None, m
+    return power_of_two_scale(m)
+
+
+def _add_at_peaks(grad: Tensor, values: Tensor, signed_peak: Tensor, d_peak: Tensor) -> None:
+    """``grad += d_peak / count`` at every element of ``values`` equal to its slice's ``signed_peak``
+    (the slices are the leading dimensions of ``signed_peak``; ties share, as for ``torch.amax``)."""
+    shape = tuple(signed_peak.shape) + (1,) * (values.dim() - signed_peak.dim())
+    hit = values == signed_peak.reshape(shape)
+    count = hit.sum(tuple(range(signed_peak.dim(), values.dim()))).clamp_min_(1)
+    grad.add_(torch.where(hit, (d_peak / count).reshape(shape).to(grad.dtype), 0.0))
+
+
+def _add_at_sample_peaks(d_x: Tensor, x_s: Tensor, groups: int, sign: Tensor, d_peak: Tensor) -> None:
+    """``d_x[n, c, p] += d_peak[n, g]`` at one largest-magnitude element (c, p) of each sample-group
+    of ``x_s`` (N, C, *S) whose sign is ``sign[n, g]`` (ties: one of them).
+
+    Found without a full-size index search: the largest value per position over the group's
+    channels (two fast reductions), the best position in that one-channel map, then the channel.
+    """
+    n, c = x_s.shape[0], x_s.shape[1]
+    per_group = c // groups
+    xg = x_s.unflatten(1, (groups, per_group)).flatten(3)  # (N, G, Cg, S)
+    if x_s.device.type == "cpu" and not torch.compiler.is_compiling() and bool((sign >= 0).all()):
+        best = xg.amax(2)  # (N, G, S); the usual case behind a ReLU: no negative largest element
+    else:
+        best = torch.where((sign > 0).unsqueeze(2), xg.amax(2), xg.amin(2).neg_())
+    position = best.argmax(2)  # (N, G)
+    column = xg.gather(3, position.reshape(n, groups, 1, 1).expand(n, groups, per_group, 1)).squeeze(3)
+    channel = column.mul_(sign.unsqueeze(2)).argmax(2) + torch.arange(0, c, per_group, device=d_x.device)
+    batch = torch.arange(n, device=d_x.device).unsqueeze(1).expand(n, groups)
+    flat = d_x.flatten(2)
+    if not torch.compiler.is_compiling() and (flat is d_x or flat._is_view()):
+        flat.index_put_((batch, channel, position), d_peak.to(d_x.dtype), accumulate=True)
+    else:  # spatial dimensions that do not flatten into a view (or a trace, which cannot tell)
+        d_x.index_put_((batch, channel, *torch.unravel_index(position, d_x.shape[2:])), d_peak.to(d_x.dtype),
+                       accumulate=True)
+
+
+def _filter_unit(weight: Tensor, cdtype: torch.dtype, eps: float) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``w_hat = w' / |w'|_e`` per filter (row of ``weight.flatten(1)``), overflow-free.
+
+    Returns ``w_hat`` (shape of ``weight``, compute dtype) and the state its backward needs:
+    ``(|w'|_e, s_w or None, signed m_w')``, one value per filter.
+    """
+    w2 = weight.detach().to(cdtype).flatten(1)
+    m, sign = abs_max(w2, 1)
+    scale, peak = _scale_and_peak(m, w2.device.type == "cpu")
+    w_s = w2 if scale is None else w2 * scale.unsqueeze(1)
+    norm = w_s.square().sum(1).add_(peak.square().mul_(eps)).sqrt_()
+    signed_peak = (peak * sign).masked_fill_(m == 0, 0.0)  # an all-zero filter: no gradient through m
+    return torch.div(w_s, norm.unsqueeze(1)).reshape(weight.shape), (norm, scale, signed_peak)
+
+
+def _filter_unit_backward(d_hat: Tensor, w_hat: Tensor, state: tuple[Tensor | None, ...], eps: float) -> Tensor:
+    """``dL/dw`` from ``dL/dw_hat`` (both weight-shaped, compute dtype; ``d_hat`` is overwritten)."""
+    norm, scale, signed_peak = state
+    d2, w2 = d_hat.flatten(1), w_hat.flatten(1)
+    proj = (d2 * w2).sum(1)  # <dL/dw_hat, w_hat>
+    grad = d2.sub_(w2 * proj.unsqueeze(1)).div_(norm.unsqueeze(1))
+    # d|w'|_e / dm' = eps m' / |w'|_e at the largest element(s), found in w_hat = w' / |w'|_e: the
+    # correctly rounded quotient of the largest element is the same number as (signed m') / |w'|_e
+    _add_at_peaks(grad, w2, signed_peak / norm, (proj * signed_peak).div_(norm.square()).mul_(-eps))
+    return (grad if scale is None else grad.mul_(scale.unsqueeze(1))).reshape(d_hat.shape)
+
+
+def _sample_scale(input: Tensor, groups: int, cdtype: torch.dtype,
+                  conv_dtype: torch.dtype) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Per sample and group of an (N, C, *S) input: ``(s_x or None, m_x s_x, sign)``, each (N, G);
+    ``None``: use ``x`` as it is (see :func:`_scale_and_peak`; never for a float16 convolution)."""
+    m, sign = abs_max(input.detach().unflatten(1, (groups, input.shape[1] // groups)), 2)
+    m = m.to(cdtype)
+    scale, peak = _scale_and_peak(m, input.device.type == "cpu" and conv_dtype != torch.float16)
+    return scale, peak, sign.to(cdtype).masked_fill_(m == 0, 0.0)  # all-zero: no gradient through m
+
+
+def _scaled_input(input: Tensor, scale: Tensor, groups: int, cdtype: torch.dtype) -> Tensor:
+    """``x' = s_x x`` in the compute dtype (exact), in a new tensor of the input's layout."""
+    shape = (scale.shape[0], groups, 1) + (1,) * (input.dim() - 2)
+    xg = input.unflatten(1, (groups, input.shape[1] // groups))
+    return torch.mul(xg, scale.reshape(shape).to(cdtype)).flatten(1, 2)
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,9 +378,12 @@ def box_sum_transpose(grad: Tensor, in_spatial: Sequence[int], kernel: Sequence[
     return grad
 
 
-def channel_sq_sum(input: Tensor, groups: int) -> Tensor:
-    """``sum x^2`` over the input channels of each group: (N, C, *S) -> (N, G, *S), compute dtype."""
-    if _use_triton(input):
+def channel_sq_sum(input: Tensor, groups: int, use_triton: bool = False) -> Tensor:
+    """``sum x^2`` over the input channels of each group: (N, C, *S) -> (N, G, *S), compute dtype.
+
+    ``use_triton``: through the Triton kernel (the caller has decided that it may run).
+    """
+    if use_triton:
         from . import _triton
 
         return _triton.channel_sq_sum(input, groups)
@@ -363,7 +521,8 @@ _triton_on_cpu = False
 
 
 def _use_triton(t: Tensor) -> bool:
-    """Triton epilogue: eager mode, float32 compute (not float64), CUDA with Triton installed."""
+    """Whether the Triton kernels can run for ``t``: eager mode, float32 compute (not float64), CUDA
+    with Triton installed. Whether they *do* run is :func:`_triton_selected`."""
     if t.dtype == torch.float64 or torch.compiler.is_compiling():
         return False
     if t.device.type == "cuda":
@@ -371,6 +530,175 @@ def _use_triton(t: Tensor) -> bool:
 
         return _triton.available()
     return _triton_on_cpu
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel selection and the self-check of the Triton kernels at first use
+# --------------------------------------------------------------------------------------------
+
+KERNEL_BACKENDS = ("auto", "triton", "aten")
+KERNELS_ENV = "SPHERECONV_KERNELS"
+_backend_override: str | None = None
+# (operator, dtype name, device) -> "triton" or "aten", and why a case fell back
+_case_kernels: dict[tuple[str, str, str], str] = {}
+_case_notes: dict[tuple[str, str, str], str] = {}
+# Tolerances of the self-check, relative to the largest reference value: values computed and
+# stored in float32 differ by rounding (the in-kernel arcsine series is float32-accurate, 3e-7);
+# d(inner) is stored in the convolution's dtype (bf16 keeps 8 bits: 2^-8 = 0.004; fp16 11 bits).
+_CHECK_TOL_FLOAT32 = 1e-4
+_CHECK_TOL_STORED = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+# k of the fixed-k sigmoid in the self-check (any value in the operator's range would do).
+_CHECK_K = 0.3
+
+
+def set_kernel_backend(backend: str | None) -> None:
+    """Choose the fused epilogue's kernels for this process: ``"auto"`` (Triton where it can run and
+    passed its self-check), ``"triton"`` (Triton wherever it can run, unchecked), ``"aten"`` (never
+    Triton), or ``None`` to return to ``$SPHERECONV_KERNELS`` (default ``auto``).
+
+    Triton runs only on CUDA with Triton installed; ``"triton"`` does not make it run elsewhere.
+    """
+    global _backend_override
+    if backend is not None and backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel backend must be one of {', '.join(KERNEL_BACKENDS)} or None; got {backend!r}")
+    _backend_override = backend
+
+
+def kernel_backend() -> str:
+    """The kernel choice in force: :func:`set_kernel_backend`'s, else ``$SPHERECONV_KERNELS``, else ``auto``."""
+    if _backend_override is not None:
+        return _backend_override
+    value = os.environ.get(KERNELS_ENV, "").strip().lower() or "auto"
+    if value not in KERNEL_BACKENDS:
+        raise ValueError(f"{KERNELS_ENV} must be one of {', '.join(KERNEL_BACKENDS)}; got {os.environ[KERNELS_ENV]!r}")
+    return value
+
+
+def kernel_status() -> dict:
+    """Which epilogue kernels the fused path uses, for reports such as ``sphereconv selftest``.
+
+    Returns ``{"backend": "auto" | "triton" | "aten", "triton_installed": bool, "cases": [...]}``
+    with one entry per (operator, dtype, device) this process has decided:
+    ``{"operator": str, "dtype": str (e.g. "float32"), "device": str (e.g. "cuda:0"),
+    "kernels": "triton" | "aten", "note": str}``, the note saying why a case fell back ("" if not).
+    Cases that never took a Triton-capable path (CPU, float64) are not listed: they use ATen.
+    """
+    from . import _triton
+
+    cases = [
+        {"operator": op, "dtype": dtype, "device": device, "kernels": kernels, "note": _case_notes.get((op, dtype, device), "")}
+        for (op, dtype, device), kernels in sorted(_case_kernels.items())
+    ]
+    return {"backend": kernel_backend(), "triton_installed": _triton.triton is not None, "cases": cases}
+
+
+def reset_kernel_status() -> None:
+    """Forget every self-check decision: the next Triton-capable call of each case checks again."""
+    _case_kernels.clear()
+    _case_notes.clear()
+
+
+def _case_key(operator: str, dtype: torch.dtype, device: torch.device) -> tuple[str, str, str]:
+    return operator, str(dtype).removeprefix("torch."), str(device)
+
+
+def _fall_back(key: tuple[str, str, str], reason: str) -> None:
+    """Record that ``key`` uses the ATen epilogue from now on, warning once per case."""
+    if _case_kernels.get(key) == "aten":
+        return
+    _case_kernels[key] = "aten"
+    _case_notes[key] = reason
+    operator, dtype, device = key
+    warnings.warn(
+        f"sphereconv: the Triton epilogue kernels for operator {operator!r}, {dtype} on {device} {reason}; "
+        f"using the ATen epilogue for this case for the rest of the process (set {KERNELS_ENV}=aten to skip them)",
+        RuntimeWarning, stacklevel=3,
+    )
+
+
+def _describe(error: Exception) -> str:
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    return f"failed to run ({type(error).__name__}: {first_line[:200]})"
+
+
+def _triton_failed(operator: str, inner: Tensor, error: Exception) -> None:
+    """A Triton call raised after the case was selected: ATen for this case from now on."""
+    _fall_back(_case_key(operator, inner.dtype, inner.device), _describe(error))
+
+
+def _triton_selected(operator: str, inner: Tensor) -> bool:
+    """Whether this call runs the Triton kernels: they can run here, the backend allows them and,
+    under ``auto``, the case passed its self-check (run now on its first use)."""
+    if not _use_triton(inner):
+        return False
+    backend = kernel_backend()
+    if backend != "auto":
+        return backend == "triton"
+    key = _case_key(operator, inner.dtype, inner.device)
+    if key not in _case_kernels:
+        try:
+            problem = _self_check(operator, inner.dtype, inner.device)
+        except Exception as error:  # noqa: BLE001 - any failure to compile or launch means: do not use
+            problem = _describe(error)
+        if problem is None:
+            _case_kernels[key] = "triton"
+        else:
+            _fall_back(key, problem)
+    return _case_kernels[key] == "triton"
+
+
+def _mismatch(name: str, got: Tensor | None, expected: Tensor, tol: float) -> str | None:
+    """None if ``got`` is within ``tol`` of ``expected`` relative to its largest value, else a message."""
+    if got is None or got.shape != expected.shape:
+        return f"returned a wrong {name} (shape {None if got is None else tuple(got.shape)}, expected {tuple(expected.shape)})"
+    got, expected = got.detach().double().cpu(), expected.detach().double().cpu()
+    error = float((got - expected).abs().max()) / max(float(expected.abs().max()), 1e-30)
+    if not error <= tol:  # also catches NaN
+        return f"disagree with the ATen epilogue ({name}: relative error {error:.2g}, tolerance {tol:g})"
+    return None
+
+
+def _self_check(operator: str, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Triton vs ATen on a small case in ``dtype`` on ``device``: None if they agree, else why not.
+
+    Two samples, two groups of three output channels, an 8 x 16 map (128 positions: the kernels'
+    block sizes of most real layers, so that their compiled variants serve both), cosines past +-1
+    (the clamp), a bias and, for the sigmoids, a per-channel k (learnable: with its gradient);
+    forward output, d(inner), d(sum x^2), d(bias), d(k) and the channel sum of squares are compared.
+    """
+    from . import _triton
+
+    gen = torch.Generator().manual_seed(0)
+    groups, per_group, spatial = 2, 3, (8, 16)
+    channels = groups * per_group
+    chan = (groups, per_group, 1, 1)
+    inner = torch.randn(2, channels, *spatial, generator=gen).mul_(0.8).to(device=device, dtype=dtype)
+    r = (torch.rand(2, groups, *spatial, generator=gen) + 0.5).to(device)
+    grad = torch.randn(2, channels, *spatial, generator=gen).to(device)
+    bias = torch.randn(channels, generator=gen).to(device)
+    need_k = operator == "learnable_sigmoid"
+    k = (torch.rand(channels, generator=gen) + 0.2).to(device) if need_k else _CHECK_K
+    k_g = k.reshape(chan) if need_k else k
+    # forward
+    out = _triton.forward_epilogue(inner, r, groups, operator, k, bias, torch.float32)
+    c = inner.float().unflatten(1, (groups, per_group)).mul(r.unsqueeze(2))
+    expected, extra = forward_epilogue(c, operator, k_g, bias.reshape(chan), keep_angle=need_k)
+    problems = [_mismatch("output", out, expected.reshape(inner.shape), _CHECK_TOL_FLOAT32)]
+    # backward
+    d_inner, d_sq, d_k, d_bias = _triton.backward_epilogue(grad, inner, r, groups, operator, k, need_k, True, dtype)
+    d_c, scale, dk_elem, dk_scale = backward_epilogue(grad.unflatten(1, (groups, per_group)), c, extra, operator,
+                                                      k_g, need_k)
+    d_c = d_c * scale
+    problems.append(_mismatch("d_inner", d_inner, (d_c * r.unsqueeze(2)).reshape(inner.shape), _CHECK_TOL_STORED[dtype]))
+    problems.append(_mismatch("d_sumsq", d_sq, (d_c * c).sum(2) * r.square() * -0.5, _CHECK_TOL_FLOAT32))
+    problems.append(_mismatch("d_bias", d_bias, grad.sum((0, 2, 3)), _CHECK_TOL_FLOAT32))
+    if need_k:
+        problems.append(_mismatch("d_k", d_k, (dk_elem.sum_to_size(chan) * dk_scale).reshape(-1), _CHECK_TOL_FLOAT32))
+    x = torch.randn(2, 2 * groups, *spatial, generator=gen).to(device)
+    problems.append(_mismatch("channel sum of squares", _triton.channel_sq_sum(x, groups),
+                              channel_sq_sum(x, groups), _CHECK_TOL_FLOAT32))
+    return next((p for p in problems if p is not None), None)
+
 
 
 class _FusedSphereConvFn(torch.autograd.Function):
@@ -386,33 +714,52 @@ class _FusedSphereConvFn(torch.autograd.Function):
         per_group = out_channels // groups
         kernel = tuple(weight.shape[2:])
 
-        w32 = weight.to(cdtype)
-        w_norm = (w32.flatten(1).square().sum(1) + eps).sqrt_()
-        w_hat = w32 / w_norm.reshape(-1, *([1] * (dims + 1)))
+        w_hat, w_state = _filter_unit(weight, cdtype, eps)
         w_conv = w_hat.to(conv_dtype if conv_dtype is not None else weight.dtype)
-        x_conv = input.to(conv_dtype) if conv_dtype is not None else input
+        x_scale, x_peak, x_sign = _sample_scale(input, groups, cdtype, conv_dtype or input.dtype)
+        rescale = x_scale is not None
+        if rescale:  # x' = s_x x, exact
+            x_s = _scaled_input(input, x_scale, groups, cdtype)
+            x_conv = x_s.to(conv_dtype if conv_dtype is not None else input.dtype)
+        else:  # x itself (see _sample_scale)
+            x_s = input.to(cdtype)
+            x_conv = input.to(conv_dtype) if conv_dtype is not None else input
         with torch.autocast(device_type=device, enabled=False):
             inner = _CONV[dims](x_conv, w_conv, None, stride, padding, dilation, groups)
         # the low-precision copy the convolution read is kept for its weight gradient
-        x_lowp = x_conv if x_conv is not input else None
-        x_sq = box_sum(channel_sq_sum(input, groups), kernel, stride, padding, dilation)
-        r = x_sq.clamp_min_(0.0).add_(eps).rsqrt_()  # (N, G, *S): 1 / |x|_e
+        x_lowp = x_conv if x_conv is not x_s and x_conv is not input else None
+        used_triton = cdtype == torch.float32 and _triton_selected(operator, inner)
+        try:
+            x_sq = channel_sq_sum(x_s, groups, used_triton)
+        except Exception as error:  # noqa: BLE001 - a Triton failure after the check: fall back for good
+            if not used_triton:
+                raise
+            _triton_failed(operator, inner, error)
+            used_triton = False
+            x_sq = channel_sq_sum(x_s, groups)
+        x_sq = box_sum(x_sq, kernel, stride, padding, dilation)
+        del x_s, x_conv  # recomputed from the input in backward
+        eps_term = x_peak.square().mul_(eps).reshape(n, groups, *([1] * dims))
+        r = x_sq.clamp_min_(0.0).add_(eps_term).rsqrt_()  # (N, G, *S): 1 / |x'|_e
         spatial = inner.shape[2:]
 
         k_val = k_tensor if k_tensor is not None else k_float
         bias_c = bias.to(cdtype) if bias is not None else None
-        used_triton = _use_triton(inner) and cdtype == torch.float32
+        out = None
         if used_triton:
             from . import _triton
 
-            out = _triton.forward_epilogue(inner, r, groups, operator, k_val, bias_c, out_dtype or cdtype)
-            saved, v = inner, None  # the kernels recompute the cosine and g from the conv output
-        else:
-            # the conv output (or its float32 copy) becomes the cosine, in place
-            c_full = inner if inner.dtype == cdtype else inner.to(cdtype)
-            c = c_full.unflatten(1, (groups, per_group)).mul_(r.unsqueeze(2))
+            try:
+                out = _triton.forward_epilogue(inner, r, groups, operator, k_val, bias_c, out_dtype or cdtype)
+                saved, v = inner, None  # the kernels recompute the cosine and g from the conv output
+            except Exception as error:  # noqa: BLE001 - fall back for good, like a failed self-check
+                _triton_failed(operator, inner, error)
+                used_triton = False
+        if not used_triton:
+            c_full = _cosine(inner, r, groups, cdtype)  # the conv output becomes the cosine
             k_g = k_val.reshape(groups, per_group, *([1] * dims)) if isinstance(k_val, Tensor) and k_val.numel() > 1 else k_val
             bias_g = bias_c.reshape(groups, per_group, *([1] * dims)) if bias_c is not None else None
+            c = c_full.unflatten(1, (groups, per_group))
             keep_angle = k_tensor is not None and k_tensor.requires_grad
             out, v = forward_epilogue(c, operator, k_g, bias_g, keep_angle)
             # detach(): a reshape of the grouped layout is a view, and autograd forbids in-place
@@ -422,9 +769,9 @@ class _FusedSphereConvFn(torch.autograd.Function):
             if out_dtype is not None and out.dtype != out_dtype:
                 out = out.to(out_dtype)
             saved = c_full
-        ctx.save_for_backward(input, x_lowp, w_hat, w_norm, saved, r, k_tensor, v)
+        ctx.save_for_backward(input, x_lowp, x_scale, x_peak, x_sign, w_hat, *w_state, saved, r, k_tensor, v)
         ctx.geometry = (kernel, stride, padding, dilation, groups)
-        ctx.config = (operator, k_float, conv_dtype, used_triton)
+        ctx.config = (operator, k_float, conv_dtype, used_triton, eps, rescale)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.weight_dtype = weight.dtype
         ctx.inner_dtype = inner.dtype
@@ -433,9 +780,9 @@ class _FusedSphereConvFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
-        input, x_lowp, w_hat, w_norm, saved, r, k_tensor, v = ctx.saved_tensors
+        input, x_lowp, x_scale, x_peak, x_sign, w_hat, *w_state, saved, r, k_tensor, v = ctx.saved_tensors
         kernel, stride, padding, dilation, groups = ctx.geometry
-        operator, k_float, conv_dtype, used_triton = ctx.config
+        operator, k_float, conv_dtype, used_triton, eps, rescale = ctx.config
         dims = len(kernel)
         cdtype = w_hat.dtype
         n, out_channels = saved.shape[0], saved.shape[1]
@@ -450,10 +797,17 @@ class _FusedSphereConvFn(torch.autograd.Function):
             if used_triton:
                 from . import _triton
 
-                d_inner, d_sq, d_k, d_bias = _triton.backward_epilogue(
-                    grad_out, saved, r, groups, operator, k_val, need_k, need_b, ctx.inner_dtype,
-                )
-            else:
+                try:
+                    d_inner, d_sq, d_k, d_bias = _triton.backward_epilogue(
+                        grad_out, saved, r, groups, operator, k_val, need_k, need_b, ctx.inner_dtype,
+                    )
+                except Exception as error:  # noqa: BLE001 - fall back for good; recompute what ATen needs
+                    _triton_failed(operator, saved, error)
+                    used_triton = False
+                    saved = _cosine(saved.to(cdtype, copy=True), r, groups, cdtype)
+                    k_g = k_val.reshape(chan) if isinstance(k_val, Tensor) and k_val.numel() > 1 else k_val
+                    _, v = forward_epilogue(saved.unflatten(1, (groups, per_group)), operator, k_g, None, need_k)
+            if not used_triton:
                 grad = grad_out.to(cdtype).unflatten(1, (groups, per_group))
                 r_g = r.unsqueeze(2)
                 c = saved.unflatten(1, (groups, per_group))  # the cosine
@@ -474,8 +828,9 @@ class _FusedSphereConvFn(torch.autograd.Function):
 
             grad_input = grad_weight = None
             if need_x or need_w:
+                x_s = _scaled_input(input, x_scale, groups, cdtype) if rescale else input.to(cdtype)
                 w_conv = w_hat.to(conv_dtype if conv_dtype is not None else ctx.weight_dtype)
-                x_conv = x_lowp if x_lowp is not None else input
+                x_conv = x_lowp if x_lowp is not None else (x_s if rescale else input)
                 d_x, d_w_hat, _ = torch.ops.aten.convolution_backward(
                     d_inner, x_conv, w_conv, None, list(stride), list(padding), list(dilation), False,
                     [0] * dims, groups, [need_x, need_w, False],
@@ -484,19 +839,27 @@ class _FusedSphereConvFn(torch.autograd.Function):
                 share = box_sum_transpose(d_sq, input.shape[2:], kernel, stride, padding, dilation)
                 d_x = d_x.to(cdtype)
                 c_in = input.shape[1]
-                d_x.unflatten(1, (groups, c_in // groups)).addcmul_(
-                    input.unflatten(1, (groups, c_in // groups)), share.unsqueeze(2), value=2.0
-                )
+                d_xg = d_x.unflatten(1, (groups, c_in // groups))
+                d_xg.addcmul_(x_s.unflatten(1, (groups, c_in // groups)), share.unsqueeze(2), value=2.0)
+                # eps m'^2 in every patch norm: dL/dm' = 2 eps m' sum_positions dL/dsumsq
+                d_peak = d_sq.flatten(2).sum(2).mul_(x_peak).mul_(x_sign).mul_(2.0 * eps)
+                _add_at_sample_peaks(d_x, x_s, groups, x_sign, d_peak)
+                if rescale:
+                    d_xg.mul_(x_scale.reshape(n, groups, 1, *([1] * dims)))  # dL/dx = s_x dL/dx'
                 grad_input = d_x.to(input.dtype)
             if need_w:
-                d_w_hat = d_w_hat.to(cdtype)
-                # d w_hat / d w: (I - w_hat w_hat^T) / |w|_e per filter
-                proj = (d_w_hat * w_hat).flatten(1).sum(1).reshape(-1, *([1] * (dims + 1)))
-                grad_weight = d_w_hat.sub_(w_hat * proj).div_(w_norm.reshape(-1, *([1] * (dims + 1))))
-                grad_weight = grad_weight.to(ctx.weight_dtype)
+                grad_weight = _filter_unit_backward(d_w_hat.to(cdtype), w_hat, tuple(w_state), eps).to(ctx.weight_dtype)
         grad_bias = d_bias.to(ctx.bias_dtype) if need_b and d_bias is not None else None
         grad_k = d_k.reshape(k_tensor.shape).to(k_tensor.dtype) if need_k else None
         return grad_input, grad_weight, grad_bias, grad_k, None, None, None, None, None, None, None, None
+
+
+def _cosine(inner: Tensor, r: Tensor, groups: int, cdtype: torch.dtype) -> Tensor:
+    """The cosine ``inner * r`` (N, C_out, *S) in the compute dtype, in place when the conv output
+    already has that dtype."""
+    c_full = inner if inner.dtype == cdtype else inner.to(cdtype)
+    c_full.unflatten(1, (groups, inner.shape[1] // groups)).mul_(r.unsqueeze(2))
+    return c_full
 
 
 class _FusedSphereLinearFn(torch.autograd.Function):
@@ -507,14 +870,16 @@ class _FusedSphereLinearFn(torch.autograd.Function):
         cdtype = compute_dtype(input.dtype)
         conv_dtype = _autocast_dtype(input)
         device = input.device.type
-        w32 = weight.to(cdtype)
-        w_norm = (w32.square().sum(1) + eps).sqrt_()
-        w_hat = w32 / w_norm.unsqueeze(1)
+        w_hat, w_state = _filter_unit(weight, cdtype, eps)
         w_mm = w_hat.to(conv_dtype if conv_dtype is not None else weight.dtype)
-        x_mm = input.to(conv_dtype) if conv_dtype is not None else input
+        m, x_sign = abs_max(input.detach(), input.dim() - 1)
+        x_scale, x_peak = power_of_two_scale(m.to(cdtype))
+        x_sign = x_sign.to(cdtype).masked_fill_(m == 0, 0.0)  # an all-zero row: no gradient through m
+        x_s = input.to(cdtype) * x_scale.unsqueeze(-1)  # x' = s_x x per row, exact
+        x_mm = x_s.to(conv_dtype if conv_dtype is not None else input.dtype)
         with torch.autocast(device_type=device, enabled=False):
             inner = F.linear(x_mm, w_mm)
-        r = input.to(cdtype).square().sum(-1, keepdim=True).add_(eps).rsqrt_()
+        r = x_s.square().sum(-1, keepdim=True).add_(x_peak.square().mul_(eps).unsqueeze(-1)).rsqrt_()
         k_val = k_tensor if k_tensor is not None else k_float
         bias_c = bias.to(cdtype) if bias is not None else None
         c = (inner if inner.dtype == cdtype else inner.to(cdtype)).mul_(r)
@@ -522,22 +887,24 @@ class _FusedSphereLinearFn(torch.autograd.Function):
         out, v = forward_epilogue(c, operator, k_val, bias_c, keep_angle)
         if out_dtype is not None and out.dtype != out_dtype:
             out = out.to(out_dtype)
-        ctx.save_for_backward(input, x_mm if x_mm is not input else None, w_hat, w_norm, c, r, k_tensor, v)
-        ctx.config = (operator, k_float, conv_dtype)
+        ctx.save_for_backward(x_s, x_mm if x_mm is not x_s else None, x_scale, x_peak, x_sign,
+                              w_hat, *w_state, c, r, k_tensor, v)
+        ctx.config = (operator, k_float, conv_dtype, eps)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.weight_dtype = weight.dtype
+        ctx.input_dtype = input.dtype
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
-        input, x_lowp, w_hat, w_norm, c, r, k_tensor, v = ctx.saved_tensors
-        operator, k_float, conv_dtype = ctx.config
+        x_s, x_lowp, x_scale, x_peak, x_sign, w_hat, *w_state, c, r, k_tensor, v = ctx.saved_tensors
+        operator, k_float, conv_dtype, eps = ctx.config
         cdtype = w_hat.dtype
         need_x, need_w, need_b, need_k = ctx.needs_input_grad[:4]
         need_k = need_k and k_tensor is not None
         k_val = k_tensor if k_tensor is not None else k_float
-        with torch.autocast(device_type=input.device.type, enabled=False):
+        with torch.autocast(device_type=x_s.device.type, enabled=False):
             grad = grad_out.to(cdtype)
             d_c, scale, d_k, dk_scale = backward_epilogue(grad, c, v, operator, k_val, need_k)
             out_features = w_hat.shape[0]
@@ -552,13 +919,15 @@ class _FusedSphereLinearFn(torch.autograd.Function):
             grad_input = grad_weight = None
             if need_x:
                 d_x = torch.matmul(d_inner_mm, w_hat.to(mm_dtype)).to(cdtype)
-                d_x.addcmul_(input, d_sq, value=2.0)
-                grad_input = d_x.to(input.dtype)
+                d_x.addcmul_(x_s, d_sq, value=2.0)
+                # eps m'^2 in the norm: dL/dm' = 2 eps m' dL/dsumsq at the row's largest element
+                d_peak = d_sq.squeeze(-1).mul(x_peak).mul_(x_sign).mul_(2.0 * eps)
+                _add_at_peaks(d_x, x_s, x_peak * x_sign, d_peak)
+                grad_input = d_x.mul_(x_scale.unsqueeze(-1)).to(ctx.input_dtype)
             if need_w:
-                x_mm = x_lowp if x_lowp is not None else input
+                x_mm = x_lowp if x_lowp is not None else x_s
                 d_w_hat = torch.matmul(d_inner_mm.reshape(-1, out_features).t(), x_mm.reshape(-1, x_mm.shape[-1])).to(cdtype)
-                proj = (d_w_hat * w_hat).sum(1, keepdim=True)
-                grad_weight = d_w_hat.sub_(w_hat * proj).div_(w_norm.unsqueeze(1)).to(ctx.weight_dtype)
+                grad_weight = _filter_unit_backward(d_w_hat, w_hat, tuple(w_state), eps).to(ctx.weight_dtype)
         grad_bias = d_bias.to(ctx.bias_dtype) if need_b and d_bias is not None else None
         grad_k = d_k.reshape(k_tensor.shape).to(k_tensor.dtype) if need_k else None
         return grad_input, grad_weight, grad_bias, grad_k, None, None, None, None

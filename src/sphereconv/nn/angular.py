@@ -17,11 +17,22 @@ import math
 import torch
 from torch import Tensor
 
-# Operator names accepted everywhere (layers, functional API, losses, CLI).
+# The one set of operator names shared by layers, models, losses, the config and the CLI:
+# every angular function g (decoupled layers and the functional API accept all of them) ...
 ANGULAR_OPERATORS = ("linear", "cosine", "sigmoid", "learnable_sigmoid", "square_cosine")
-# The SphereConv operators of the 2017 paper (square_cosine belongs to decoupled networks).
+# ... the SphereConv operators of the 2017 paper (square_cosine belongs to decoupled networks),
+# which SphereConv layers and every model accept ...
 SPHERE_OPERATORS = ("linear", "cosine", "sigmoid", "learnable_sigmoid")
+# ... plus the plain convolution of the CNN baselines: a model's (and a config's) ``operator``.
+PLAIN_OPERATOR = "none"
+MODEL_OPERATORS = (PLAIN_OPERATOR,) + SPHERE_OPERATORS
+# The fixed angular functions a classifier head can use (the learnable sigmoid has one k per
+# output channel of a convolution and is not one of them).
+CLASSIFIER_OPERATORS = ("linear", "cosine", "sigmoid", "square_cosine")
 OPERATOR_ALIASES = {"lr_sigmoid": "learnable_sigmoid", "sq_cosine": "square_cosine"}
+# Attribute marking a tensor that is positive by construction (see :func:`learnable_k`), so that
+# :func:`check_positive` need not read its values back from the device at every forward.
+_POSITIVE_MARK = "_sphereconv_positive"
 
 # Reference defaults (wy1iu/SphereNet): sigmoid steepness k and the epsilon inside both norms.
 DEFAULT_SIGMOID_K = 0.3
@@ -46,6 +57,8 @@ def canonical_operator(name: str, allowed: tuple[str, ...] = ANGULAR_OPERATORS) 
 def check_positive(name: str, value) -> None:
     """Raise ``ValueError`` unless ``value`` is a positive finite number (or tensor of them)."""
     if isinstance(value, Tensor):
+        if getattr(value, _POSITIVE_MARK, False):
+            return  # |raw| + floor: positive by construction, no device-to-host read needed
         if value.numel() == 0 or not bool(torch.isfinite(value).all()) or not bool((value > 0).all()):
             raise ValueError(f"{name} must be positive and finite everywhere; got {value.detach().flatten()[:8].tolist()}")
         return
@@ -143,5 +156,12 @@ def angle_to_g(theta: Tensor, operator: str, sigmoid_k: Tensor | float = DEFAULT
 
 
 def learnable_k(raw: Tensor) -> Tensor:
-    """Effective sigmoid k from the raw learnable parameter: |raw| + 0.05 (reference code)."""
-    return raw.abs() + LEARNABLE_K_FLOOR
+    """Effective sigmoid k from the raw learnable parameter: |raw| + 0.05 (reference code).
+
+    The result is positive by construction (for finite raw values) and marked so, so that
+    :func:`check_positive` accepts it without a device-to-host synchronisation at every forward.
+    """
+    k = raw.abs() + LEARNABLE_K_FLOOR
+    if not torch.compiler.is_compiling():
+        setattr(k, _POSITIVE_MARK, True)
+    return k

@@ -3,8 +3,26 @@
 Liu et al., "Deep Hyperspherical Learning" (NIPS 2017), Section 2.1: for a filter ``w`` and the
 input patch ``x`` it sees,
 
-    cos(theta) = <w, x> / (|w|_e |x|_e),   |v|_e = sqrt(sum v^2 + eps),
-    SphereConv(w, x) = g(theta) (+ bias).
+    cos(theta) = <w, x> / (|w|_e |x|_e),   SphereConv(w, x) = g(theta) (+ bias),
+    |x|_e = sqrt(sum_patch x^2 + eps m_x^2),   |w|_e = sqrt(sum w^2 + eps m_w^2).
+
+The paper's ``|v|_e = sqrt(sum v^2 + eps)`` (eps = 1e-4, reference code) keeps a zero patch finite
+but makes the output depend on the scale of x and w: at small scales eps dominates, and in floating
+point ``sum x^2`` overflows (float32 from |x| ~ 1e19) or underflows. Here eps is relative: ``m_x``
+is the largest |x| of the sample over the input channels of the filter's group (all positions, after
+padding), ``m_w`` the largest |w| of the filter, each replaced by 1 when it is 0 (an all-zero
+sample or filter: then eps is the paper's absolute eps and a zero patch gives cos = 0 with finite
+gradients). For inputs with values near 1, as behind BatchNorm, this is the paper's formula; in
+general the output satisfies ``out(c x, d w) = out(x, w)`` exactly for all c, d > 0, forward and
+backward (the gradient w.r.t. x scales as 1/c). The maxima are differentiated like ``torch.amax``
+(the gradient of ``m`` goes to the largest element, shared among ties).
+
+Evaluation is scale-free in every dtype: each sample-group and each filter is first multiplied by the
+power of two ``s = 2^-floor(log2 m)`` (exact in floating point), so that its largest value lies in
+[1, 2); sums of squares and inner products then neither overflow nor underflow, and
+``eps m^2`` becomes ``eps (m s)^2``. The norms :func:`sphere_cosine` returns are ``|x'|_e / s``. (The
+fused path on CPU uses inputs and filters whose largest values lie in [2^-40, 2^40] as they are:
+the rescaled evaluation would give the same bits there.)
 
 The patch norms are computed cheaply: ``sum x^2`` is summed over the input channels of each group
 first, and the resulting one-channel-per-group map is box-filtered with the layer's own stride,
@@ -38,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _fused
+from ._fused import power_of_two_scale
 from .angular import (
     DEFAULT_EPS,
     DEFAULT_SIGMOID_K,
@@ -145,24 +164,39 @@ def sphere_cosine(
 
     Returns ``(cos_theta, x_norm, w_norm)``: the cosine between each filter and each patch (not yet
     clamped), the patch norms ``|x|_e`` broadcastable to the output ``(N, C_out, *spatial)``, and the
-    filter norms ``|w|_e`` of shape ``(C_out,)``, all in the compute dtype. ``input`` must be batched.
+    filter norms ``|w|_e`` of shape ``(C_out,)``, all in the compute dtype (the norms are
+    ``inf`` where they exceed its range; the cosine never is). ``input`` must be batched.
     """
     dims = weight.dim() - 2
     out_channels = weight.shape[0]
     cdtype = compute_dtype(input.dtype)
-    w_norm = (weight.to(cdtype).flatten(1).square().sum(1) + eps).sqrt()  # (C_out,)
-    # Normalise the filters before the convolution, as the reference code does: <w/|w|_e, x> is
-    # bounded by |x|, so huge weights and inputs cannot overflow it, and no 0 * inf reaches a gradient.
-    w_unit = (weight.to(cdtype) / w_norm.reshape(-1, *([1] * (dims + 1)))).to(weight.dtype)
-    inner = _CONV[dims](input, w_unit, None, stride, padding, dilation, groups).to(cdtype)
-    x_sq = patch_sq_norm(input, weight.shape[2:], stride, padding, dilation, groups)
-    x_norm = (x_sq.clamp_min(0.0) + eps).sqrt()  # (N, G, *spatial)
-    n, spatial = inner.shape[0], inner.shape[2:]
+    w_unit, w_norm_s, w_scale = _unit_rows(weight.to(cdtype).flatten(1), eps)
+    # Normalise the filters before the convolution, as the reference code does: <w/|w|_e, x'> is
+    # bounded by |x'|, and no 0 * inf reaches a gradient.
+    w_unit = w_unit.reshape(weight.shape).to(weight.dtype)
+    n, c_in = input.shape[0], input.shape[1]
+    xg = input.to(cdtype).unflatten(1, (groups, c_in // groups))
+    x_scale, x_peak = power_of_two_scale(xg.abs().amax(tuple(range(2, xg.dim()))))  # (N, G)
+    group_shape = (n, groups) + (1,) * dims
+    x_s = (xg * x_scale.reshape(n, groups, 1, *([1] * dims))).flatten(1, 2)  # exact
+    inner = _CONV[dims](x_s.to(input.dtype), w_unit, None, stride, padding, dilation, groups).to(cdtype)
+    x_sq = patch_sq_norm(x_s, weight.shape[2:], stride, padding, dilation, groups)
+    x_norm = (x_sq.clamp_min(0.0) + eps * x_peak.square().reshape(group_shape)).sqrt()  # (N, G, *spatial)
+    spatial = inner.shape[2:]
     per_group = out_channels // groups
     inner_g = inner.reshape(n, groups, per_group, *spatial)
     cos_theta = (inner_g / x_norm.unsqueeze(2)).reshape(inner.shape)
+    x_norm = x_norm / x_scale.reshape(group_shape)  # |x|_e = |x'|_e / s
     x_norm_out = x_norm.unsqueeze(2).expand(n, groups, per_group, *spatial).reshape(inner.shape)
-    return cos_theta, x_norm_out, w_norm
+    return cos_theta, x_norm_out, w_norm_s / w_scale
+
+
+def _unit_rows(w2: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(w' / |w'|_e, |w'|_e, s)`` for each row of ``w2`` with ``w' = s w`` (see the module docstring)."""
+    scale, peak = power_of_two_scale(w2.abs().amax(1))
+    w_s = w2 * scale.unsqueeze(1)
+    norm = (w_s.square().sum(1) + eps * peak.square()).sqrt()
+    return w_s / norm.unsqueeze(1), norm, scale
 
 
 def _channel_k(sigmoid_k, dims: int, out_channels: int):
@@ -265,11 +299,13 @@ def sphere_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     out_dtype = torch.promote_types(input.dtype, weight.dtype) if not torch.is_autocast_enabled(input.device.type) else None
     if _use_fused(impl):
         return _fused.fused_sphere_linear(input, weight, bias, operator, sigmoid_k, eps, out_dtype)
-    w_norm = (weight.to(cdtype).square().sum(1, keepdim=True) + eps).sqrt()
-    # Filters normalised first (see sphere_cosine): no overflow of <w, x>, no 0 * inf in a gradient.
-    inner = F.linear(input, (weight.to(cdtype) / w_norm).to(weight.dtype)).to(cdtype)
-    x_norm = (input.to(cdtype).square().sum(-1, keepdim=True) + eps).sqrt()
-    cos_theta = inner / x_norm
+    w_unit, _, _ = _unit_rows(weight.to(cdtype), eps)
+    # Filters normalised first and inputs rescaled (see sphere_cosine): nothing overflows.
+    x = input.to(cdtype)
+    x_scale, x_peak = power_of_two_scale(x.abs().amax(-1, keepdim=True))
+    x_s = x * x_scale
+    inner = F.linear(x_s.to(input.dtype), w_unit.to(weight.dtype)).to(cdtype)
+    cos_theta = inner / (x_s.square().sum(-1, keepdim=True) + eps * x_peak.square()).sqrt()
     out = angular_function(cos_theta, operator, sigmoid_k)
     if bias is not None:
         out = out + bias.to(out.dtype)
@@ -286,6 +322,7 @@ __all__ = [
     "sphere_linear",
     "sphere_cosine",
     "patch_sq_norm",
+    "power_of_two_scale",
     "compute_dtype",
     "use_reference_impl",
     "IMPLEMENTATIONS",
