@@ -8,37 +8,108 @@ from torch import nn
 
 from sphereconv.engine import load_config
 from sphereconv.engine.optim import build_optimizer, build_scheduler, milestone_steps, parameter_groups
-from sphereconv.losses import build_loss
-from sphereconv.models import create_model
-from sphereconv.nn import SPHERE_CONV_TYPES
+from sphereconv.losses import build_loss, list_losses
+from sphereconv.models import create_model, list_models
+from sphereconv.nn import DecoupledConv2d, SphereLinear
 
 
-def _model(operator: str) -> nn.Module:
-    return create_model("spherenet9", num_classes=10, in_channels=1, image_size=28, operator=operator,
-                        width_mult=0.0625)
+# The weight-decay group of every parameter, by the type of the layer that owns it and the
+# parameter's name (optim's module docstring gives the reasons; SPEC Sec. 2 the reference recipe).
+GROUP_TABLE = {
+    ("Conv2d", "weight"): "default",            # CNN filters, stems and projection shortcuts
+    ("BatchNorm2d", "weight"): "default",
+    ("BatchNorm2d", "bias"): "default",
+    ("Linear", "weight"): "default",            # the model's own classifier
+    ("SphereConv2d", "weight"): "sphere",
+    ("SphereConv2d", "sigmoid_k_raw"): "no_decay",
+    ("SphereNorm2d", "weight"): "sphere",
+    ("SphereNorm2d", "sigmoid_k_raw"): "no_decay",
+    ("SphereNorm2d", "magnitude_logit"): "no_decay",
+    ("SphereNorm2d", "gamma"): "default",       # rescaling factors, decayed like BatchNorm's
+    ("SphereNorm2d", "beta"): "default",
+    ("SphereLinear", "weight"): "sphere",
+    ("SphereLinear", "sigmoid_k_raw"): "no_decay",
+    ("DecoupledConv2d", "weight"): "sphere",
+    ("DecoupledConv2d", "sigmoid_k_raw"): "no_decay",
+    ("DecoupledConv2d", "alpha"): "no_decay",
+    ("DecoupledConv2d", "beta"): "no_decay",
+    ("DecoupledConv2d", "radius"): "no_decay",
+    ("SoftmaxLoss", "weight"): "default",
+    ("SoftmaxLoss", "bias"): "default",
+    ("WeightNormalizedSoftmaxLoss", "weight"): "default",
+    ("GASoftmaxLoss", "weight"): "default",
+    ("ASoftmaxLoss", "weight"): "default",
+    ("CosFaceLoss", "weight"): "default",
+    ("ArcFaceLoss", "weight"): "default",
+}
+DECAY = {"sphere": 0.0, "no_decay": 0.0, "default": 5e-4}
 
 
-def test_sphere_filters_get_no_weight_decay():
-    model = _model("learnable_sigmoid")
-    loss = build_loss("ga_softmax", model.num_features, 10)
-    groups = {g["name"]: g for g in parameter_groups([model, loss], 5e-4, 0.0)}
-    sphere_ids = {id(p) for p in groups["sphere"]["params"]}
-    default_ids = {id(p) for p in groups["default"]["params"]}
-    assert groups["sphere"]["weight_decay"] == 0.0 and groups["default"]["weight_decay"] == 5e-4
-    conv_weights = [m.weight for m in model.modules() if isinstance(m, SPHERE_CONV_TYPES)]
-    assert conv_weights and all(id(w) in sphere_ids for w in conv_weights)
-    learnable_k = [m.sigmoid_k_raw for m in model.modules() if isinstance(m, SPHERE_CONV_TYPES)]
-    assert all(id(k) in sphere_ids for k in learnable_k)
-    bn_params = [p for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()]
-    assert bn_params and all(id(p) in default_ids for p in bn_params)
-    assert id(loss.weight) in default_ids
-    # Every trainable parameter is in exactly one group.
-    every = [p for m in (model, loss) for p in m.parameters()]
-    assert sphere_ids.isdisjoint(default_ids) and len(sphere_ids | default_ids) == len(every)
+def _model(name: str = "spherenet9", **kwargs) -> nn.Module:
+    return create_model(name, num_classes=10, in_channels=1, image_size=28, width_mult=0.0625, **kwargs)
+
+
+def _assert_groups_match_table(modules: list[nn.Module]) -> set[tuple[str, str]]:
+    """Every parameter is in exactly one group, the one GROUP_TABLE names; returns the rows used."""
+    groups = parameter_groups(modules, DECAY["default"], DECAY["sphere"])
+    group_of = {id(p): g["name"] for g in groups for p in g["params"]}
+    assert all(g["weight_decay"] == DECAY[g["name"]] for g in groups)
+    assert sum(len(g["params"]) for g in groups) == len(group_of)  # no parameter twice
+    used = set()
+    for module in modules:
+        for layer in module.modules():
+            for name, param in layer.named_parameters(recurse=False):
+                row = (type(layer).__name__, name)
+                assert row in GROUP_TABLE, f"parameter {row} is missing from the table"
+                assert group_of[id(param)] == GROUP_TABLE[row], row
+                used.add(row)
+    assert len(group_of) == sum(len(list(m.parameters())) for m in modules)
+    return used
+
+
+@pytest.mark.parametrize("model_name", list_models())
+def test_every_parameter_of_every_model_and_loss_is_in_its_table_group(model_name):
+    used = set()
+    for kwargs in ({"operator": "none"}, {"operator": "learnable_sigmoid"},
+                   {"operator": "learnable_sigmoid", "sphere_norm": True, "batch_norm": False}):
+        model = _model(model_name, feature_dim=8, **kwargs)
+        for loss_name in list_losses():
+            loss = build_loss(loss_name, model.num_features, 10)
+            used |= _assert_groups_match_table([model, loss])
+    assert ("SphereNorm2d", "magnitude_logit") in used and ("SphereConv2d", "sigmoid_k_raw") in used
+    assert {("GASoftmaxLoss", "weight"), ("ArcFaceLoss", "weight")} <= used
+
+
+def test_sphere_linear_and_decoupled_layers_follow_the_table():
+    net = nn.Sequential(
+        DecoupledConv2d(1, 4, 3, magnitude="seg", operator="learnable_sigmoid", learnable=True),
+        DecoupledConv2d(4, 4, 3, magnitude="tanh", learnable=True),
+        nn.Flatten(),
+        SphereLinear(16, 10, operator="learnable_sigmoid"),
+    )
+    used = _assert_groups_match_table([net])
+    assert {("DecoupledConv2d", n) for n in ("weight", "alpha", "beta", "radius", "sigmoid_k_raw")} <= used
+    assert ("SphereLinear", "weight") in used
+
+
+def test_sphere_norm_mix_is_not_pulled_by_weight_decay():
+    # With a zero loss gradient only weight decay moves parameters: the mix s = sigmoid(logit) must
+    # stay at its initial 0.02 (in the decay group it drifted towards 0.5).
+    model = _model(operator="cosine", sphere_norm=True)
+    config = load_config(None, {"lr": 1e-3})
+    optimizer = build_optimizer(config, parameter_groups([model], 5e-4, 0.0))
+    before = [m.magnitude_mix().detach().clone() for m in model.modules() if hasattr(m, "magnitude_mix")]
+    for _ in range(10):
+        for param in model.parameters():
+            param.grad = torch.zeros_like(param)
+        optimizer.step()
+    after = [m.magnitude_mix().detach() for m in model.modules() if hasattr(m, "magnitude_mix")]
+    assert before and all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(float(b.mean()) == pytest.approx(0.02) for b in before)
 
 
 def test_plain_cnn_filters_all_get_weight_decay():
-    model = _model("none")
+    model = _model(operator="none")
     groups = parameter_groups([model], 5e-4, 0.0)
     assert [g["name"] for g in groups] == ["default"]
     assert len(groups[0]["params"]) == len(list(model.parameters()))

@@ -76,7 +76,7 @@ def test_margin_one_is_the_weight_normalized_softmax(operator):
     features, labels = _data(seed=5)
     wn = WeightNormalizedSoftmaxLoss(5, 4, operator=operator).double()
     ga = GASoftmaxLoss(5, 4, margin=1.0, operator=operator).double()
-    ga.load_state_dict({**wn.state_dict(), "iteration": torch.tensor(0)})
+    ga.load_state_dict({**wn.state_dict(), "iteration": torch.tensor(0), "anneal_iterations": torch.tensor(500)})
     for (a, b) in zip(_loss_and_grads(wn, features, labels), _loss_and_grads(ga, features, labels)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     expected = ga_softmax_loss(features, labels, wn.weight.detach(), 1.0, operator)

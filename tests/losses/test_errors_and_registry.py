@@ -50,6 +50,7 @@ def test_build_loss_rejects_unknown_names_and_options():
     (lambda: WeightNormalizedSoftmaxLoss(4, 3, operator="sigmoid", sigmoid_k=0.0), r"sigmoid_k must be a positive finite number; got 0.0"),
     (lambda: GASoftmaxLoss(4, 3, sigmoid_k=-1.0), r"sigmoid_k.*-1.0"),
     (lambda: GASoftmaxLoss(4, 3, lambda_min=-1.0), r"lambda_min must be a finite number in \[0.0, inf\); got -1.0"),
+    (lambda: GASoftmaxLoss(4, 3, anneal_iterations=0), r"anneal_iterations must be an int >= 1; got 0"),
     (lambda: ASoftmaxLoss(4, 3, margin=2.5), r"A-Softmax margin must be an integer >= 1; got 2.5"),
     (lambda: ASoftmaxLoss(4, 3, margin=0), r"margin must be a finite number in \[1.0, inf\); got 0.0"),
     (lambda: CosFaceLoss(4, 3, scale=0.0), r"scale must be a positive finite number; got 0.0"),

@@ -33,10 +33,12 @@ class _Net(nn.Module):
         self.head = SoftmaxLoss(6, 10)
 
 
-def test_penalty_equals_direct_sum_over_sphere_convs_only():
+def test_penalty_equals_direct_sum_over_sphere_layers_only():
     torch.manual_seed(0)
     net = _Net()
-    sphere_weights = [net.conv1.weight, net.block[0].weight, net.conv1d.weight, net.conv3d.weight]
+    # SphereLinear is the same operator on whole vectors: penalised like SphereConv.
+    sphere_weights = [net.conv1.weight, net.block[0].weight, net.conv1d.weight, net.conv3d.weight,
+                      net.sphere_fc.weight]
     expected = 1e-4 * sum(_direct(w) for w in sphere_weights)
     value = orthogonality_penalty(net)
     assert value.dim() == 0
@@ -46,7 +48,7 @@ def test_penalty_equals_direct_sum_over_sphere_convs_only():
     assert float(orthogonality_penalty(sphere_weights).detach()) == pytest.approx(expected, rel=1e-5)
     value.backward()
     assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in sphere_weights)
-    for ignored in (net.plain.weight, net.fc.weight, net.sphere_fc.weight, net.head.weight):
+    for ignored in (net.plain.weight, net.fc.weight, net.head.weight):
         assert ignored.grad is None
 
 

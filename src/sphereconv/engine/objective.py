@@ -4,7 +4,9 @@ Liu et al., "Deep Hyperspherical Learning" (NIPS 2017): Sec. 2.2 (softmax, weigh
 softmax and GA-Softmax on the penultimate features), Sec. 5 (orthogonality penalty on SphereConv
 filters, reference coefficient 1e-4). With ``loss="softmax"`` the model's own classifier
 produces the logits and cross-entropy (with optional label smoothing) is the loss; every other
-loss is a module owning its classifier weight, applied to ``model.forward_features(x)``.
+loss is a module owning its classifier weight, applied to ``model.forward_features(x)``. That
+classifier head scores with the model's own angular function g (:func:`head_operator`) and
+sigmoid k unless ``loss_kwargs`` names others, and a margin loss anneals over the run's length.
 
 :class:`TrainingModule` puts model and loss into one ``nn.Module`` so that
 ``DistributedDataParallel`` and ``torch.compile`` see a single forward pass. Losses, norms and
@@ -21,15 +23,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..losses import build_loss
-from ..models import create_model
-from ..nn.angular import DEFAULT_SIGMOID_K
+from ..losses import build_loss, loss_options
+from ..models import BN_MOMENTUM, create_model
+from ..nn.angular import DEFAULT_SIGMOID_K, PLAIN_OPERATOR
 from .config import TrainConfig
 
 # Keyword arguments passed to create_model only when they differ from the model defaults, so
 # that models without the option still build with a default config.
 _OPTIONAL_MODEL_ARGS = {"sigmoid_k": DEFAULT_SIGMOID_K, "batch_norm": True, "sphere_norm": False,
-                        "fc_operator": None, "feature_dim": None}
+                        "fc_operator": None, "feature_dim": None, "bn_momentum": BN_MOMENTUM}
+# Classifier g of a model whose own operator has no fixed-g counterpart: the CNN's inner product
+# normalised is the cosine (the paper's weight-normalised softmax, Sec. 2.2), and the learnable
+# sigmoid (one k per conv channel) becomes the sigmoid with the config's sigmoid_k.
+_HEAD_OPERATOR_OF = {PLAIN_OPERATOR: "cosine", "learnable_sigmoid": "sigmoid"}
 
 
 class TrainingModule(nn.Module):
@@ -80,8 +86,19 @@ def build_model(config: TrainConfig, num_classes: int, in_channels: int, image_s
         raise ConfigError(f"cannot build model={config.model!r}: {exc}") from None
 
 
-def build_loss_module(config: TrainConfig, model: nn.Module, num_classes: int) -> nn.Module | None:
-    """The loss module for ``config.loss`` on ``model.num_features`` (None for plain softmax)."""
+def head_operator(config: TrainConfig) -> str:
+    """The angular function g of the classifier head that the model of ``config`` implies."""
+    return _HEAD_OPERATOR_OF.get(config.operator, config.operator)
+
+
+def build_loss_module(config: TrainConfig, model: nn.Module, num_classes: int,
+                      total_iterations: int | None = None) -> nn.Module | None:
+    """The loss module for ``config.loss`` on ``model.num_features`` (None for plain softmax).
+
+    A loss with an angular function takes the model's (:func:`head_operator`) and ``sigmoid_k``;
+    a margin loss anneals over ``total_iterations`` (the run's length; ``None`` keeps
+    SphereFace's 28k). ``loss_kwargs`` overrides any of them.
+    """
     if config.loss == "softmax":
         if config.loss_kwargs:
             raise ConfigError(f"loss_kwargs={config.loss_kwargs!r} has no effect with loss='softmax' "
@@ -92,6 +109,12 @@ def build_loss_module(config: TrainConfig, model: nn.Module, num_classes: int) -
         raise ConfigError(f"loss={config.loss!r} needs a model with forward_features and num_features; "
                           f"model={config.model!r} has none")
     kwargs = dict(config.loss_kwargs)
+    options = loss_options(config.loss)
+    inherited = {"operator": head_operator(config), "sigmoid_k": config.sigmoid_k,
+                 "anneal_iterations": total_iterations}
+    for key, value in inherited.items():
+        if key in options and key not in kwargs and value is not None:
+            kwargs[key] = value
     if config.label_smoothing:
         if "label_smoothing" in kwargs:
             raise ConfigError("label_smoothing is set both as a key and in loss_kwargs; keep one")

@@ -7,6 +7,20 @@ the classifier and every filter of a plain CNN get weight decay 5e-4. Adam there
 the gradient (L2 regularisation), which is ``torch.optim.Adam(weight_decay=...)``; ``adamw`` is the
 decoupled variant. The step schedule divides the learning rate by 10 at 34k and 54k of 64k
 iterations; milestones are stored as fractions of the run.
+
+Three groups (:func:`parameter_groups`):
+
+- ``sphere`` (``sphere_weight_decay``, reference 0): the filters of every hyperspherical layer:
+  SphereConv, SphereNorm and SphereLinear (the same operator on whole vectors), and the decoupled
+  convolutions, whose filters the Decoupled Networks code (wy1iu/DCNets, ``dcnet_cifar100/*/
+  architecture.py``: ``reg=False`` for every decoupled layer) leaves undecayed as well. These are
+  also the filters the orthogonality penalty acts on (:mod:`sphereconv.losses.regularizers`).
+- ``no_decay`` (always 0): scalars whose parametrisation keeps them in a range, where decay would
+  only bias them: the learnable sigmoid's raw k (k = |raw| + 0.05), SphereNorm's magnitude mix
+  logit (s = sigmoid(logit); decay pulls s towards 0.5) and the decoupled layers' learnable
+  alpha, beta and radius (created without a regulariser in the DCNets code).
+- ``default`` (``weight_decay``): everything else: BatchNorm and SphereNorm gamma/beta, biases,
+  classifier and loss weights, plain convolutions.
 """
 
 from __future__ import annotations
@@ -16,43 +30,51 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..nn import SPHERE_CONV_TYPES, SphereLinear
+from ..losses.regularizers import PENALISED_TYPES
+from ..nn import DecoupledConv2d
 from .config import TrainConfig
 
-# Layers whose output is invariant to the scale of their weight: SphereConv (paper Sec. 2.1) and
-# the hyperspherical fully connected layer built on the same operator.
-SCALE_INVARIANT_TYPES = (*SPHERE_CONV_TYPES, SphereLinear)
-# Names of the parameters of those layers that belong to the "sphere" group: the filters and the
-# learnable sigmoid steepness (a shape parameter that weight decay would bias towards its floor).
-SPHERE_PARAMETER_NAMES = ("weight", "sigmoid_k_raw")
+# Layers whose filters form the "sphere" group: the hyperspherical and decoupled layers.
+SPHERE_FILTER_TYPES = PENALISED_TYPES
+# Range-parametrised scalars of those layers (see the module docstring): never decayed.
+NO_DECAY_PARAMETER_NAMES = ("sigmoid_k_raw", "magnitude_logit", "radius")
+# The decoupled layers' learnable magnitude coefficients (DCNets: no regulariser).
+DECOUPLED_NO_DECAY_NAMES = ("alpha", "beta")
+
+
+def _group_of(layer: nn.Module, name: str) -> str:
+    """Group name of the parameter ``name`` owned directly by ``layer``."""
+    if isinstance(layer, SPHERE_FILTER_TYPES):
+        if name == "weight":
+            return "sphere"
+        if name in NO_DECAY_PARAMETER_NAMES:
+            return "no_decay"
+        if isinstance(layer, DecoupledConv2d) and name in DECOUPLED_NO_DECAY_NAMES:
+            return "no_decay"
+    return "default"
 
 
 def parameter_groups(modules: Iterable[nn.Module], weight_decay: float,
                      sphere_weight_decay: float) -> list[dict]:
-    """Split the trainable parameters of ``modules`` into the recipe's two weight-decay groups.
+    """Split the trainable parameters of ``modules`` into the recipe's weight-decay groups.
 
-    Group ``sphere`` (decay ``sphere_weight_decay``): the filters (and learnable k) of every
-    SphereConv / SphereLinear layer. Group ``default`` (decay ``weight_decay``): everything else
-    (BatchNorm, classifier and loss weights, plain convolutions, biases). A parameter shared by
-    several modules is listed once. Empty groups are dropped.
+    ``sphere`` (decay ``sphere_weight_decay``): filters of hyperspherical and decoupled layers;
+    ``no_decay`` (decay 0): their range-parametrised scalars (learnable k, SphereNorm's magnitude
+    mix, decoupled alpha/beta/radius); ``default`` (decay ``weight_decay``): everything else. See the
+    module docstring for the reasons. A parameter shared by several modules is listed once (in
+    the group of its first owner). Empty groups are dropped.
     """
-    sphere: dict[int, nn.Parameter] = {}
+    members: dict[str, dict[int, nn.Parameter]] = {"sphere": {}, "no_decay": {}, "default": {}}
+    seen: set[int] = set()
     for module in modules:
         for layer in module.modules():
-            if isinstance(layer, SCALE_INVARIANT_TYPES):
-                for name in SPHERE_PARAMETER_NAMES:
-                    param = getattr(layer, name, None)
-                    if isinstance(param, nn.Parameter) and param.requires_grad:
-                        sphere[id(param)] = param
-    default: dict[int, nn.Parameter] = {}
-    for module in modules:
-        for param in module.parameters():
-            if param.requires_grad and id(param) not in sphere:
-                default[id(param)] = param
-    groups = [
-        {"name": "sphere", "params": list(sphere.values()), "weight_decay": sphere_weight_decay},
-        {"name": "default", "params": list(default.values()), "weight_decay": weight_decay},
-    ]
+            for name, param in layer.named_parameters(recurse=False):
+                if param.requires_grad and id(param) not in seen:
+                    seen.add(id(param))
+                    members[_group_of(layer, name)][id(param)] = param
+    decay = {"sphere": sphere_weight_decay, "no_decay": 0.0, "default": weight_decay}
+    groups = [{"name": name, "params": list(params.values()), "weight_decay": decay[name]}
+              for name, params in members.items()]
     return [g for g in groups if g["params"]]
 
 

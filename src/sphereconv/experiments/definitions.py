@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
+from ..losses import GA_SOFTMAX_MARGIN
 from . import paper
 from .paper import PaperAccuracy
 
@@ -90,8 +91,14 @@ def _sphere(operator: str, **extra) -> dict:
 
 
 CNN = {"operator": "none"}
+# Every GA-Softmax row states its margin (SphereFace's m = 4, see sphereconv.losses); its head uses
+# the row's own operator g, which the engine passes on from ``operator``.
+GA_SOFTMAX = {"loss": "ga_softmax", "loss_kwargs": {"margin": GA_SOFTMAX_MARGIN}}
 
-_LOSS_LABELS = {"softmax": "softmax", "weight_normalized": "weight-normalised softmax", "ga_softmax": "GA-Softmax"}
+_LOSS_LABELS = {"softmax": "softmax", "weight_normalized": "weight-normalised softmax",
+                "ga_softmax": f"GA-Softmax m={GA_SOFTMAX_MARGIN}"}
+_LOSS_OVERRIDES = {"softmax": {"loss": "softmax"}, "weight_normalized": {"loss": "weight_normalized"},
+                   "ga_softmax": GA_SOFTMAX}
 
 
 def _operators() -> Experiment:
@@ -103,7 +110,8 @@ def _operators() -> Experiment:
             if loss == "weight_normalized" and op == "cosine":
                 value = paper.SPHERENET9_COSINE_WN
             op_label = f"sigmoid k={REFERENCE_SIGMOID_K}" if op == "sigmoid" else op
-            variants.append(Variant(f"{op}{suffix}", f"SphereNet-9 {op_label}, {_LOSS_LABELS[loss]}", _sphere(op, loss=loss), value))
+            variants.append(Variant(f"{op}{suffix}", f"SphereNet-9 {op_label}, {_LOSS_LABELS[loss]}",
+                                    _sphere(op, **_LOSS_OVERRIDES[loss]), value))
     for k in SIGMOID_K_SWEEP:
         if k != REFERENCE_SIGMOID_K:
             variants.append(Variant(f"sigmoid_k{k}", f"SphereNet-9 sigmoid k={k}, softmax", _sphere("sigmoid", sigmoid_k=k, loss="softmax")))
@@ -149,6 +157,13 @@ def _width() -> Experiment:
     )
 
 
+# Plain networks without BatchNorm get a learning-rate warm-up (one-cycle, same peak lr), CNN and
+# SphereNet alike: at 36+ layers the first full-size Adam steps at 1e-3 erase the SphereNet's
+# dependence on its input and it stays at chance; a warm-up avoids that (diagnosis and plots in
+# docs/RESULTS.md, depth section). The reference code trains only the 9-layer net with BatchNorm.
+NO_BN_WARMUP = {"schedule": "onecycle"}
+
+
 def _depth() -> Experiment:
     variants = []
     for depth in DEPTHS:
@@ -159,7 +174,8 @@ def _depth() -> Experiment:
                     Variant(
                         f"{kind}{depth}_{'bn' if bn else 'nobn'}",
                         f"{label}-{depth}, {'BatchNorm' if bn else 'no BatchNorm'}",
-                        dict(overrides, model=f"spherenet{depth}", batch_norm=bn),
+                        dict(overrides, model=f"spherenet{depth}", batch_norm=bn,
+                             **({} if bn else NO_BN_WARMUP)),
                         sweep_value=depth,
                         group=group,
                     )
@@ -237,7 +253,7 @@ def _features2d() -> Experiment:
         variants=(
             Variant("cnn", "CNN-9, softmax", dict(CNN, feature_dim=2)),
             Variant("cosine", "SphereNet-9 cosine, softmax", _sphere("cosine", feature_dim=2)),
-            Variant("cosine_ga", "SphereNet-9 cosine, GA-Softmax", _sphere("cosine", feature_dim=2, loss="ga_softmax")),
+            Variant("cosine_ga", f"SphereNet-9 cosine, {_LOSS_LABELS['ga_softmax']}", _sphere("cosine", feature_dim=2, **GA_SOFTMAX)),
         ),
         scale_overrides={"paper": {"iterations": 10000, "augment": "none"}},
         features2d=True,

@@ -8,9 +8,16 @@ is an ``nn.Module`` owning its classifier weight ``(num_classes, in_features)``:
 """
 
 from .additive_margin import ArcFaceLoss, CosFaceLoss
-from .angular_softmax import LOSS_OPERATORS, ASoftmaxLoss, GASoftmaxLoss, WeightNormalizedSoftmaxLoss
+from .angular_softmax import (
+    A_SOFTMAX_MARGIN,
+    GA_SOFTMAX_MARGIN,
+    LOSS_OPERATORS,
+    ASoftmaxLoss,
+    GASoftmaxLoss,
+    WeightNormalizedSoftmaxLoss,
+)
 from .base import AngularSoftmaxLoss, ClassifierLoss
-from .margin import annealing_lambda, extended_margin_function
+from .margin import SPHEREFACE_ITERATIONS, annealing_lambda, extended_margin_function, scaled_gamma
 from .registry import LOSSES, build_loss, list_losses, loss_options
 from .regularizers import ORTHOGONALITY_COEFFICIENT, filter_orthogonality_error, orthogonality_penalty
 from .softmax import SoftmaxLoss
@@ -25,6 +32,10 @@ __all__ = [
     "CosFaceLoss",
     "ArcFaceLoss",
     "LOSS_OPERATORS",
+    "GA_SOFTMAX_MARGIN",
+    "A_SOFTMAX_MARGIN",
+    "SPHEREFACE_ITERATIONS",
+    "scaled_gamma",
     "LOSSES",
     "build_loss",
     "list_losses",

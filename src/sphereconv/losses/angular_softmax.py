@@ -13,6 +13,10 @@ functions):
 and A-Softmax of "SphereFace" (Liu et al., CVPR 2017, arXiv:1704.08063, Sec. 3.2), GA-Softmax
 with cosine g and integer m, trained with SphereFace's annealed target logit
 ``(lambda g(theta_y) + psi(theta_y)) / (1 + lambda)``.
+
+Both default to SphereFace's margin m = 4 (m = 1 would be the weight-normalised softmax), and
+the annealing schedule is stretched to the length of the run (``anneal_iterations``, which the
+training engine sets to the run's total iterations; SphereFace's constants are the 28k case).
 """
 
 from __future__ import annotations
@@ -22,23 +26,35 @@ import math
 import torch
 from torch import Tensor
 
-from ..nn.angular import DEFAULT_EPS, DEFAULT_SIGMOID_K, angular_function, canonical_operator, check_positive, safe_acos
-from .base import AngularSoftmaxLoss, check_real
+from ..nn.angular import (
+    CLASSIFIER_OPERATORS,
+    DEFAULT_EPS,
+    DEFAULT_SIGMOID_K,
+    angular_function,
+    canonical_operator,
+    check_positive,
+    safe_acos,
+)
+from .base import AngularSoftmaxLoss, check_count, check_real
 from .margin import (
     LAMBDA_BASE,
     LAMBDA_GAMMA,
     LAMBDA_MIN,
     LAMBDA_POWER,
+    SPHEREFACE_ITERATIONS,
     a_softmax_margin_function,
     annealing_lambda,
     extended_margin_function,
+    scaled_gamma,
 )
 
 # Angular functions g usable in a classifier: fixed, decreasing from g(0) = 1 to g(pi) = -1. The
 # learnable sigmoid is a convolution operator (one k per output channel) and is not offered here.
-LOSS_OPERATORS = ("linear", "cosine", "sigmoid", "square_cosine")
-# SphereFace's default margin for A-Softmax (SphereFace Sec. 4.1 / reference code: m = 4).
+LOSS_OPERATORS = CLASSIFIER_OPERATORS
+# SphereFace's margin (SphereFace Sec. 4.1 and its reference prototxt: m = 4, the value its
+# experiments use throughout), the default of A-Softmax and of GA-Softmax alike.
 A_SOFTMAX_MARGIN = 4
+GA_SOFTMAX_MARGIN = A_SOFTMAX_MARGIN
 
 
 class WeightNormalizedSoftmaxLoss(AngularSoftmaxLoss):
@@ -76,18 +92,22 @@ class GASoftmaxLoss(WeightNormalizedSoftmaxLoss):
         psi(theta) = g(m theta - n pi) - 2n,  n = floor(m theta / pi),
 
     (continuous and decreasing on [0, pi]; for cosine g this is SphereFace's
-    ``(-1)^n cos(m theta) - 2n``). With ``anneal=True`` (SphereFace's schedule),
-    ``lambda = max(lambda_min, lambda_base (1 + lambda_gamma t)^-lambda_power)`` where t is the
+    ``(-1)^n cos(m theta) - 2n``); default m = 4 (SphereFace's). With ``anneal=True`` (SphereFace's
+    schedule), ``lambda = max(lambda_min, lambda_base (1 + gamma t)^-lambda_power)`` with
+    ``gamma = lambda_gamma * 28000 / anneal_iterations`` (SphereFace's ``lambda_gamma`` belongs to
+    its 28k-iteration run; the trainer sets ``anneal_iterations`` to the run's length) and t the
     ``iteration`` buffer, advanced by one at every forward call in training mode (before lambda is
-    computed, as SphereFace's layer does) and saved in the state dict; ``anneal=False`` uses
-    lambda = 0, i.e. the pure margin. m = 1 is the weight-normalised softmax. ``logits`` (prediction)
-    use no margin.
+    computed, as SphereFace's layer does). Both counters are buffers, saved in the state dict.
+    ``anneal=False`` uses lambda = 0, i.e. the pure margin. m = 1 is the weight-normalised softmax.
+    ``logits`` (prediction) use no margin.
     """
 
     iteration: Tensor
+    anneal_iterations: Tensor
 
-    def __init__(self, in_features: int, num_classes: int, *, margin: float = 1.0, operator: str = "cosine",
-                 sigmoid_k: float = DEFAULT_SIGMOID_K, anneal: bool = True, lambda_base: float = LAMBDA_BASE,
+    def __init__(self, in_features: int, num_classes: int, *, margin: float = GA_SOFTMAX_MARGIN,
+                 operator: str = "cosine", sigmoid_k: float = DEFAULT_SIGMOID_K, anneal: bool = True,
+                 anneal_iterations: int = SPHEREFACE_ITERATIONS, lambda_base: float = LAMBDA_BASE,
                  lambda_gamma: float = LAMBDA_GAMMA, lambda_power: float = LAMBDA_POWER,
                  lambda_min: float = LAMBDA_MIN, label_smoothing: float = 0.0, eps: float = DEFAULT_EPS,
                  device=None, dtype=None) -> None:
@@ -102,6 +122,8 @@ class GASoftmaxLoss(WeightNormalizedSoftmaxLoss):
         self.lambda_power = check_real("lambda_power", lambda_power, 0.0)
         self.lambda_min = check_real("lambda_min", lambda_min, 0.0)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long, device=device))
+        check_count("anneal_iterations", anneal_iterations, 1)
+        self.register_buffer("anneal_iterations", torch.tensor(anneal_iterations, dtype=torch.long, device=device))
 
     def margin_function(self, cos_theta: Tensor) -> Tensor:
         """``psi(theta)`` of the true class from its cosine (see :func:`.margin.extended_margin_function`)."""
@@ -112,8 +134,8 @@ class GASoftmaxLoss(WeightNormalizedSoftmaxLoss):
         without annealing."""
         if not self.anneal:
             return 0.0
-        return annealing_lambda(self.iteration, self.lambda_base, self.lambda_gamma, self.lambda_power,
-                                self.lambda_min, dtype=dtype)
+        gamma = scaled_gamma(self.lambda_gamma, self.anneal_iterations.to(dtype))
+        return annealing_lambda(self.iteration, self.lambda_base, gamma, self.lambda_power, self.lambda_min, dtype=dtype)
 
     @property
     def current_lambda(self) -> float:
@@ -136,8 +158,9 @@ class GASoftmaxLoss(WeightNormalizedSoftmaxLoss):
         s = super().extra_repr() + f", margin={self.margin:g}"
         if not self.anneal:
             return s + ", anneal=False"
-        return s + (f", anneal=(base={self.lambda_base:g}, gamma={self.lambda_gamma:g}, "
-                    f"power={self.lambda_power:g}, min={self.lambda_min:g})")
+        return s + (f", anneal=(base={self.lambda_base:g}, gamma={self.lambda_gamma:g} at 28k, "
+                    f"power={self.lambda_power:g}, min={self.lambda_min:g}, "
+                    f"iterations={int(self.anneal_iterations)})")
 
 
 class ASoftmaxLoss(GASoftmaxLoss):
@@ -151,8 +174,8 @@ class ASoftmaxLoss(GASoftmaxLoss):
     """
 
     def __init__(self, in_features: int, num_classes: int, *, margin: int = A_SOFTMAX_MARGIN, anneal: bool = True,
-                 lambda_base: float = LAMBDA_BASE, lambda_gamma: float = LAMBDA_GAMMA,
-                 lambda_power: float = LAMBDA_POWER, lambda_min: float = LAMBDA_MIN,
+                 anneal_iterations: int = SPHEREFACE_ITERATIONS, lambda_base: float = LAMBDA_BASE,
+                 lambda_gamma: float = LAMBDA_GAMMA, lambda_power: float = LAMBDA_POWER, lambda_min: float = LAMBDA_MIN,
                  label_smoothing: float = 0.0, eps: float = DEFAULT_EPS, device=None, dtype=None) -> None:
         if isinstance(margin, bool) or not isinstance(margin, (int, float)):
             raise TypeError(f"A-Softmax margin must be an integer >= 1; got {type(margin).__name__} {margin!r}")
@@ -161,8 +184,8 @@ class ASoftmaxLoss(GASoftmaxLoss):
                 f"A-Softmax margin must be an integer >= 1; got {margin!r} (use GASoftmaxLoss for a real-valued margin)"
             )
         super().__init__(in_features, num_classes, margin=margin, operator="cosine", anneal=anneal,
-                         lambda_base=lambda_base, lambda_gamma=lambda_gamma, lambda_power=lambda_power,
-                         lambda_min=lambda_min, label_smoothing=label_smoothing, eps=eps, device=device, dtype=dtype)
+                         anneal_iterations=anneal_iterations, lambda_base=lambda_base, lambda_gamma=lambda_gamma,
+                         lambda_power=lambda_power, lambda_min=lambda_min, label_smoothing=label_smoothing, eps=eps, device=device, dtype=dtype)
         self.margin_int = int(margin)
 
     def margin_function(self, cos_theta: Tensor) -> Tensor:
@@ -170,4 +193,5 @@ class ASoftmaxLoss(GASoftmaxLoss):
         return a_softmax_margin_function(cos_theta, self.margin_int)
 
 
-__all__ = ["LOSS_OPERATORS", "WeightNormalizedSoftmaxLoss", "GASoftmaxLoss", "ASoftmaxLoss"]
+__all__ = ["LOSS_OPERATORS", "GA_SOFTMAX_MARGIN", "A_SOFTMAX_MARGIN", "WeightNormalizedSoftmaxLoss", "GASoftmaxLoss",
+           "ASoftmaxLoss"]

@@ -33,7 +33,10 @@ SphereFace trains with a blend of the plain and the margin logit for the target 
     f_y = (lambda * g(theta_y) + psi(theta_y)) / (1 + lambda),
     lambda = max(lambda_min, base * (1 + gamma * t) ^ -power),
 
-where t counts training iterations; :func:`annealing_lambda` computes lambda.
+where t counts training iterations; :func:`annealing_lambda` computes lambda. SphereFace's
+constants belong to its 28k-iteration run (lambda reaches its floor 5 after ~1.7k iterations, 6%
+of the run); :func:`scaled_gamma` stretches gamma to another run length T (``gamma * 28000 / T``),
+so that a run of 500 iterations also reaches the floor after 6% of it instead of never.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ LAMBDA_BASE = 1000.0
 LAMBDA_GAMMA = 0.12
 LAMBDA_POWER = 1.0
 LAMBDA_MIN = 5.0
+# Length of the run those constants were made for: max_iter 28000 in SphereFace's
+# sphereface_solver.prototxt (CASIA-WebFace, batch 256).
+SPHEREFACE_ITERATIONS = 28000
 
 
 def margin_index(theta: Tensor, margin: float) -> Tensor:
@@ -107,6 +113,13 @@ def a_softmax_margin_function(cos_theta: Tensor, margin: int) -> Tensor:
     return sign * chebyshev_cos_multiple(cos_theta, margin) - 2.0 * n
 
 
+def scaled_gamma(gamma: float, total_iterations: int | float | torch.Tensor) -> float | torch.Tensor:
+    """SphereFace's decay rate ``gamma`` stretched to a run of ``total_iterations``:
+    ``gamma * 28000 / total_iterations``, so lambda(t) over that run has the shape it has over
+    SphereFace's 28k iterations (identical for ``total_iterations = 28000``)."""
+    return gamma * SPHEREFACE_ITERATIONS / total_iterations
+
+
 def annealing_lambda(
     iteration: Tensor | int,
     base: float = LAMBDA_BASE,
@@ -132,6 +145,8 @@ __all__ = [
     "LAMBDA_GAMMA",
     "LAMBDA_POWER",
     "LAMBDA_MIN",
+    "SPHEREFACE_ITERATIONS",
+    "scaled_gamma",
     "margin_index",
     "extended_margin_function",
     "chebyshev_cos_multiple",

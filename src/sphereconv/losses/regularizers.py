@@ -5,6 +5,9 @@ ablation) add ``||W^T W - I||_F^2`` for every SphereConv layer, W holding the la
 (unnormalised) filters as columns. The reference code (wy1iu/SphereNet) weights it by 1e-4,
 written there as ``2e-4 * tf.nn.l2_loss(W^T W - I)`` (l2_loss halves the sum of squares), and
 applies it to the SphereConv layers only: not to the classifier and not to plain convolutions.
+Here "SphereConv layers" are every layer with that operator: SphereConv (and SphereNorm, a
+subclass), SphereLinear (the operator on whole vectors), and the decoupled convolutions, which the
+Decoupled Networks code (wy1iu/DCNets, ``orth=True`` on every decoupled layer) penalises too.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from ..nn import SPHERE_CONV_TYPES
+from ..nn import SPHERE_CONV_TYPES, DecoupledConv2d, SphereLinear
 from .base import check_real
 
 # Reference weight of the orthogonality term (wy1iu/SphereNet: 2e-4 * l2_loss = 1e-4 * ||.||_F^2).
 ORTHOGONALITY_COEFFICIENT = 1e-4
+# Layers whose filters are penalised (and, in the optimiser, left undecayed).
+PENALISED_TYPES = (*SPHERE_CONV_TYPES, SphereLinear, DecoupledConv2d)
 
 
 def filter_orthogonality_error(weight: Tensor) -> Tensor:
@@ -44,7 +49,7 @@ def filter_orthogonality_error(weight: Tensor) -> Tensor:
 
 
 def _sphere_conv_weights(module: nn.Module) -> list[Tensor]:
-    return [m.weight for m in module.modules() if isinstance(m, SPHERE_CONV_TYPES)]
+    return [m.weight for m in module.modules() if isinstance(m, PENALISED_TYPES)]
 
 
 def _default_device(module_or_params) -> torch.device:
@@ -60,8 +65,9 @@ def orthogonality_penalty(module_or_params: nn.Module | Tensor | Iterable[Tensor
                           coefficient: float = ORTHOGONALITY_COEFFICIENT) -> Tensor:
     """``coefficient * sum_layers ||W^T W - I||_F^2`` over SphereConv filters.
 
-    ``module_or_params`` is a module (every instance of ``sphereconv.nn.SPHERE_CONV_TYPES`` inside
-    it is penalised; classifier, plain convolutions and other layers are not), a weight tensor, or
+    ``module_or_params`` is a module (every instance of ``PENALISED_TYPES`` inside it is penalised:
+    SphereConv, SphereNorm, SphereLinear, decoupled convolutions; classifier, plain convolutions
+    and other layers are not), a weight tensor, or
     an iterable of weight tensors (each penalised as the filters of one layer). Returns a 0-d tensor
     on the weights' device, differentiable w.r.t. them; 0 when there is nothing to penalise.
     ``coefficient`` defaults to the reference 1e-4 and must be >= 0.
@@ -86,4 +92,4 @@ def orthogonality_penalty(module_or_params: nn.Module | Tensor | Iterable[Tensor
     return coefficient * total
 
 
-__all__ = ["ORTHOGONALITY_COEFFICIENT", "filter_orthogonality_error", "orthogonality_penalty"]
+__all__ = ["ORTHOGONALITY_COEFFICIENT", "PENALISED_TYPES", "filter_orthogonality_error", "orthogonality_penalty"]

@@ -7,7 +7,7 @@ ImageNet-style ``sphere_resnet18/34``; ``operator="none"`` gives each one's CNN 
 """
 
 from .convert import convert_model
-from .layers import BN_EPS, BN_MOMENTUM, PLAIN_OPERATOR, ConvUnit, conv_layer, init_weights
+from .layers import BN_EPS, BN_MOMENTUM, PLAIN_OPERATOR, REFERENCE_BN_MOMENTUM, ConvUnit, conv_layer, init_weights
 from .registry import create_model, list_models, register_model
 from .resnet import BasicBlock, SphereResNet
 from .spherenet import SphereNet
@@ -25,5 +25,6 @@ __all__ = [
     "BasicBlock",
     "BN_EPS",
     "BN_MOMENTUM",
+    "REFERENCE_BN_MOMENTUM",
     "PLAIN_OPERATOR",
 ]

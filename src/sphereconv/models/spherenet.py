@@ -75,7 +75,8 @@ class SphereNet(nn.Module):
     - ``feature_dim``: fc6 outputs = ``num_features`` (``None``: 256 scaled by ``width_mult``, as
       the reference's 256 at width 1; 2 for the 2-D feature visualisation).
     - ``sphere_norm``: use ``SphereNorm2d`` for every hyperspherical layer.
-    - ``bn_eps``, ``bn_momentum``: BatchNorm hyperparameters (reference: 1e-3 and 1 - 0.999).
+    - ``bn_eps``, ``bn_momentum``: BatchNorm hyperparameters (eps 1e-3 as the reference; momentum
+      0.1 by default, the reference's 1 - 0.999 = ``REFERENCE_BN_MOMENTUM`` in the paper configs).
 
     ``forward_features(x)`` returns the flattened fc6 output ``(N, num_features)``,
     ``forward_head(features)`` the logits ``(N, num_classes)``.
