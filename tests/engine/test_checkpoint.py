@@ -176,3 +176,43 @@ def test_export_handles_shared_tensors(tmp_path):
     copy = nn.ModuleDict({"a": nn.Linear(3, 3), "b": nn.Linear(3, 3)})
     load_weights(copy, tmp_path / "w.safetensors")
     assert torch.equal(copy["b"].weight, shared.weight)
+
+
+def test_every_flipped_byte_is_caught_by_the_digest(tmp_path, caplog):
+    """One flipped bit anywhere (magic line, digest line, pickle, tensor data, zip directory) is refused."""
+    ckpt.save_checkpoint(_state(1), tmp_path, 1, keep=5)
+    newest = ckpt.save_checkpoint(_state(2), tmp_path, 2, keep=5)
+    data = newest.read_bytes()
+    assert data.startswith(ckpt.MAGIC)
+    positions = [0, len(ckpt.MAGIC) - 2, len(ckpt.MAGIC) + 10, ckpt.HEADER_BYTES - 1]
+    positions += random.Random(0).sample(range(ckpt.HEADER_BYTES, len(data)), 40)
+    for position in positions:
+        for bit in (0x01, 0x80):
+            damaged = bytearray(data)
+            damaged[position] ^= bit
+            newest.write_bytes(bytes(damaged))
+            with pytest.raises(CheckpointError) as info:
+                ckpt.load_checkpoint(newest)
+            message = str(info.value)
+            assert "\n" not in message and "step_00000002.pt" in message and "corrupt" in message, (position, message)
+    with caplog.at_level(logging.WARNING, logger="sphereconv.engine.checkpoint"):
+        path, state = ckpt.find_latest_checkpoint(tmp_path)
+    assert state["step"] == 1 and "skipping checkpoint of step 2" in caplog.text
+    newest.write_bytes(data)
+    assert torch.equal(ckpt.load_checkpoint(newest)["model"]["w"], torch.full((3,), 2.0))
+
+
+def test_header_and_version_must_agree(tmp_path, caplog):
+    payload = {"format": ckpt.FORMAT_NAME, "step": 1, "model": {"w": torch.ones(2)}, "config": {}}
+    # A checkpoint of format version 1 (no digest, written by earlier versions) loads, with a warning.
+    legacy = tmp_path / "legacy.pt"
+    torch.save({**payload, "format_version": ckpt.UNVERIFIED_FORMAT_VERSION}, legacy)
+    with caplog.at_level(logging.WARNING, logger="sphereconv.engine.checkpoint"):
+        assert ckpt.load_checkpoint(legacy)["step"] == 1
+    assert "no integrity digest" in caplog.text
+    # A version-2 payload whose header was stripped is not taken for an unverified old file.
+    stripped = tmp_path / "stripped.pt"
+    stripped.write_bytes(ckpt.atomic_save({**payload, "format_version": ckpt.FORMAT_VERSION},
+                                          tmp_path / "full.pt").read_bytes()[ckpt.HEADER_BYTES:])
+    with pytest.raises(CheckpointError, match="corrupt: format version 2 without its integrity header"):
+        ckpt.load_checkpoint(stripped)

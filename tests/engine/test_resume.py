@@ -1,6 +1,7 @@
 """A run killed again and again (SIGKILL at a step, SIGKILL inside a checkpoint write, SIGTERM and
 SIGKILL at random moments) and resumed each time ends bit for bit where an uninterrupted run ends,
-with the same metrics records, none missing and none repeated."""
+with the same metrics records, none missing and none repeated; a resume may change the run's length
+only where its schedule allows it."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 from engine_helpers import PYTHON, TRAIN_SCRIPT, subprocess_env, tiny_overrides
 
 from sphereconv.engine import load_config, train
 from sphereconv.engine.atomic import TEMP_PREFIX
 from sphereconv.engine.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint
+from sphereconv.errors import ConfigError
 
 # 288 training images in batches of 32: 9 steps per epoch, so checkpoints every 10 steps fall in
 # the middle of epochs and the data position must be restored exactly.
@@ -150,3 +153,22 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path):
         assert {k: ref_record[k] for k in DETERMINISTIC_KEYS} == {k: record[k] for k in DETERMINISTIC_KEYS}
     assert final["final_test_acc"] == reference["final_test_acc"]
     assert final["best_test_acc"] == reference["best_test_acc"]
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+def test_resume_may_not_stretch_a_schedule_defined_by_the_run_length(tmp_path):
+    out = tmp_path / "run"
+    settings = dict(iterations=6, eval_every=0, checkpoint_every=3, schedule="cosine")
+    train(load_config(None, tiny_overrides(out, **settings)))
+    before = _snapshot(out)
+    with pytest.raises(ConfigError, match=r"iterations=8 gives 8 steps, but schedule='cosine' spans the run's 6 steps"):
+        train(load_config(None, tiny_overrides(out, **{**settings, "iterations": 8, "resume": True})))
+    with pytest.raises(ConfigError, match=r"epochs=0.25 gives 2 steps, .* already at step 6"):
+        train(load_config(None, tiny_overrides(out, **{**settings, "iterations": None, "epochs": 0.25, "resume": True})))
+    assert _snapshot(out) == before
+    # Changing only how often it checkpoints is allowed, and recorded with the step it applies from.
+    summary = train(load_config(None, tiny_overrides(out, **{**settings, "checkpoint_every": 2, "resume": True})))
+    assert summary["amendments"] == [{"step": 6, "changes": {"checkpoint_every": {"from": 3, "to": 2}}}]

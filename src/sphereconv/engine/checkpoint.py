@@ -1,11 +1,15 @@
-"""Checkpoints: atomic writes, rotation, safe loading, compatibility checks and weight export.
+"""Checkpoints: atomic writes, rotation, integrity, safe loading, compatibility checks, weight export.
 
-A checkpoint is one ``torch.save`` file ``checkpoints/step_00001234.pt`` holding plain data only
-(tensors, numbers, strings, lists, dicts, tuples) so that it loads with
-``torch.load(weights_only=True)``: the unpickler then refuses anything that would run code. It
-holds everything a resumed run needs to continue bit for bit: model, optimizer, scheduler, grad
-scaler and loss-module state, the step, the data loader's position, the RNG states of torch,
-CUDA, numpy and Python, the progress counters and the resolved configuration.
+A checkpoint is one file ``checkpoints/step_00001234.pt``: a header line :data:`MAGIC`, a line
+``sha256:<64 hex digits>`` and then the ``torch.save`` payload whose SHA-256 that line records.
+Every load recomputes the digest before unpickling anything, so a flipped bit or a cut file is a
+:class:`~sphereconv.errors.CheckpointError` naming the file, never a silently different weight.
+The payload holds plain data only (tensors, numbers, strings, lists, dicts, tuples) so that it
+loads with ``torch.load(weights_only=True)``: the unpickler then refuses anything that would run
+code. It holds everything a resumed run needs to continue bit for bit: model, optimizer,
+scheduler, grad scaler and loss-module state, the step, the data loader's position, the RNG states
+of torch, CUDA, numpy and Python, the progress counters and the resolved configuration.
+Checkpoints of format version 1 (a bare ``torch.save`` file, no digest) still load, with a warning.
 
 Writes are atomic: the file is written to a temporary name in the same directory, flushed and
 fsynced, renamed over the final name (``os.replace``) and the directory is fsynced, so a crash
@@ -17,6 +21,8 @@ Weights for sharing are exported as safetensors (no pickle at all).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 import pickle
@@ -35,12 +41,23 @@ from .atomic import atomic_write, remove_temporaries
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "sphereconv-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format version 1: a bare torch.save file without a digest (read with a warning).
+UNVERIFIED_FORMAT_VERSION = 1
+# First line of a checkpoint file of format version 2, then "sha256:<hex digest>\n", then the payload.
+MAGIC = b"SPHERECONV-CHECKPOINT 2\n"
+_DIGEST_PREFIX = b"sha256:"
+_DIGEST_HEX_CHARS = 64
+HEADER_BYTES = len(MAGIC) + len(_DIGEST_PREFIX) + _DIGEST_HEX_CHARS + 1
+# A first line differing from MAGIC in at most this many bytes is a damaged header, not another format.
+_MAGIC_DAMAGE_BYTES = 4
 CHECKPOINT_DIR = "checkpoints"
 _CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.pt$")
 
 # Longest excerpt of an underlying error quoted in a one-line message.
 EXCERPT_CHARS = 200
+# Longest repr of a configuration value quoted in a one-line message.
+VALUE_CHARS = 60
 # Configuration keys that define the network and its loss: a checkpoint can only be loaded into a
 # run whose values of these keys match.
 ARCHITECTURE_KEYS = ("model", "operator", "sigmoid_k", "fc_operator", "width_mult", "batch_norm",
@@ -51,8 +68,17 @@ ARCHITECTURE_KEYS = ("model", "operator", "sigmoid_k", "fc_operator", "width_mul
 # Atomic saving
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`)."""
-    return atomic_write(path, lambda handle: torch.save(obj, handle))
+    """``torch.save(obj)`` behind the integrity header, to ``path`` atomically (see :func:`atomic_write`)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    payload = buffer.getbuffer()
+    header = MAGIC + _DIGEST_PREFIX + hashlib.sha256(payload).hexdigest().encode("ascii") + b"\n"
+
+    def write(handle) -> None:
+        handle.write(header)
+        handle.write(payload)
+
+    return atomic_write(path, write)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,8 +145,12 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> int:
-    """Delete temporary files left by checkpoint writes that were killed; return how many."""
-    return remove_temporaries(directory)
+    """Delete temporary files left by checkpoint writes that were killed; return how many.
+
+    Only temporaries of checkpoint names go: other files in ``directory`` (a user's
+    ``.tmp-important``, ``mymodel.pt``) are never touched.
+    """
+    return remove_temporaries(directory, lambda target: bool(_CHECKPOINT_NAME.match(target)))
 
 
 def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike, step: int, keep: int) -> Path:
@@ -138,27 +168,67 @@ def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike, step: i
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and check a checkpoint with ``torch.load(weights_only=True)``.
+    """Verify a checkpoint's SHA-256, then load it with ``torch.load(weights_only=True)``.
 
-    Raises :class:`CheckpointError` (one line) when the file is missing, truncated, not a
-    checkpoint, carries pickled code or objects, or has an unsupported format version.
+    Raises :class:`CheckpointError` (one line, naming the file) when the file is missing,
+    truncated, fails its digest, is not a checkpoint, carries pickled code or objects, or has an
+    unsupported format version.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r} ({type(exc).__name__}: {exc.strerror})") from None
+    verified = data.startswith(MAGIC)
+    if not verified and _damaged_magic(data):
+        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt: its first line is not {MAGIC!r}")
+    payload = _verified_payload(path, data) if verified else memoryview(data)
+    try:
+        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... here
         raise CheckpointError(_load_failure(path, exc)) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{str(path)!r} is not a sphereconv checkpoint (no '{FORMAT_NAME}' format marker)")
     version = state.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {str(path)!r} has format version {version!r}; this sphereconv reads version {FORMAT_VERSION}")
+    expected = FORMAT_VERSION if verified else UNVERIFIED_FORMAT_VERSION
+    if version != expected:
+        if version in (FORMAT_VERSION, UNVERIFIED_FORMAT_VERSION):  # header stripped, or added by hand
+            where = "inside an integrity header" if verified else "without its integrity header"
+            raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: format version {version} {where}")
+        raise CheckpointError(f"checkpoint {str(path)!r} has format version {version!r}; this sphereconv reads "
+                              f"versions {UNVERIFIED_FORMAT_VERSION} and {FORMAT_VERSION}")
+    if not verified:
+        logger.warning("checkpoint %s has format version 1 and no integrity digest: it cannot be verified", path)
     missing = [k for k in ("step", "model", "config") if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: missing {', '.join(missing)}")
     return state
+
+
+def _damaged_magic(data: bytes) -> bool:
+    """True when ``data`` starts like a version-2 header cut short or with a few bytes changed."""
+    head = data[:len(MAGIC)]
+    if not head or MAGIC.startswith(head):
+        return bool(head)
+    return len(head) == len(MAGIC) and sum(a != b for a, b in zip(head, MAGIC)) <= _MAGIC_DAMAGE_BYTES
+
+
+def _verified_payload(path: Path, data: bytes) -> memoryview:
+    """The payload after the header of ``data``, or CheckpointError if its SHA-256 does not match."""
+    digest_line = data[len(MAGIC):HEADER_BYTES]
+    recorded = digest_line[len(_DIGEST_PREFIX):-1]
+    if (len(data) < HEADER_BYTES or not digest_line.startswith(_DIGEST_PREFIX) or not digest_line.endswith(b"\n")
+            or any(c not in b"0123456789abcdef" for c in recorded)):
+        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt: its integrity header is damaged")
+    payload = memoryview(data)[HEADER_BYTES:]
+    actual = hashlib.sha256(payload).hexdigest()
+    if actual != recorded.decode("ascii"):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is truncated or corrupt: the SHA-256 of its {len(payload)} payload bytes is "
+            f"{actual[:16]}..., not the {recorded[:16].decode('ascii')}... recorded when it was written")
+    return payload
 
 
 def _load_failure(path: Path, exc: Exception) -> str:
@@ -190,16 +260,23 @@ def find_latest_checkpoint(directory: str | os.PathLike,
 # Compatibility
 
 def _describe(config: Mapping[str, Any]) -> str:
-    return f"model {config.get('model')!r} with operator {config.get('operator')!r}"
+    return f"model {short_value(config.get('model'))} with operator {short_value(config.get('operator'))}"
+
+
+def short_value(value: Any) -> str:
+    """``repr(value)``, cut to :data:`VALUE_CHARS` characters for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= VALUE_CHARS else text[:VALUE_CHARS - 3] + "..."
 
 
 def check_config_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], source: str) -> None:
     """Raise CheckpointError (one line) if ``saved`` and ``current`` differ in an architecture key."""
     differing = [key for key in ARCHITECTURE_KEYS if saved.get(key) != current.get(key)]
     if differing:
-        changes = ", ".join(f"{k}={saved.get(k)!r} there but {current.get(k)!r} here" for k in differing)
-        raise CheckpointError(
-            f"{source} belongs to a different model ({_describe(saved)}, not {_describe(current)}): {changes}")
+        changes = ", ".join(f"{k}={short_value(saved.get(k))} there but {short_value(current.get(k))} here"
+                            for k in differing)
+        names = "" if _describe(saved) == _describe(current) else f" ({_describe(saved)}, not {_describe(current)})"
+        raise CheckpointError(f"{source} belongs to a different model{names}: {changes}")
 
 
 def check_state_compatible(saved: Mapping[str, torch.Tensor], model: nn.Module, source: str) -> None:
