@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sphereconv.data import dataset_info, list_image_folder, load_dataset
-from sphereconv.data.image_folder import FLAT_TEST_FRACTION, flat_split_of
+from sphereconv.data.image_folder import DEFAULT_FOLDER_IMAGE_SIZE, FLAT_TEST_FRACTION, flat_split_of
 from sphereconv.errors import DatasetError
 
 Image = pytest.importorskip("PIL.Image")
@@ -48,12 +48,18 @@ def test_val_folder_and_greyscale(tmp_path):
     assert x.shape == (1, 3, 4, 4) and (x == 50).all()
 
 
-def test_mixed_sizes_need_image_size_and_are_resized(tmp_path):
+def test_mixed_sizes_are_resized_to_the_default_or_to_image_size(tmp_path, caplog):
     save_png(tmp_path / "train" / "a" / "big.png", np.zeros((16, 16, 3), np.uint8))
     Image.fromarray(np.full((8, 12, 3), 255, np.uint8)).save(tmp_path / "train" / "a" / "small.jpg")
     (tmp_path / "test" / "a").mkdir(parents=True)
-    with pytest.raises(DatasetError, match=r"small\.jpg is 12x8 but .*big\.png is 16x16.*pass image_size"):
-        load_dataset("folder", "train", data_dir=tmp_path)
+    with caplog.at_level("WARNING", logger="sphereconv.data.image_folder"):
+        info = dataset_info("folder", data_dir=tmp_path)
+    side = DEFAULT_FOLDER_IMAGE_SIZE
+    assert info.image_size == side
+    assert "2 different sizes" in caplog.text and f"resizing every image to {side}x{side}" in caplog.text
+    assert "--image-size" in caplog.text
+    x, _ = load_dataset("folder", "train", data_dir=tmp_path)
+    assert x.shape == (2, 3, side, side)
     x, _ = load_dataset("folder", "train", data_dir=tmp_path, image_size=10)
     assert x.shape == (2, 3, 10, 10)
     assert int(x[0].max()) == 0 and int(x[1].min()) >= 250  # JPEG of a flat image stays near 255

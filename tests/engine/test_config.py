@@ -182,7 +182,8 @@ def test_fuzz_load_config_raises_only_config_errors(tmp_path_factory, overrides,
     assert (config.epochs is None) != (config.iterations is None)
     for f in dataclasses.fields(config):
         assert getattr(config, f.name) is not None or f.name in (
-            "fc_operator", "feature_dim", "data_dir", "train_subset", "test_subset", "grad_clip", "epochs", "iterations")
+            "fc_operator", "feature_dim", "data_dir", "train_subset", "test_subset", "grad_clip", "epochs", "iterations",
+            "image_size")
 
 
 def test_model_and_dataset_names_are_checked():

@@ -6,15 +6,15 @@ import argparse
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .parsing import positive_int
+from .parsing import device_name, existing_directory, positive_int
 
 
 def register(subparsers) -> None:
     """Add the ``eval`` subcommand to ``subparsers``."""
     parser = subparsers.add_parser("eval", help="evaluate a checkpoint on its test set", description=__doc__)
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file, or a run directory (its newest checkpoint)")
-    parser.add_argument("--data-dir", default=None, help="folder holding the dataset files (default: where the run found them)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--data-dir", type=existing_directory, default=None, help="folder holding the dataset files (default: where the run found them)")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--test-subset", type=positive_int, default=None, help="evaluate on N test images only (stratified)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="evaluation batch size (default: the run's)")
     parser.set_defaults(func=run)
@@ -24,6 +24,8 @@ def resolve_checkpoint(path: str) -> Path:
     """``path`` itself, or the newest checkpoint of the run directory ``path``."""
     from ..engine.checkpoint import checkpoint_dir, list_checkpoints
 
+    if not path.strip():
+        raise CheckpointError("CHECKPOINT is empty: expected a checkpoint file or a run directory")
     candidate = Path(path)
     if not candidate.is_dir():
         return candidate

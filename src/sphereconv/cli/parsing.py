@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
-from ..errors import SphereconvError
+from ..errors import ConfigError, SphereconvError, short_repr
+
+# Longest path printed in a message.
+MAX_PATH_CHARS = 200
+# Longest message of argparse's own errors printed (it lists unrecognized arguments in full).
+MAX_MESSAGE_CHARS = 500
 
 
 class CommandLineError(SphereconvError):
@@ -22,6 +28,8 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     """``ArgumentParser`` that raises :class:`CommandLineError` instead of printing usage and exiting."""
 
     def error(self, message: str):  # type: ignore[override]
+        if len(message) > MAX_MESSAGE_CHARS:  # argparse repeats unrecognized arguments in full
+            message = message[: MAX_MESSAGE_CHARS - 3] + "..."
         raise CommandLineError(f"{message} (see '{self.prog} --help')")
 
 
@@ -30,9 +38,9 @@ def _int_at_least(text: str, minimum: int, kind: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {short_repr(text)}") from None
     if value < minimum:
-        raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {short_repr(value)}")
     return value
 
 
@@ -51,9 +59,9 @@ def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {short_repr(text)}") from None
     if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {short_repr(text)}")
     return value
 
 
@@ -62,7 +70,26 @@ def finite_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number, got {short_repr(text)}") from None
     if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {short_repr(text)}")
     return value
+
+
+def device_name(text: str) -> str:
+    """argparse type: auto, cpu, cuda, cuda:N or mps (the check of the ``device`` config key)."""
+    from ..engine.config import check_device_name
+
+    try:
+        return check_device_name(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def existing_directory(text: str) -> str:
+    """argparse type: the path of a directory that exists."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a directory, got an empty path")
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"expected an existing directory, got {short_repr(text, MAX_PATH_CHARS)}")
+    return text

@@ -14,10 +14,13 @@ Every mismatch raises :class:`~sphereconv.errors.DatasetError` naming the file a
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import DatasetError
 
@@ -25,6 +28,10 @@ from ..errors import DatasetError
 GZIP_MAGIC = b"\x1f\x8b"
 # Read files in 1 MiB blocks when hashing them.
 HASH_BLOCK_BYTES = 1 << 20
+# Most decompressed bytes read from one dataset file when no tighter bound is known: above the
+# largest MNIST-family file (EMNIST ByClass training images, 0.55 GB), far below a gzip bomb's
+# gigabytes.
+MAX_CONTENT_BYTES = 1 << 30
 
 
 def file_md5(path: str | Path) -> str:
@@ -41,20 +48,23 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_content(path: str | Path) -> bytes:
-    """The decompressed content of ``path``: gunzipped when it starts with the gzip magic, else raw.
+@contextlib.contextmanager
+def open_content(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary stream of the content of ``path``: gunzipped when it starts with the gzip magic, else raw.
 
-    A truncated or damaged gzip stream raises :class:`DatasetError` naming the file.
+    A damaged gzip stream met while reading raises :class:`DatasetError` naming the file, as does
+    a file that cannot be opened.
     """
     path = Path(path)
     try:
         with open(path, "rb") as handle:
-            head = handle.read(len(GZIP_MAGIC))
+            if handle.read(len(GZIP_MAGIC)) != GZIP_MAGIC:
+                handle.seek(0)
+                yield handle
+                return
             handle.seek(0)
-            if head != GZIP_MAGIC:
-                return handle.read()
             with gzip.GzipFile(fileobj=handle) as stream:
-                return stream.read()
+                yield stream
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise DatasetError(
             f"{path} is a damaged or truncated gzip file ({exc}); delete it and download it again "
@@ -62,6 +72,35 @@ def read_content(path: str | Path) -> bytes:
         ) from exc
     except OSError as exc:
         raise DatasetError(f"cannot read dataset file {path}: {exc}") from exc
+
+
+def read_at_most(stream: BinaryIO, limit: int) -> bytes:
+    """Up to ``limit`` bytes of ``stream``, read in blocks (never a single allocation of ``limit``)."""
+    blocks = []
+    remaining = limit
+    while remaining > 0:
+        block = stream.read(min(HASH_BLOCK_BYTES, remaining))
+        if not block:
+            break
+        blocks.append(block)
+        remaining -= len(block)
+    return b"".join(blocks)
+
+
+def read_content(path: str | Path, max_bytes: int = MAX_CONTENT_BYTES) -> bytes:
+    """The decompressed content of ``path`` (see :func:`open_content`), at most ``max_bytes`` of it.
+
+    Content longer than ``max_bytes`` raises :class:`DatasetError` after reading ``max_bytes + 1``
+    bytes, so a small gzip file that expands to gigabytes is never decompressed in full.
+    """
+    with open_content(path) as stream:
+        content = read_at_most(stream, max_bytes + 1)
+    if len(content) > max_bytes:
+        raise DatasetError(
+            f"{path} decompresses to more than {max_bytes:,} bytes, more than this dataset file can hold; "
+            "delete it and download it again"
+        )
+    return content
 
 
 def verify_content(path: str | Path, content: bytes, expected_sha256: str | None) -> None:

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DatasetError
-from .checksums import read_content, verify_content
+from ..errors import DatasetError, short_repr
+from .checksums import verify_content
 from .cifar import read_cifar
 from .discovery import DATA_DIR_ENV, SearchResult, download_root, find_split_files
 from .download import MIRROR_ENV, base_urls, download_dataset
-from .idx import parse_idx
+from .idx import IDX_DIM_BYTES, IDX_MAGIC_BYTES, parse_idx, read_idx_content
 from .image_folder import image_folder_info, load_image_folder
 from .registry import FOLDER, DatasetInfo, DatasetSpec, canonical_name, check_split, get_spec
 
@@ -46,7 +46,17 @@ def dataset_info(
     key = canonical_name(name)
     if key == FOLDER:
         return image_folder_info(data_dir, image_size=image_size, channels=channels)
-    return get_spec(key).info
+    return _check_fixed_size(get_spec(key), image_size).info
+
+
+def _check_fixed_size(spec: DatasetSpec, image_size: int | tuple[int, int] | None) -> DatasetSpec:
+    """Refuse an ``image_size`` other than the native size of a dataset that is not an image folder."""
+    side = spec.info.image_size
+    if image_size is not None and image_size not in (side, (side, side), [side, side]):
+        raise DatasetError(
+            f"image_size={short_repr(image_size)} applies to image folders (dataset 'folder'); {spec.info.name} "
+            f"images are {side}x{side}: leave image_size (--image-size) unset")
+    return spec
 
 
 def _missing_message(key: str, spec: DatasetSpec, split: str, search: SearchResult, data_dir) -> str:
@@ -70,13 +80,17 @@ def _missing_message(key: str, spec: DatasetSpec, split: str, search: SearchResu
 
 def _read_idx_split(spec: DatasetSpec, split: str, files: dict) -> tuple[np.ndarray, np.ndarray]:
     image_name, label_name = spec.split_files[split]
+    count, side = spec.split_counts[split], spec.info.image_size
+    # The content the dataset table implies: a 3-d header and count images of side x side bytes; a
+    # 1-d header and count labels of one byte. Nothing longer is read.
+    max_bytes = {image_name: IDX_MAGIC_BYTES + 3 * IDX_DIM_BYTES + count * side * side,
+                 label_name: IDX_MAGIC_BYTES + IDX_DIM_BYTES + count}
     arrays = {}
     for name in (image_name, label_name):
-        content = read_content(files[name])
+        content = read_idx_content(files[name], max_bytes[name])
         verify_content(files[name], content, spec.content_sha256.get(name))
         arrays[name] = parse_idx(content, files[name])
     images, labels = arrays[image_name], arrays[label_name]
-    count, side = spec.split_counts[split], spec.info.image_size
     if images.shape != (count, side, side) or images.dtype != np.uint8:
         raise DatasetError(
             f"{files[image_name]} holds {images.dtype} images of shape {images.shape}, expected uint8 "
@@ -98,8 +112,8 @@ def _read_idx_split(spec: DatasetSpec, split: str, files: dict) -> tuple[np.ndar
 
 def _read_cifar_split(spec: DatasetSpec, split: str, files: dict) -> tuple[np.ndarray, np.ndarray]:
     paths = [files[name] for name in spec.split_files[split]]
-    images, labels = read_cifar(paths, spec.label_key, spec.info.num_classes)
     count = spec.split_counts[split]
+    images, labels = read_cifar(paths, spec.label_key, spec.info.num_classes, max_images=count)
     if images.shape[0] != count:
         raise DatasetError(
             f"the {split} split of {spec.info.name} in {paths[0].parent} holds {images.shape[0]} images, expected "
@@ -134,7 +148,7 @@ def load_dataset(
     if key == FOLDER:
         images, labels, _ = load_image_folder(data_dir, split, image_size=image_size, channels=channels)
         return torch.from_numpy(images), torch.from_numpy(labels)
-    spec = get_spec(key)
+    spec = _check_fixed_size(get_spec(key), image_size)
     search = find_split_files(spec, split, data_dir)
     if search.files is None and download:
         download_dataset(spec, download_root(data_dir), mirror=mirror, progress=progress)

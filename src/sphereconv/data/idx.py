@@ -5,17 +5,20 @@ uint32 per dimension, then the values in row-major order, big-endian (format des
 http://yann.lecun.com/exdb/mnist/). Files may be gzip-compressed; the compression is detected from
 the content, not the file name. A file whose length does not match its header raises
 :class:`~sphereconv.errors.DatasetError` (it is truncated or padded), never a silently short array.
+Reading is bounded by the header (and by the dataset table, when the caller gives it): a gzip file
+is decompressed no further than one byte past the size its header promises.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DatasetError
-from .checksums import read_content
+from .checksums import MAX_CONTENT_BYTES, open_content, read_at_most
 
 # Type codes of the IDX header and the big-endian numpy dtype each stands for.
 IDX_DTYPES = {
@@ -62,6 +65,37 @@ def parse_idx(content: bytes, source: str | Path = "<bytes>") -> np.ndarray:
     return values.astype(dtype.newbyteorder("="), copy=True)
 
 
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (raw or gzip-compressed) into a numpy array; see :func:`parse_idx`."""
-    return parse_idx(read_content(path), path)
+def read_idx_content(path: str | Path, max_bytes: int = MAX_CONTENT_BYTES) -> bytes:
+    """The (decompressed) bytes of an IDX file, reading no more than its header promises, plus one.
+
+    The header is read first; a file whose header promises more than ``max_bytes`` (the size the
+    dataset table allows) raises :class:`DatasetError` at once, and of a longer stream only one byte
+    past the promised size is read (enough for :func:`parse_idx` to call it too long). So a small
+    gzip file holding gigabytes of zeros is never decompressed in full.
+    """
+    with open_content(path) as stream:
+        head = read_at_most(stream, IDX_MAGIC_BYTES)
+        if len(head) < IDX_MAGIC_BYTES:
+            return head  # parse_idx names the problem
+        zero, type_code, ndim = struct.unpack(">HBB", head)
+        if zero != 0 or type_code not in IDX_DTYPES or ndim == 0:
+            return head
+        head += read_at_most(stream, IDX_DIM_BYTES * ndim)
+        if len(head) < IDX_MAGIC_BYTES + IDX_DIM_BYTES * ndim:
+            return head
+        dims = struct.unpack(f">{ndim}I", head[IDX_MAGIC_BYTES:])
+        expected = len(head) + math.prod(dims) * IDX_DTYPES[type_code].itemsize
+        if expected > max_bytes:
+            raise DatasetError(
+                f"{path}: its IDX header promises shape {tuple(dims)} ({expected:,} bytes), more than the "
+                f"{max_bytes:,} bytes this dataset file can hold; delete it and download it again"
+            )
+        return head + read_at_most(stream, expected - len(head) + 1)
+
+
+def read_idx(path: str | Path, max_bytes: int = MAX_CONTENT_BYTES) -> np.ndarray:
+    """Read an IDX file (raw or gzip-compressed) of at most ``max_bytes`` into a numpy array.
+
+    See :func:`read_idx_content` and :func:`parse_idx`.
+    """
+    return parse_idx(read_idx_content(path, max_bytes), path)

@@ -12,21 +12,29 @@ Two layouts are accepted:
 
 Labels are the indices of the sorted class names. Images with the extensions in
 ``IMAGE_EXTENSIONS`` are read with Pillow (an optional dependency: ``pip install pillow`` or the
-``images`` extra) and converted to RGB (``channels=3``) or greyscale (``channels=1``). Sizes: with
-``image_size=None`` every image must have the size of the first one (else a
-:class:`~sphereconv.errors.DatasetError` names the odd file); with ``image_size`` given (an int for
-square images or ``(height, width)``) every image is resized to it (bilinear). All images are held
-in memory, so this is meant for datasets that fit in it.
+``images`` extra) and converted to RGB (``channels=3``) or greyscale (``channels=1``).
+
+Sizes: the network needs one input size. With ``image_size`` given (an int for square images or
+``(height, width)``; the ``image_size`` config key and ``--image-size`` flag) every image is resized
+to it (bilinear) as it is read. Without it, the size comes from the headers of the train split: if
+all its images share one size of at most ``MAX_NATIVE_SIDE`` pixels a side, that size is kept;
+otherwise (photos of mixed or large sizes) every image is resized to ``DEFAULT_FOLDER_IMAGE_SIZE``
+square and a warning says so and names the flag. Files are untrusted: an image whose header
+declares more than ``MAX_IMAGE_PIXELS`` pixels (a "decompression bomb") is refused with a
+:class:`~sphereconv.errors.DatasetError` before it is decoded. All images are held in memory, so
+this is meant for datasets that fit in it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..errors import DatasetError, short_repr
 from .registry import FOLDER, DatasetInfo, check_split
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -38,6 +46,22 @@ SPLIT_DIRS = {"train": ("train",), "test": ("test", "val")}
 CHANNEL_MODES = {1: "L", 3: "RGB"}
 # Bits of the name hash used to place an image in the flat layout's split.
 _HASH_BITS = 32
+# Side to which images of mixed or large sizes are resized when image_size is not given: 32, the
+# CIFAR image size the models of Liu et al. 2017 (Sec. 5) are built for.
+DEFAULT_FOLDER_IMAGE_SIZE = 32
+# Largest side of images kept at their own size when image_size is not given; larger ones (photos)
+# would make the first fully connected layer, which grows with the image area, too large.
+MAX_NATIVE_SIDE = 64
+# Largest image_size accepted: the models are CIFAR-scale networks; 512 already gives their fully
+# connected layer 256 times the positions of a 32x32 input.
+MAX_IMAGE_SIZE = 512
+# Most pixels an image file may declare: 8192x8192 (64 MP), above the 48 MP of current phone
+# cameras; a few hundred bytes of PNG can declare 20000x20000 and decode to gigabytes.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+logger = logging.getLogger(__name__)
+# Folders (and the size chosen for them) whose automatic resize was announced in this process.
+_announced: set[tuple[str, tuple[int, int]]] = set()
 
 
 def _require_pillow():
@@ -126,15 +150,15 @@ def list_image_folder(root: str | Path | None, split: str) -> tuple[tuple[str, .
     return classes, items
 
 
-def _target_size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+def _target_size(image_size: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
     if image_size is None:
         return None
-    if isinstance(image_size, int) and not isinstance(image_size, bool) and image_size > 0:
-        return (image_size, image_size)
-    if (isinstance(image_size, (tuple, list)) and len(image_size) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in image_size)):
-        return (int(image_size[0]), int(image_size[1]))
-    raise ValueError(f"image_size must be None, a positive int or (height, width); got {image_size!r}")
+    sides = [image_size] if isinstance(image_size, int) and not isinstance(image_size, bool) else image_size
+    if isinstance(sides, (tuple, list)) and len(sides) in (1, 2) and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_IMAGE_SIZE for v in sides):
+        return (int(sides[0]), int(sides[-1]))
+    raise ValueError(f"image_size must be None, an int in [1, {MAX_IMAGE_SIZE}] or (height, width) of such ints; "
+                     f"got {short_repr(image_size)}")
 
 
 def _check_channels(channels: int) -> str:
@@ -143,12 +167,73 @@ def _check_channels(channels: int) -> str:
     return CHANNEL_MODES[channels]
 
 
-def _open(image_module, path: Path, mode: str):
+def _open(image_module, path: Path):
+    """Open ``path`` reading only its header; refuse it if it declares more than MAX_IMAGE_PIXELS."""
     try:
-        with image_module.open(path) as image:
-            return image.convert(mode)
+        with warnings.catch_warnings():
+            # Pillow's own bomb warning is superseded by the limit below, which is lower.
+            warnings.simplefilter("ignore", image_module.DecompressionBombWarning)
+            image = image_module.open(path)
+    except image_module.DecompressionBombError:
+        image = None
     except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
         raise DatasetError(f"cannot read image {path}: {exc}; remove or replace the file") from exc
+    if image is None or image.width * image.height > MAX_IMAGE_PIXELS:
+        size = "" if image is None else f" ({image.width}x{image.height})"
+        if image is not None:
+            image.close()
+        raise DatasetError(
+            f"image {path} declares more than {MAX_IMAGE_PIXELS:,} pixels{size}, the limit for one image "
+            "(a larger one may be a decompression bomb); shrink or remove the file")
+    return image
+
+
+def _read(image_module, path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """The pixels of ``path`` in ``mode``, resized to ``size`` = (height, width) if needed, as HWC uint8."""
+    height, width = size
+    with _open(image_module, path) as image:
+        try:
+            if (image.height, image.width) != size:
+                image.draft(mode, (width, height))  # JPEG: decode at a reduced scale, much faster for photos
+            image = image.convert(mode)
+            if (image.height, image.width) != size:
+                image = image.resize((width, height), image_module.Resampling.BILINEAR)
+            return np.asarray(image, dtype=np.uint8).reshape(height, width, len(mode))
+        except (OSError, ValueError, SyntaxError) as exc:  # damaged data after a valid header
+            raise DatasetError(f"cannot read image {path}: {exc}; remove or replace the file") from exc
+
+
+def folder_image_size(root: str | Path | None, image_size: int | tuple[int, int] | None = None,
+                      *, announce: bool = False) -> tuple[int, int]:
+    """``(height, width)`` at which every image of the folder is read (see the module docstring).
+
+    ``image_size`` given: that size. Otherwise the one size of the train split's images if they
+    share one no larger than MAX_NATIVE_SIDE, else DEFAULT_FOLDER_IMAGE_SIZE square (logged as a
+    warning naming the flag when ``announce``, once per folder and process). Reads only the image
+    headers.
+    """
+    size = _target_size(image_size)
+    if size is not None:
+        return size
+    image_module = _require_pillow()
+    _, items = list_image_folder(root, "train")
+    sizes = set()
+    for path, _ in items:
+        with _open(image_module, path) as image:
+            sizes.add((image.height, image.width))
+    if len(sizes) == 1 and max(next(iter(sizes))) <= MAX_NATIVE_SIDE:
+        return sizes.pop()
+    size = (DEFAULT_FOLDER_IMAGE_SIZE, DEFAULT_FOLDER_IMAGE_SIZE)
+    if announce and (str(root), size) not in _announced:
+        _announced.add((str(root), size))
+        height, width = max(sizes, key=lambda hw: hw[0] * hw[1])
+        if len(sizes) > 1:
+            found = f"{len(sizes)} different sizes, up to {width}x{height}"
+        else:
+            found = f"{width}x{height} pixels, more than {MAX_NATIVE_SIDE} a side"
+        logger.warning("image folder %s: its train images have %s; resizing every image to %dx%d (choose another "
+                       "size with --image-size / the image_size config key)", root, found, size[1], size[0])
+    return size
 
 
 def load_image_folder(
@@ -158,26 +243,19 @@ def load_image_folder(
     image_size: int | tuple[int, int] | None = None,
     channels: int = 3,
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """Read ``split`` of an image folder into ``(images uint8 (N, C, H, W), labels int64 (N,), class names)``."""
+    """Read ``split`` of an image folder into ``(images uint8 (N, C, H, W), labels int64 (N,), class names)``.
+
+    Every image is read at :func:`folder_image_size` (resized where it differs).
+    """
     mode = _check_channels(channels)
-    size = _target_size(image_size)
+    _target_size(image_size)
     image_module = _require_pillow()
     classes, items = list_image_folder(root, split)
-    resample = image_module.Resampling.BILINEAR
-    first = _open(image_module, items[0][0], mode)
-    height, width = size if size is not None else (first.height, first.width)
+    height, width = folder_image_size(root, image_size)
     images = np.empty((len(items), height, width, channels), dtype=np.uint8)
     labels = np.empty(len(items), dtype=np.int64)
     for i, (path, label) in enumerate(items):
-        image = first if i == 0 else _open(image_module, path, mode)
-        if (image.height, image.width) != (height, width):
-            if size is None:
-                raise DatasetError(
-                    f"image {path} is {image.width}x{image.height} but {items[0][0]} is {width}x{height}; "
-                    "image folders need one size: pass image_size to resize every image"
-                )
-            image = image.resize((width, height), resample)
-        images[i] = np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
+        images[i] = _read(image_module, path, mode, (height, width))
         labels[i] = label
     return images.transpose(0, 3, 1, 2).copy(), labels, classes
 
@@ -185,13 +263,10 @@ def load_image_folder(
 def image_folder_info(
     root: str | Path | None, *, image_size: int | tuple[int, int] | None = None, channels: int = 3
 ) -> DatasetInfo:
-    """The :class:`DatasetInfo` of an image folder (classes from the train split, size from its first image)."""
+    """The :class:`DatasetInfo` of an image folder (classes from the train split, size from :func:`folder_image_size`)."""
     _check_channels(channels)
-    size = _target_size(image_size)
-    classes, items = list_image_folder(root, "train")
-    if size is None:
-        image_module = _require_pillow()
-        first = _open(image_module, items[0][0], CHANNEL_MODES[channels])
-        size = (first.height, first.width)
+    _target_size(image_size)
+    classes, _ = list_image_folder(root, "train")
+    size = folder_image_size(root, image_size, announce=True)
     reported = size[0] if size[0] == size[1] else size
     return DatasetInfo(FOLDER, len(classes), channels, reported, classes)

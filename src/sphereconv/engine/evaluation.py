@@ -50,7 +50,7 @@ def evaluate(checkpoint_path: str | os.PathLike, data_dir: str | os.PathLike | N
         raise ConfigError(f"invalid batch_size={batch_size!r}: expected a positive integer")
     torch_device = torch.device(resolve_device_name(device))
 
-    info = dataset_info(config.dataset, config.data_dir)
+    info = dataset_info(config.dataset, config.data_dir, image_size=config.image_size)
     model = build_model(config, info.num_classes, info.in_channels, info.image_size)
     loss_module = build_loss_module(config, model, info.num_classes)
     load_model_state(model, state["model"], source)
@@ -58,7 +58,8 @@ def evaluate(checkpoint_path: str | os.PathLike, data_dir: str | os.PathLike | N
         load_model_state(loss_module, state.get("loss") or {}, source + " (loss module)")
     module = TrainingModule(model, loss_module, config.label_smoothing if loss_module is None else 0.0).to(torch_device)
 
-    images, labels = load_dataset(config.dataset, split, config.data_dir, download, progress=progress)
+    images, labels = load_dataset(config.dataset, split, config.data_dir, download, image_size=config.image_size,
+                                  progress=progress)
     if subset_size is not None:
         if isinstance(subset_size, bool) or not isinstance(subset_size, int) or not 1 <= subset_size <= labels.shape[0]:
             raise ConfigError(f"invalid subset_size={subset_size!r}: expected an integer in [1, {labels.shape[0]}]")
