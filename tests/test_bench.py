@@ -24,7 +24,8 @@ def _parser() -> OneLineArgumentParser:
 
 
 def test_layer_records_cover_every_operator_and_dtype():
-    config = bench.BenchConfig(device="cpu", shapes=[TINY], repeats=2, warmup=1, reference=True)
+    config = bench.BenchConfig(device="cpu", dtypes=["fp32", "bf16"], shapes=[TINY], repeats=2, warmup=1,
+                               reference=True)
     records = bench.run(config)
     assert [(r["operator"], r["dtype"]) for r in records] == [
         (op, dtype) for dtype in ("fp32", "bf16") for op in ("linear", "cosine", "sigmoid", "learnable_sigmoid")
@@ -119,3 +120,78 @@ def test_library_config_validation():
     assert bench.parse_shape("16x128x128x32") == bench.LayerShape("16x128x128x32", 16, 128, 128, 32)
     assert [s.label for s in bench.CPU_LAYER_SHAPES] == ["16x128x128x32", "16x192x192x16", "16x256x256x8", "2x256x256x56"]
     assert [s.label for s in bench.CUDA_LAYER_SHAPES] == ["128x128x128x32", "128x192x192x16", "128x256x256x8", "64x256x256x56"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shape", "100000x3x4x100000"], "shape 100000x3x4x100000 needs about .* GB, more than the limit of"),
+    (["--models-only", "--model-batch", "100000000"], "--model-batch 100000000 at --model-width-mult 1 needs about"),
+    (["--threads", "100000"], "--threads must be at most"),
+    (["--seed", str(2**64)], "seed must be between 0 and 18446744073709551615"),
+    (["--device", "cuda:99"], "--device: "),
+])
+def test_cli_rejects_impossible_workloads_before_allocating(argv, message, tmp_path, monkeypatch):
+    allocated = []
+    monkeypatch.setattr(bench, "bench_layers", lambda *a, **k: allocated.append(a) or [])
+    monkeypatch.setattr(bench, "bench_models", lambda *a, **k: allocated.append(a) or [])
+    args = _parser().parse_args(["bench", "--device", "cpu", *argv] if "--device" not in argv else ["bench", *argv])
+    with pytest.raises(SphereconvError, match=message) as info:
+        args.func(args)
+    assert "\n" not in str(info.value) and not allocated
+
+
+def test_memory_limit_follows_the_free_memory(monkeypatch):
+    shape = bench.parse_shape("16x128x128x32")
+    need = bench.layer_memory_bytes(shape)
+    config = bench.BenchConfig(device="cpu", shapes=[shape])
+    monkeypatch.setattr(bench, "available_memory_bytes", lambda device: int(need / bench.MEMORY_FRACTION) + 1)
+    bench.validate(config)  # fits
+    monkeypatch.setattr(bench, "available_memory_bytes", lambda device: need)
+    with pytest.raises(ValueError, match="shape 16x128x128x32 needs about"):
+        bench.validate(config)
+
+
+def test_json_path_is_checked_before_the_run(tmp_path):
+    for path, message in ((tmp_path / "missing" / "x.json", "does not exist"), (tmp_path, "is a directory")):
+        args = _parser().parse_args(["bench", "--device", "cpu", "--shape", "2x4x6x6", "--json", str(path)])
+        with pytest.raises(CommandLineError, match=message):
+            args.func(args)
+
+
+def test_cpu_without_fast_bf16_times_fp32_only_and_says_so(monkeypatch):
+    monkeypatch.setattr(bench, "cpu_has_fast_bf16", lambda: False)
+    notes: list[str] = []
+    records = bench.run(bench.BenchConfig(device="cpu", shapes=[TINY], operators=["cosine"], repeats=1, warmup=0),
+                        notes=notes)
+    assert [r["dtype"] for r in records] == ["fp32"]
+    assert len(notes) == 1 and "bf16 skipped" in notes[0] and "--dtypes fp32,bf16" in notes[0]
+    monkeypatch.setattr(bench, "cpu_has_fast_bf16", lambda: True)
+    assert bench.default_dtypes(torch.device("cpu")) == (("fp32", "bf16"), None)
+
+
+def test_default_rounds_shrink_to_the_time_budget(monkeypatch):
+    monkeypatch.setattr(bench, "CPU_TIME_BUDGET_S", 1e-6)  # spent at once: the minimum of rounds
+    steps = {"slow": lambda: time.sleep(0.01)}
+    samples = bench.interleaved_samples(steps, torch.device("cpu"), repeats=20, warmup=1, budget_s=0.05)
+    assert bench.MIN_REPEATS <= len(samples["slow"]) < 20
+    notes: list[str] = []
+    records = bench.run(bench.BenchConfig(device="cpu", shapes=[bench.parse_shape("2x8x8x16")], dtypes=["fp32"],
+                                          operators=["cosine"], warmup=1), notes=notes)
+    assert records[0]["repeats"] == bench.MIN_REPEATS < bench.CPU_REPEATS
+    assert "rounds, to stay within the CPU time budget" in notes[0]
+    # an explicit --repeats is honoured in full
+    records = bench.run(bench.BenchConfig(device="cpu", shapes=[TINY], dtypes=["fp32"], operators=["cosine"],
+                                          repeats=5, warmup=0))
+    assert records[0]["repeats"] == 5
+
+
+def test_a_failed_allocation_during_the_run_is_one_line(monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9000000000 bytes.")
+
+    monkeypatch.setattr(bench, "bench_layers", out_of_memory)
+    args = _parser().parse_args(["bench", "--device", "cpu", "--shape", "2x4x6x6"])
+    with pytest.raises(CommandLineError, match="out of memory on cpu: DefaultCPUAllocator: can't allocate memory"):
+        args.func(args)
+    monkeypatch.setattr(bench, "bench_layers", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # a bug is not disguised as a user error
+        args.func(args)

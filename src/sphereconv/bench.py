@@ -15,8 +15,10 @@ load from other processes hits them alike; warm-up rounds are excluded and the m
 remaining rounds is reported. On CUDA every step is timed with CUDA events and the peak memory of
 one step is recorded. ``bf16`` runs the forward pass under ``torch.autocast``.
 
-On CPU the default shapes use smaller batches (:data:`CPU_LAYER_SHAPES`) so that the whole run
-takes a couple of minutes on two cores; the channel and map sizes are the real ones.
+On CPU the default shapes use smaller batches (:data:`CPU_LAYER_SHAPES`), bf16 is timed only on a
+CPU with fast bfloat16 units, and the default number of rounds shrinks to a time budget, so that
+the whole run takes under three minutes on two cores; the channel and map sizes are the real ones.
+Every workload's memory is checked against what the device has free before anything is allocated.
 """
 
 from __future__ import annotations
@@ -81,14 +83,39 @@ CPU_MODEL_BATCH = 16
 # Rounds: warm-up (excluded) and measured; each round runs every candidate once.
 CUDA_REPEATS, CPU_REPEATS = 25, 7
 DEFAULT_WARMUP = 2
+# With the default number of rounds, a CPU run shrinks its rounds (down to MIN_REPEATS) so that the
+# whole benchmark stays within this many seconds: `sphereconv bench` on a 2-core machine must
+# finish in under 3 minutes, and the remaining minute covers start-up, model building and the
+# minimum rounds of a heavily loaded machine.
+CPU_TIME_BUDGET_S = 120.0
+MIN_REPEATS = 3
+# By default bf16 autocast is timed on CPU only where the CPU has AMX tiles for bfloat16
+# (/proc/cpuinfo flag ``amx_bf16``), the CPUs bf16 training is meant for; elsewhere it would double
+# the run time of a default run that must finish within 3 minutes.
+FAST_BF16_CPU_FLAG = "amx_bf16"
+# Memory a benchmark may plan to use: this fraction of what the device has free (the rest is left
+# to the system and to the allocator's rounding).
+MEMORY_FRACTION = 0.8
+# Bytes per element of the float32 tensors the layer benchmark holds at once, per input element
+# (input, its gradient and the norm's scratch: 3) and per output element (gradient of the output,
+# the convolution output, the cosine, g, the gradient of the cosine and the convolution's own
+# gradient: 6); a SphereNet-9 training step holds about 8 float32 values per activation element
+# (convolution, BatchNorm and ReLU outputs, their gradients and the saved cosine).
+BYTES_PER_FLOAT = 4
+LAYER_INPUT_COPIES, LAYER_OUTPUT_COPIES = 3, 6
+MODEL_ACTIVATION_COPIES = 8
+WEIGHT_COPIES = 4  # weight, gradient and Adam's two moments
+MODEL_IMAGE_SHAPE = (3, 32, 32)  # CIFAR images, the paper's SphereNet-9 input (Sec. 5)
+MAX_SEED = 2**64 - 1  # the largest seed torch.manual_seed accepts
 
 
 @dataclasses.dataclass
 class BenchConfig:
-    """What :func:`run` measures. ``None`` fields take the device's defaults."""
+    """What :func:`run` measures. ``None`` fields take the device's defaults (``dtypes``: fp32 and
+    bf16, without bf16 on a CPU without fast bf16; ``repeats``: shrunk on CPU to the time budget)."""
 
     device: str = "auto"
-    dtypes: Sequence[str] = ("fp32", "bf16")
+    dtypes: Sequence[str] | None = None
     operators: Sequence[str] = SPHERE_OPERATORS
     shapes: Sequence[LayerShape] | None = None
     repeats: int | None = None
@@ -116,7 +143,72 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but no CUDA device is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has AMX bfloat16 units (flag :data:`FAST_BF16_CPU_FLAG` in /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return FAST_BF16_CPU_FLAG in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def default_dtypes(device: torch.device) -> tuple[tuple[str, ...], str | None]:
+    """The dtypes timed by default on ``device`` and, when one is left out, a note saying why."""
+    if device.type == "cpu" and not cpu_has_fast_bf16():
+        return ("fp32",), (f"bf16 skipped to keep the run short: this CPU has no AMX bfloat16 units "
+                           f"({FAST_BF16_CPU_FLAG}); pass --dtypes fp32,bf16 to time it too")
+    return ("fp32", "bf16"), None
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory of ``device``: CUDA's free memory, or MemAvailable of /proc/meminfo (None if unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def layer_memory_bytes(shape: LayerShape) -> int:
+    """Float32 memory the layer benchmark of ``shape`` holds at once (see :data:`LAYER_OUTPUT_COPIES`)."""
+    out_size = shape.size + 2 * shape.padding - shape.kernel + 1
+    inputs = shape.batch * shape.in_channels * shape.size**2
+    outputs = shape.batch * shape.out_channels * max(out_size, 0) ** 2
+    weights = shape.out_channels * shape.in_channels * shape.kernel**2
+    return BYTES_PER_FLOAT * (LAYER_INPUT_COPIES * inputs + LAYER_OUTPUT_COPIES * outputs + WEIGHT_COPIES * weights)
+
+
+def model_memory_bytes(batch: int, width_mult: float) -> int:
+    """Float32 memory of one SphereNet-9 training step (activations and Adam state), roughly."""
+    from .models.layers import scaled_width
+    from .models.spherenet import SPHERENET_STAGE_WIDTHS
+
+    channels, size = MODEL_IMAGE_SHAPE[0], MODEL_IMAGE_SHAPE[1]
+    activations = weights = 0
+    for base in SPHERENET_STAGE_WIDTHS:
+        width = scaled_width(base, width_mult)
+        activations += 3 * width * size * size
+        weights += 9 * width * (channels + 2 * width)
+        channels, size = width, (size + 1) // 2
+    return BYTES_PER_FLOAT * (MODEL_ACTIVATION_COPIES * batch * activations + WEIGHT_COPIES * weights)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.3g} GB"
 
 
 def parse_shape(text: str) -> LayerShape:
@@ -131,10 +223,43 @@ def parse_shape(text: str) -> LayerShape:
     return LayerShape(text, *values)
 
 
+def check_memory(config: BenchConfig, device: torch.device, shapes: Sequence[LayerShape], model_batch: int) -> None:
+    """Raise ``ValueError`` naming the workload and the limit if it cannot fit in ``device``'s free memory."""
+    free = available_memory_bytes(device)
+    if free is None:
+        return
+    limit = int(free * MEMORY_FRACTION)
+    if config.layers:
+        for shape in shapes:
+            need = layer_memory_bytes(shape)
+            if need > limit:
+                raise ValueError(
+                    f"shape {shape.label} needs about {_gb(need)}, more than the limit of {_gb(limit)} "
+                    f"({MEMORY_FRACTION:.0%} of the {_gb(free)} free on {device.type}); use a smaller NxCinxCoutxHW"
+                )
+    if config.models:
+        need = model_memory_bytes(model_batch, config.model_width_mult)
+        if need > limit:
+            raise ValueError(
+                f"--model-batch {model_batch} at --model-width-mult {config.model_width_mult:g} needs about "
+                f"{_gb(need)}, more than the limit of {_gb(limit)} ({MEMORY_FRACTION:.0%} of the {_gb(free)} free "
+                f"on {device.type}); use a smaller batch or width"
+            )
+
+
 def _check_config(config: BenchConfig) -> None:
-    for d in config.dtypes:
+    for d in config.dtypes or ():
         if d not in DTYPES:
             raise ValueError(f"unknown dtype {d!r}; allowed: {', '.join(DTYPES)}")
+    if config.dtypes is not None and not config.dtypes:
+        raise ValueError(f"dtypes must name at least one of {', '.join(DTYPES)}")
+    if not isinstance(config.model_width_mult, (int, float)) or not math.isfinite(config.model_width_mult) \
+            or config.model_width_mult <= 0:
+        raise ValueError(f"model_width_mult must be a positive finite number; got {config.model_width_mult!r}")
+    if config.model_batch is not None and config.model_batch < 1:
+        raise ValueError(f"model_batch must be at least 1; got {config.model_batch}")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise ValueError(f"seed must be between 0 and {MAX_SEED} (torch.manual_seed's range); got {config.seed}")
     for op in config.operators:
         if op not in SPHERE_OPERATORS:
             raise ValueError(f"unknown operator {op!r}; allowed: {', '.join(SPHERE_OPERATORS)}")
@@ -189,12 +314,29 @@ class _Timer:
 
 
 def interleaved_medians(steps: dict[str, Callable[[], None]], device: torch.device, repeats: int,
-                        warmup: int, timer: str = "wall") -> dict[str, float]:
-    """Median milliseconds per step of every candidate, run round-robin in a rotating order."""
+                        warmup: int, timer: str = "wall", budget_s: float | None = None) -> dict[str, float]:
+    """Median milliseconds per step of every candidate, run round-robin in a rotating order.
+
+    With ``budget_s``, measured rounds stop early (after at least :data:`MIN_REPEATS`) when the
+    next round would end past ``budget_s`` seconds of wall-clock time from the start.
+    """
+    samples = interleaved_samples(steps, device, repeats, warmup, timer, budget_s)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def interleaved_samples(steps: dict[str, Callable[[], None]], device: torch.device, repeats: int,
+                        warmup: int, timer: str = "wall", budget_s: float | None = None) -> dict[str, list[float]]:
+    """The milliseconds of every measured round of every candidate (see :func:`interleaved_medians`)."""
     clock = _Timer(device, timer)
     names = list(steps)
     samples: dict[str, list[float]] = {n: [] for n in names}
+    start = time.perf_counter()
     for round_index in range(warmup + repeats):
+        measured = round_index - warmup
+        if budget_s is not None and measured >= MIN_REPEATS:
+            elapsed = time.perf_counter() - start
+            if elapsed + elapsed / round_index > budget_s:
+                break
         shift = round_index % len(names)
         order = names[shift:] + names[:shift]
         round_samples: dict[str, list[float]] = {n: [] for n in names}
@@ -204,7 +346,7 @@ def interleaved_medians(steps: dict[str, Callable[[], None]], device: torch.devi
         if round_index >= warmup:
             for name in names:
                 samples[name].extend(round_samples[name])
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
 
 
 def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float | None:
@@ -251,9 +393,17 @@ def _layer_step(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, devic
     return step
 
 
+def _medians(steps: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int, timer: str,
+             budget_s: float | None) -> tuple[dict[str, float], int]:
+    samples = interleaved_samples(steps, device, repeats, warmup, timer, budget_s)
+    return {name: statistics.median(values) for name, values in samples.items()}, len(next(iter(samples.values())))
+
+
 def bench_layers(shape: LayerShape, dtype: str, operators: Sequence[str], device: torch.device, repeats: int,
-                 warmup: int, reference: bool = False, seed: int = 0, timer: str = "wall") -> list[dict]:
-    """Records for one shape and dtype: every operator against ``nn.Conv2d``, interleaved."""
+                 warmup: int, reference: bool = False, seed: int = 0, timer: str = "wall",
+                 budget_s: float | None = None) -> list[dict]:
+    """Records for one shape and dtype: every operator against ``nn.Conv2d``, interleaved (rounds
+    shrunk to ``budget_s`` seconds, see :func:`interleaved_medians`)."""
     torch.manual_seed(seed)
     kwargs = dict(kernel_size=shape.kernel, padding=shape.padding, bias=False, device=device)
     conv = nn.Conv2d(shape.in_channels, shape.out_channels, **kwargs)
@@ -267,7 +417,7 @@ def bench_layers(shape: LayerShape, dtype: str, operators: Sequence[str], device
         steps[op] = _layer_step(layer, x, grad_out, device, dtype)
         if reference:
             steps[op + "/reference"] = _layer_step(layer, x, grad_out, device, dtype, impl="reference")
-    medians = interleaved_medians(steps, device, repeats, warmup, timer)
+    medians, repeats = _medians(steps, device, repeats, warmup, timer, budget_s)
     peaks = {name: peak_memory_mb(step, device) for name, step in steps.items()} if device.type == "cuda" else {}
     records = []
     for op in operators:
@@ -313,23 +463,25 @@ def _train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, de
 
 
 def bench_models(dtype: str, operators: Sequence[str], device: torch.device, batch: int, repeats: int, warmup: int,
-                 width_mult: float = 1.0, seed: int = 0, model: str = "spherenet9", timer: str = "wall") -> list[dict]:
+                 width_mult: float = 1.0, seed: int = 0, model: str = "spherenet9", timer: str = "wall",
+                 budget_s: float | None = None) -> list[dict]:
     """Records of one training step of ``model`` per operator against its CNN baseline, interleaved."""
     from .models import create_model
 
     torch.manual_seed(seed)
-    images = torch.randn(batch, 3, 32, 32, device=device)
+    images = torch.randn(batch, *MODEL_IMAGE_SHAPE, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
     steps = {}
     for op in ("none", *operators):
         net = create_model(model, operator=op, width_mult=width_mult).to(device)
         steps[op] = _train_step(net, images, labels, device, dtype)
-    medians = interleaved_medians(steps, device, repeats, warmup, timer)
+    medians, repeats = _medians(steps, device, repeats, warmup, timer, budget_s)
     peaks = {name: peak_memory_mb(step, device) for name, step in steps.items()} if device.type == "cuda" else {}
     records = []
     for op in operators:
         record = {
-            "kind": "model", "model": model, "operator": op, "shape": f"{batch}x3x32x32", "batch": batch,
+            "kind": "model", "model": model, "operator": op, "shape": "x".join(map(str, (batch, *MODEL_IMAGE_SHAPE))),
+            "batch": batch,
             "width_mult": width_mult, "dtype": dtype, "device": device.type,
             "conv_ms": round(medians["none"], 4), "sphere_ms": round(medians[op], 4),
             "ratio": round(medians[op] / medians["none"], 4),
@@ -373,32 +525,64 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def run(config: BenchConfig, progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Run the benchmarks of ``config``; returns one record (dict) per measurement."""
+def validate(config: BenchConfig) -> tuple[torch.device, Sequence[LayerShape], int]:
+    """Check every value of ``config`` and the memory of every workload (``ValueError`` naming the
+    bad value and what is allowed); returns the device, the layer shapes and the model batch."""
     _check_config(config)
     device = resolve_device(config.device)
     cuda = device.type == "cuda"
     shapes = config.shapes if config.shapes is not None else (CUDA_LAYER_SHAPES if cuda else CPU_LAYER_SHAPES)
+    model_batch = config.model_batch or (CUDA_MODEL_BATCH if cuda else CPU_MODEL_BATCH)
+    check_memory(config, device, shapes, model_batch)
+    return device, shapes, model_batch
+
+
+def run(config: BenchConfig, progress: Callable[[str], None] | None = None, notes: list[str] | None = None) -> list[dict]:
+    """Run the benchmarks of ``config``; returns one record (dict) per measurement.
+
+    Everything is validated (including the memory each workload needs) before anything is
+    allocated. What the run left out or shrunk for the hardware is appended to ``notes``.
+    """
+    device, shapes, model_batch = validate(config)
+    cuda = device.type == "cuda"
+    notes = notes if notes is not None else []
+    dtypes = config.dtypes
+    if dtypes is None:
+        dtypes, note = default_dtypes(device)
+        if note:
+            notes.append(note)
     repeats = config.repeats or (CUDA_REPEATS if cuda else CPU_REPEATS)
+    budget = CPU_TIME_BUDGET_S if config.repeats is None and not cuda else None
     machine = machine_description(device)
     stamp = {key: machine[key] for key in ("torch", "threads", "gpu", "tf32_conv", "cpu") if key in machine}
     if cuda:
         stamp.pop("cpu")
-    records: list[dict] = []
+    blocks: list[tuple[LayerShape | None, str]] = []
     if config.layers:
-        for shape in shapes:
-            for dtype in config.dtypes:
-                if progress:
-                    progress(f"layer {shape.label} {dtype}")
-                records += bench_layers(shape, dtype, config.operators, device, repeats, config.warmup,
-                                        config.reference, config.seed, config.timer)
+        blocks += [(shape, dtype) for shape in shapes for dtype in dtypes]
     if config.models:
-        batch = config.model_batch or (CUDA_MODEL_BATCH if cuda else CPU_MODEL_BATCH)
-        for dtype in config.dtypes:
+        blocks += [(None, dtype) for dtype in dtypes]
+    records: list[dict] = []
+    start = time.perf_counter()
+    for index, (shape, dtype) in enumerate(blocks):
+        share = None
+        if budget is not None:  # an equal share of what is left of the budget
+            share = max(0.0, budget - (time.perf_counter() - start)) / (len(blocks) - index)
+        if shape is not None:
             if progress:
-                progress(f"model spherenet9 batch {batch} {dtype}")
-            records += bench_models(dtype, config.operators, device, batch, repeats, config.warmup,
-                                    config.model_width_mult, config.seed, timer=config.timer)
+                progress(f"layer {shape.label} {dtype}")
+            block = bench_layers(shape, dtype, config.operators, device, repeats, config.warmup,
+                                 config.reference, config.seed, config.timer, share)
+        else:
+            if progress:
+                progress(f"model spherenet9 batch {model_batch} {dtype}")
+            block = bench_models(dtype, config.operators, device, model_batch, repeats, config.warmup,
+                                 config.model_width_mult, config.seed, timer=config.timer, budget_s=share)
+        if block and block[0]["repeats"] < repeats:
+            what = f"layer {shape.label}" if shape is not None else f"model batch {model_batch}"
+            notes.append(f"{what} {dtype}: {block[0]['repeats']} of {repeats} rounds, to stay within the CPU time "
+                         f"budget of {CPU_TIME_BUDGET_S:.0f} s (pass --repeats to measure them all)")
+        records += block
     return [{**record, **stamp} for record in records]
 
 
@@ -438,6 +622,6 @@ def write_json(records: list[dict], path: str) -> None:
 
 __all__ = [
     "BenchConfig", "LayerShape", "CPU_LAYER_SHAPES", "CUDA_LAYER_SHAPES", "run", "bench_layers", "bench_models",
-    "interleaved_medians", "peak_memory_mb", "format_table", "write_json", "parse_shape", "resolve_device",
-    "machine_description",
+    "interleaved_medians", "interleaved_samples", "peak_memory_mb", "format_table", "write_json", "parse_shape",
+    "resolve_device", "machine_description", "default_dtypes", "cpu_has_fast_bf16", "check_memory", "validate",
 ]

@@ -10,6 +10,7 @@ operator against its CNN baseline. Prints a table; ``--json FILE`` writes the re
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -54,14 +55,16 @@ def register(subparsers) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--dtypes", type=_csv(tuple(DTYPES), "dtype"), default=["fp32", "bf16"],
-                        help="comma-separated: fp32, bf16 (autocast); default both")
+    parser.add_argument("--dtypes", type=_csv(tuple(DTYPES), "dtype"), default=None,
+                        help="comma-separated: fp32, bf16 (autocast); default both, fp32 only on a CPU without "
+                             "fast bfloat16 units")
     parser.add_argument("--operators", type=_csv(SPHERE_OPERATORS, "operator"), default=list(SPHERE_OPERATORS),
                         help="comma-separated SphereConv operators; default all")
     parser.add_argument("--shape", dest="shapes", type=_shape, action="append", default=None, metavar="NxCINxCOUTxHW",
                         help="a layer shape to time instead of the defaults (3x3 kernel, padding 1); repeatable")
     parser.add_argument("--repeats", type=positive_int, default=None,
-                        help="measured rounds per shape and dtype (default 25 on CUDA, 7 on CPU)")
+                        help="measured rounds per shape and dtype (default 25 on CUDA; on CPU 7, fewer where "
+                             "needed to finish within about 2 minutes)")
     parser.add_argument("--warmup", type=non_negative_int, default=2, help="warm-up rounds, not measured (default 2)")
     parser.add_argument("--models", action="store_true", help="also time one training step of spherenet9 vs its CNN baseline")
     parser.add_argument("--models-only", action="store_true", help="time only the training steps (implies --models)")
@@ -85,24 +88,55 @@ def run_command(args: argparse.Namespace) -> int:
     """Run the benchmark described by the parsed ``args``; prints the table, returns 0."""
     from .. import bench
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     try:
         device = bench.resolve_device(args.device)
     except ValueError as exc:
         raise CommandLineError(f"--device: {exc}") from None
+    max_threads = os.cpu_count() or 1
+    if args.threads is not None and args.threads > max_threads:
+        raise CommandLineError(f"--threads must be at most {max_threads} (the CPUs of this machine); got {args.threads}")
+    if args.json_path is not None:
+        _check_writable(args.json_path)
     config = bench.BenchConfig(
         device=str(device), dtypes=args.dtypes, operators=args.operators, shapes=args.shapes,
         repeats=args.repeats, warmup=args.warmup, models=args.models or args.models_only,
         model_batch=args.model_batch, model_width_mult=args.model_width_mult, layers=not args.models_only,
         reference=args.reference, seed=args.seed, timer=args.timer,
     )
+    try:  # every value and the memory of every workload, before anything is allocated
+        bench.validate(config)
+    except ValueError as exc:
+        raise CommandLineError(str(exc)) from None
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     machine = bench.machine_description(device)
     where = machine.get("gpu") or f"{machine['cpu']}, {machine['threads']} threads"
     print(f"sphereconv bench on {device.type} ({where}), torch {machine['torch']}", flush=True)
-    records = bench.run(config, progress=lambda message: print(f"  timing {message} ...", file=sys.stderr, flush=True))
+    notes: list[str] = []
+    try:
+        records = bench.run(config, notes=notes,
+                            progress=lambda message: print(f"  timing {message} ...", file=sys.stderr, flush=True))
+    except (MemoryError, RuntimeError) as exc:  # the memory estimate is rough: a failed allocation is one line
+        text = " ".join(str(exc).split())
+        if not isinstance(exc, MemoryError) and "alloc" not in text.lower() and "out of memory" not in text.lower():
+            raise
+        raise CommandLineError(f"out of memory on {device.type}: {text[:200]}; use a smaller --shape or "
+                               "--model-batch") from None
     print(bench.format_table(records))
+    for note in notes:
+        print(f"note: {note}")
     if args.json_path:
         bench.write_json(records, args.json_path)
         print(f"wrote {len(records)} records to {args.json_path}")
     return 0
+
+
+def _check_writable(path: str) -> None:
+    """One-line error now, not after the whole run, if ``--json`` cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CommandLineError(f"--json: {path} is a directory; give a file name")
+    if not os.path.isdir(folder):
+        raise CommandLineError(f"--json: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise CommandLineError(f"--json: {path} is not writable")
