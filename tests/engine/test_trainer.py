@@ -224,8 +224,8 @@ def test_bad_model_options_fail_before_any_work(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("bn_momentum, warned", [(None, True), (0.1, False)])
+@pytest.mark.parametrize("bn_momentum, warned", [(0.001, True), (None, False)])
 def test_short_run_with_reference_batch_norm_momentum_warns(tmp_path, caplog, bn_momentum, warned):
-    kwargs = {} if bn_momentum is None else {"model_kwargs": {"bn_momentum": bn_momentum}}
+    kwargs = {} if bn_momentum is None else {"bn_momentum": bn_momentum}
     train(_config(tmp_path, iterations=2, eval_every=0, **kwargs))
     assert ("BatchNorm momentum" in caplog.text) is warned

@@ -1,7 +1,7 @@
 """Entry point of the ``sphereconv`` command line.
 
-Subcommands: ``train``, ``eval``, ``list-models``, ``list-datasets``, ``reproduce`` (the paper's
-experiments, Liu et al. NIPS 2017 Sec. 5), ``plot`` and, when installed, ``bench``. User errors
+Subcommands: ``train``, ``eval``, ``inspect``, ``list-models``, ``list-datasets``, ``reproduce`` (the paper's
+experiments, Liu et al. NIPS 2017 Sec. 5), ``plot``, ``selftest`` and, when installed, ``bench``. User errors
 (bad flags, invalid configs, missing data or checkpoints) print one line
 ``sphereconv: error: ...`` on stderr and exit with code 2; an interrupt exits with code 1. Set
 ``SPHERECONV_DEBUG=1`` to get the full traceback instead.
@@ -14,7 +14,7 @@ import sys
 
 from .. import __version__
 from ..errors import SphereconvError
-from . import evaluate, listing, plot, reproduce, train
+from . import evaluate, inspect, listing, plot, reproduce, selftest, train
 from .parsing import OneLineArgumentParser
 
 try:  # the benchmark subcommand is optional: the CLI works without it
@@ -41,7 +41,7 @@ def build_parser() -> OneLineArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    modules = [train, evaluate, listing, reproduce, plot]
+    modules = [train, evaluate, inspect, listing, reproduce, plot, selftest]
     if bench is not None:
         modules.append(bench)
     for module in modules:

@@ -33,12 +33,19 @@ VALUE_FLAGS: tuple[tuple[str, str, dict, str], ...] = (
     ("--schedule", "schedule", {}, "learning-rate schedule: step, cosine, onecycle or constant"),
     ("--width-mult", "width_mult", {"type": positive_float}, "multiply every layer width by this"),
     ("--sigmoid-k", "sigmoid_k", {"type": positive_float}, "k of the sigmoid operator (reference 0.3)"),
+    ("--bn-momentum", "bn_momentum", {"type": positive_float},
+     "BatchNorm running-average momentum in (0, 1] (default 0.1; the reference recipe's 0.001 needs ~64k iterations)"),
+    ("--weight-decay", "weight_decay", {"type": finite_float}, "weight decay of BN, classifier and plain-conv weights (>= 0)"),
+    ("--label-smoothing", "label_smoothing", {"type": finite_float}, "label smoothing of the loss, in [0, 1)"),
     ("--loss", "loss", {}, "softmax, weight_normalized, ga_softmax, a_softmax, cosface or arcface"),
     ("--train-subset", "train_subset", {"type": positive_int}, "use only the first N training images"),
     ("--test-subset", "test_subset", {"type": positive_int}, "use only the first N test images"),
+    ("--image-size", "image_size", {"type": positive_int},
+     "image folders: resize every image to N x N pixels when loading (default: own size if one and <= 64, else 32)"),
     ("--augment", "augment", {}, "none, flip or crop_flip"),
     ("--eval-every", "eval_every", {"type": positive_int}, "evaluate on the test set every N iterations"),
     ("--checkpoint-every", "checkpoint_every", {"type": non_negative_int}, "save a checkpoint every N iterations (0: only at the end)"),
+    ("--layer-stats-every", "layer_stats_every", {"type": non_negative_int}, "record per-layer statistics every N iterations into --out/layer_stats.jsonl (0: off)"),
     ("--device", "device", {}, "auto, cpu, cuda, cuda:N or mps"),
     ("--amp", "amp", {}, "mixed precision: none, bf16 or fp16"),
     ("--seed", "seed", {"type": non_negative_int}, "random seed"),
@@ -49,8 +56,10 @@ SWITCH_FLAGS: tuple[tuple[str, str, bool, str], ...] = (
     ("--download", "download", True, "download the dataset if it is missing"),
     ("--compile", "compile", True, "compile the model with torch.compile"),
     ("--channels-last", "channels_last", True, "use the channels_last memory format"),
-    ("--resume", "resume", True, "continue the run in --out from its newest checkpoint"),
-    ("--overwrite", "overwrite", True, "start afresh even if --out already holds a run"),
+    ("--resume", "resume", True, "continue the run in --out from its newest intact checkpoint; only its length, "
+     "evaluation/checkpoint cadence, logging and device may change (recorded in amendments.json)"),
+    ("--overwrite", "overwrite", True, "start afresh even if --out already holds a run (deletes only that run's own "
+     "files) or other files (kept; never replaced)"),
     ("--tensorboard", "tensorboard", True, "also write TensorBoard logs into --out"),
     ("--no-progress", "progress", False, "no progress bar"),
 )
@@ -122,7 +131,7 @@ def check_names(config) -> None:
     from ..models.registry import get_model_factory
 
     get_model_factory(config.model)
-    dataset_info(config.dataset, config.data_dir)
+    dataset_info(config.dataset, config.data_dir, image_size=config.image_size)
 
 
 def run(args: argparse.Namespace) -> int:

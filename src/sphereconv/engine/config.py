@@ -24,8 +24,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from ..errors import ConfigError
-from ..nn.angular import ANGULAR_OPERATORS, OPERATOR_ALIASES
+from ..errors import ConfigError, short_repr
+from ..nn.angular import MODEL_OPERATORS, OPERATOR_ALIASES
 from .atomic import atomic_write_text
 
 # Choices of the enumerated keys.
@@ -34,10 +34,24 @@ AUGMENTATIONS = ("none", "flip", "crop_flip")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("step", "cosine", "onecycle", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
-# "none" selects the plain-convolution (CNN) baseline of every model.
-MODEL_OPERATORS = ("none",) + ANGULAR_OPERATORS
+# MODEL_OPERATORS ("none" = the plain-convolution CNN baseline, then the SphereConv operators) is
+# the set every model accepts, shared with the layers (sphereconv.nn.angular).
 # Device strings accepted besides "cuda:<index>".
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
+
+# Largest config file read: real ones are a few hundred bytes; the limit keeps a mistaken
+# --config /dev/zero or a huge file from being read into memory.
+MAX_CONFIG_BYTES = 1 << 20
+# Deepest nesting of lists and mappings in a config file (real ones use two levels).
+MAX_CONFIG_DEPTH = 32
+# Most values in model_kwargs or loss_kwargs, counted as a tree: keyword arguments are a handful
+# of numbers; the bound keeps copying and printing a config cheap.
+MAX_KWARGS_VALUES = 1000
+# Longest file name printed in a message.
+MAX_PATH_CHARS = 200
+
+# Longest device name accepted ("cuda:" and an index; no machine has more than a few digits' worth).
+MAX_DEVICE_CHARS = 16
 
 # Reference schedule (wy1iu/SphereNet): lr divided by 10 at iterations 34k and 54k of 64k,
 # written here as fractions of the run so that shorter runs keep the same shape.
@@ -58,13 +72,16 @@ class TrainConfig:
     # --- model -------------------------------------------------------------------------------
     model: str = field(default="spherenet9", metadata=_help("registered model name (sphereconv list-models)"))
     operator: str = field(default="cosine", metadata=_help(
-        "SphereConv operator g(theta): linear, cosine, sigmoid, learnable_sigmoid (lr_sigmoid), "
-        "square_cosine; 'none' = plain-convolution CNN baseline"))
+        "SphereConv operator g(theta): linear, cosine, sigmoid, learnable_sigmoid (lr_sigmoid); "
+        "'none' = plain-convolution CNN baseline"))
     sigmoid_k: float = field(default=0.3, metadata=_help("k of the sigmoid operator (reference 0.3)"))
     fc_operator: str | None = field(default=None, metadata=_help(
         "operator of the fully connected SphereConv (fc6); null = same as operator"))
     width_mult: float = field(default=1.0, metadata=_help("multiplier of every layer width"))
     batch_norm: bool = field(default=True, metadata=_help("BatchNorm after every convolution"))
+    bn_momentum: float = field(default=0.1, metadata=_help(
+        "BatchNorm running-average momentum: 0.1 (PyTorch's) suits runs of any length; the reference "
+        "recipe's 0.001 (decay 0.999, set in the paper configs) needs thousands of iterations"))
     sphere_norm: bool = field(default=False, metadata=_help("use SphereNorm layers (paper Sec. 3.4)"))
     feature_dim: int | None = field(default=None, metadata=_help(
         "width of the penultimate layer (2 for the 2-D feature experiment); null = model default"))
@@ -80,6 +97,9 @@ class TrainConfig:
     download: bool = field(default=False, metadata=_help("download the dataset when it is missing"))
     train_subset: int | None = field(default=None, metadata=_help("use only the first N training images"))
     test_subset: int | None = field(default=None, metadata=_help("evaluate on only the first N test images"))
+    image_size: int | None = field(default=None, metadata=_help(
+        "image folders: resize every image to image_size x image_size when loading; null = keep the images' "
+        "own size when they share one of at most 64 pixels a side, else 32"))
     augment: str = field(default="none", metadata=_help(
         "per-batch augmentation: none | flip | crop_flip (pad 4 + random crop + flip)", choices=AUGMENTATIONS))
     # --- optimisation ------------------------------------------------------------------------
@@ -107,9 +127,14 @@ class TrainConfig:
     checkpoint_every: int = field(default=500, metadata=_help("checkpoint every N steps (0 = only at the end)"))
     keep_checkpoints: int = field(default=3, metadata=_help("keep the newest K checkpoints"))
     out: str = field(default="runs/train", metadata=_help("output directory"))
-    resume: bool = field(default=False, metadata=_help("continue from the newest checkpoint in out"))
-    overwrite: bool = field(default=False, metadata=_help("start afresh even if out already holds a run"))
+    resume: bool = field(default=False, metadata=_help(
+        "continue from the newest intact checkpoint in out; only the keys of run_dir.RESUMABLE_KEYS may change"))
+    overwrite: bool = field(default=False, metadata=_help(
+        "start afresh even if out holds a run (only its own files are deleted) or other files (kept)"))
     tensorboard: bool = field(default=False, metadata=_help("write TensorBoard logs to out/tensorboard"))
+    layer_stats_every: int = field(default=0, metadata=_help(
+        "record per-layer statistics (cos theta, activations, gradients) into out/layer_stats.jsonl "
+        "every N steps, at most 100 times (see 'sphereconv inspect'); 0 = off"))
     progress: bool = field(default=True, metadata=_help("show a progress bar"))
     # --- execution ---------------------------------------------------------------------------
     device: str = field(default="auto", metadata=_help("auto | cpu | cuda | cuda:N | mps"))
@@ -136,7 +161,7 @@ class TrainConfig:
     def _check_conflicts(self, check_environment: bool) -> None:
         if (self.iterations is None) == (self.epochs is None):
             raise ConfigError(
-                f"set exactly one of iterations and epochs; got iterations={self.iterations!r}, epochs={self.epochs!r}")
+                f"set exactly one of iterations and epochs; got iterations={short_repr(self.iterations)}, epochs={short_repr(self.epochs)}")
         if check_environment:
             device = resolve_device_name(self.device)
             if self.amp == "fp16" and not device.startswith("cuda"):
@@ -153,7 +178,7 @@ class TrainConfig:
 # Field checks
 
 def _fail(key: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"invalid {key}={value!r}: expected {allowed}")
+    return ConfigError(f"invalid {key}={short_repr(value)}: expected {allowed}")
 
 
 def _as_bool(key: str, value: Any) -> bool:
@@ -208,7 +233,7 @@ def _as_choice(key: str, value: Any, choices: tuple[str, ...], aliases: Mapping[
     if name not in choices:
         close = difflib.get_close_matches(name, choices, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ConfigError(f"invalid {key}={value!r}: expected one of {', '.join(choices)}{hint}")
+        raise ConfigError(f"invalid {key}={short_repr(value)}: expected one of {', '.join(choices)}{hint}")
     return name
 
 
@@ -220,11 +245,41 @@ def _as_str(key: str, value: Any) -> str:
     return value
 
 
+def _count_plain_values(value: Any, budget: int, depth: int = 0) -> int:
+    """Values in ``value`` counted as a tree (a shared object counts each time), or -1 when it is
+    not plain YAML data, nests deeper than :data:`MAX_CONFIG_DEPTH` or exceeds ``budget``.
+
+    Stops as soon as ``budget`` is spent, so shared references that would expand to billions of
+    values are refused after ``budget`` steps.
+    """
+    if depth > MAX_CONFIG_DEPTH:
+        return -1
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return 1
+    if isinstance(value, dict):
+        children = [c for item in value.items() for c in item]
+    elif isinstance(value, (list, tuple)):
+        children = list(value)
+    else:
+        return -1
+    count = 1
+    for child in children:
+        used = _count_plain_values(child, budget - count, depth + 1)
+        if used < 0 or count + used > budget:
+            return -1
+        count += used
+    return count
+
+
 def _as_kwargs(key: str, value: Any) -> dict:
     if value is None:
         return {}
+    allowed = "a mapping of keyword-argument names to values"
     if not isinstance(value, dict) or not all(isinstance(k, str) and k.isidentifier() for k in value):
-        raise _fail(key, value, "a mapping of keyword-argument names to values")
+        raise _fail(key, value, allowed)
+    if _count_plain_values(value, MAX_KWARGS_VALUES) < 0:
+        raise _fail(key, value, f"{allowed}: at most {MAX_KWARGS_VALUES} plain values (numbers, strings, "
+                                f"booleans, null, lists, mappings) nested at most {MAX_CONFIG_DEPTH} deep")
     return dict(value)
 
 
@@ -245,9 +300,17 @@ def _as_device(key: str, value: Any) -> str:
     name = value.strip().lower()
     if name in DEVICE_NAMES:
         return name
-    if name.startswith("cuda:") and name[5:].isdigit():
+    if name.startswith("cuda:") and name[5:].isascii() and name[5:].isdigit() and len(name) <= MAX_DEVICE_CHARS:
         return name
     raise _fail(key, value, allowed)
+
+
+def check_device_name(device: Any) -> str:
+    """The normalised device name (auto, cpu, cuda, cuda:N, mps); anything else raises ConfigError.
+
+    The one check behind ``train``'s and ``eval``'s ``--device`` and the ``device`` config key.
+    """
+    return _as_device("device", device)
 
 
 def _as_model(key: str, value: Any) -> str:
@@ -268,6 +331,16 @@ def _as_dataset(key: str, value: Any) -> str:
         return _as_choice(key, name, tuple(list_datasets()))
 
 
+def _as_image_size(key: str, value: Any) -> int:
+    from ..data.image_folder import MAX_IMAGE_SIZE
+
+    allowed = f"an integer in [1, {MAX_IMAGE_SIZE}] or null"
+    size = _as_int(key, value, 1, allowed)
+    if size > MAX_IMAGE_SIZE:
+        raise _fail(key, value, allowed)
+    return size
+
+
 def _optional(check):
     def wrapped(key: str, value: Any):
         return None if value is None else check(key, value)
@@ -285,6 +358,7 @@ _CHECKS: dict[str, Any] = {
     "fc_operator": _optional(lambda k, v: _as_choice(k, v, MODEL_OPERATORS, OPERATOR_ALIASES)),
     "width_mult": lambda k, v: _as_float(k, v, "a number in (0, 16]", 0.0, 16.0, low_open=True),
     "batch_norm": _as_bool,
+    "bn_momentum": lambda k, v: _as_float(k, v, "a number in (0, 1]", 0.0, 1.0, low_open=True),
     "sphere_norm": _as_bool,
     "feature_dim": _optional(lambda k, v: _as_int(k, v, 1, _POSITIVE_INT + " or null")),
     "model_kwargs": _as_kwargs,
@@ -296,6 +370,7 @@ _CHECKS: dict[str, Any] = {
     "download": _as_bool,
     "train_subset": _optional(lambda k, v: _as_int(k, v, 1, _POSITIVE_INT + " or null")),
     "test_subset": _optional(lambda k, v: _as_int(k, v, 1, _POSITIVE_INT + " or null")),
+    "image_size": _optional(lambda k, v: _as_image_size(k, v)),
     "augment": lambda k, v: _as_choice(k, v, AUGMENTATIONS),
     "optimizer": lambda k, v: _as_choice(k, v, OPTIMIZERS),
     "lr": lambda k, v: _as_float(k, v, "a number > 0", 0.0, low_open=True),
@@ -318,6 +393,7 @@ _CHECKS: dict[str, Any] = {
     "resume": _as_bool,
     "overwrite": _as_bool,
     "tensorboard": _as_bool,
+    "layer_stats_every": lambda k, v: _as_int(k, v, 0, "an integer >= 0 (0 = off)"),
     "progress": _as_bool,
     "device": _as_device,
     "amp": lambda k, v: _as_choice(k, v, AMP_MODES),
@@ -357,14 +433,14 @@ def _normalise_keys(values: Mapping[Any, Any], source: str) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for raw_key, value in values.items():
         if not isinstance(raw_key, str):
-            raise ConfigError(f"{source}: key {raw_key!r} is not a string; allowed keys: {', '.join(keys)}")
+            raise ConfigError(f"{source}: key {short_repr(raw_key)} is not a string; allowed keys: {', '.join(keys)}")
         key = raw_key.strip().replace("-", "_")
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; allowed keys: {', '.join(keys)}"
-            raise ConfigError(f"{source}: unknown key {raw_key!r}{hint}")
+            raise ConfigError(f"{source}: unknown key {short_repr(raw_key)}{hint}")
         if key in result:
-            raise ConfigError(f"{source}: key {key!r} given twice")
+            raise ConfigError(f"{source}: key {short_repr(key)} given twice")
         result[key] = value
     return result
 
@@ -372,8 +448,8 @@ def _normalise_keys(values: Mapping[Any, Any], source: str) -> dict[str, Any]:
 def _apply_layer(values: dict[str, Any], layer: dict[str, Any], source: str) -> None:
     """Lay ``layer`` over ``values``; setting one of epochs/iterations clears the other."""
     if layer.get("epochs") is not None and layer.get("iterations") is not None:
-        raise ConfigError(f"{source}: set either epochs ({layer['epochs']!r}) or iterations "
-                          f"({layer['iterations']!r}), not both")
+        raise ConfigError(f"{source}: set either epochs ({short_repr(layer['epochs'])}) or iterations "
+                          f"({short_repr(layer['iterations'])}), not both")
     if layer.get("epochs") is not None:
         values["iterations"] = None
     if layer.get("iterations") is not None:
@@ -381,28 +457,101 @@ def _apply_layer(values: dict[str, Any], layer: dict[str, Any], source: str) -> 
     values.update(layer)
 
 
+def _clip(text: str, limit: int = MAX_PATH_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases and duplicate keys (:func:`read_yaml_config`).
+
+    An alias repeats a node without copying it, so a few hundred bytes of nested aliases ("billion
+    laughs") stand for billions of values; a config file never needs one. A key given twice would
+    silently take its last value.
+    """
+
+    source = "config file"
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(
+                f"{self.source} line {event.start_mark.line + 1}: YAML alias *{_clip(str(event.anchor))} is not "
+                "allowed in config files (aliases can expand to billions of values); write the value out")
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise ConfigError(f"{self.source} line {line}: lists or mappings nested more than {MAX_CONFIG_DEPTH} "
+                                  "deep; a config file needs a few levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # "<<" merges a mapping into this one; flatten_mapping handles it
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool, type(None))):
+                    continue  # unhashable or unusual keys are reported by the key check
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    raise ConfigError(f"{self.source} line {line}: key {short_repr(key)} given twice "
+                                      f"(first at line {first_line[key]}); keep one")
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML mapping of config keys (``safe_load``); raise ConfigError for any problem."""
+    """Read a YAML mapping of config keys; raise ConfigError for any problem.
+
+    Untrusted input is bounded: at most :data:`MAX_CONFIG_BYTES` are read (so ``/dev/zero`` fails at
+    once), YAML aliases and keys given twice are refused (:class:`_ConfigLoader`), and only plain
+    data is built (no YAML tag constructs a Python object).
+    """
     path = Path(path)
+    source = f"config file {short_repr(os.fspath(path), MAX_PATH_CHARS)}"
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
+        raise ConfigError(f"{source} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {source}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source} is larger than the {MAX_CONFIG_BYTES:,} bytes allowed; a config file is a few lines "
+                          "of key: value")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source} is not UTF-8 text (byte {exc.start}); is it a config file?") from None
+    loader = None
+    try:
+        loader = _ConfigLoader(text)  # the reader already refuses control characters here
+        loader.source = source
+        data = loader.get_single_data()
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
         if mark is not None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
+        elif isinstance(exc, yaml.reader.ReaderError):
+            where = f" at line {text.count(chr(10), 0, exc.position) + 1}"
+        problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or type(exc).__name__
+        raise ConfigError(f"{source} is not valid YAML{where}: {_clip(str(problem))}") from None
+    except ConfigError:
+        raise
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise ConfigError(f"{source} holds a value that cannot be read: {_clip(str(exc))}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values, not {type(data).__name__}")
+        raise ConfigError(f"{source} must hold a mapping of keys to values, not {type(data).__name__}")
     return data
 
 
@@ -411,8 +560,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
 
     ``overrides`` holds explicitly given values (command-line flags); ``None`` values are ignored.
     Keys may use ``-`` or ``_``. Unknown keys raise ConfigError with the closest valid names.
-    With ``resume`` set and no ``path``, the ``config.yaml`` of the run in ``out`` (if any) is the
-    file layer, so ``--out DIR --resume`` alone continues a run with its own settings.
+    With ``resume`` set and no ``path``, the ``config.yaml`` of the run in ``out`` (if any), with
+    the amendments of earlier resumes, is the file layer, so ``--out DIR --resume`` alone continues
+    a run with its own settings.
     The result is validated.
     """
     if overrides is not None and not isinstance(overrides, Mapping):
@@ -420,14 +570,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     given = _normalise_keys({k: v for k, v in (overrides or {}).items() if v is not None}, "overrides")
     values = config_to_dict(TrainConfig())
     if path is None and given.get("resume") is True:
-        # Continue a run with the settings it was started with.
+        # Continue a run with the settings it was started with (and later amended).
+        from .run_dir import resumed_config_values  # run_dir imports this module
+
         out = given.get("out", values["out"])
-        if isinstance(out, (str, os.PathLike)):
-            previous = Path(out) / "config.yaml"
-            if previous.is_file():
-                path = previous
+        run_values = resumed_config_values(out) if isinstance(out, (str, os.PathLike)) else None
+        if run_values is not None:
+            source = f"run config {short_repr(os.fspath(Path(out) / 'config.yaml'), MAX_PATH_CHARS)}"
+            _apply_layer(values, _normalise_keys(run_values, source), source)
     if path is not None:
-        source = f"config file {os.fspath(path)!r}"
+        source = f"config file {short_repr(os.fspath(path), MAX_PATH_CHARS)}"
         _apply_layer(values, _normalise_keys(read_yaml_config(path), source), source)
     _apply_layer(values, given, "overrides")
     return TrainConfig(**values).validate()
@@ -460,11 +612,12 @@ def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
 def resolve_device_name(device: str) -> str:
     """Resolve ``auto`` to ``cuda`` (when available), ``mps`` (when available) or ``cpu``.
 
-    Raises ConfigError when an explicitly requested accelerator is not available.
+    Raises ConfigError for a name that is not a device (:func:`check_device_name`) and when an
+    explicitly requested accelerator is not available.
     """
     import torch
 
-    device = device.strip().lower()
+    device = check_device_name(device)
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"

@@ -9,7 +9,9 @@ Sec. 5; wy1iu/SphereNet): it counts optimizer steps (iterations), evaluates the 
   the orthogonality penalty on SphereConv filters;
 - autocast (bf16, or fp16 with a gradient scaler), ``torch.compile``, channels-last;
 - checkpoints every ``checkpoint_every`` steps and at the end; ``resume`` continues the newest
-  complete one with identical model, optimizer, scheduler, RNG and data-order state;
+  intact one with identical model, optimizer, scheduler, RNG and data-order state, under the
+  run folder's ownership, lock and resume contract (:mod:`.run_dir`), all checked before any
+  file is written;
 - a step whose loss or gradient is not finite is skipped (weights, BatchNorm statistics and
   optimizer state untouched) and counted; ``max_nonfinite_steps`` consecutive ones stop the run
   with :class:`~sphereconv.errors.TrainingDivergedError`, leaving the last good checkpoint as the
@@ -38,13 +40,13 @@ from tqdm.auto import tqdm
 from ..data import DeviceLoader, dataset_info, load_dataset, subset
 from ..errors import CheckpointError, ConfigError, SphereconvError, TrainingDivergedError
 from ..losses import orthogonality_penalty
+from ..models import BN_MOMENTUM
 from .checkpoint import (
     EXCERPT_CHARS,
     capture_rng_state,
     check_config_compatible,
     find_latest_checkpoint,
     load_model_state,
-    remove_stale_temporaries,
     restore_rng_state,
     save_checkpoint,
 )
@@ -56,8 +58,6 @@ from .run_dir import RunDirectory
 
 # A run should last several BatchNorm memories (1/momentum steps) for its running statistics to settle.
 BN_SETTLE_MEMORIES = 5
-# PyTorch's default BatchNorm momentum, the value the warning suggests for short runs.
-SHORT_RUN_BN_MOMENTUM = 0.1
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ SUBSET_SEED = 0
 PROGRESS_REFRESH_STEPS = 10
 # Signals that ask a run to checkpoint and stop.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Schedules whose shape is defined by the run's length: a resume cannot change that length.
+LENGTH_DEFINED_SCHEDULES = ("cosine", "onecycle")
 
 
 class Callback:
@@ -158,6 +160,10 @@ class Trainer:
     def __init__(self, config: TrainConfig, callbacks: Sequence[Callback] = ()) -> None:
         self.config = config
         self.callbacks = list(callbacks)
+        if config.layer_stats_every:
+            from .layer_stats import LayerStatsRecorder
+
+            self.callbacks.append(LayerStatsRecorder(config.layer_stats_every))
         self.ctx: DistributedContext | None = None
         self.model: nn.Module | None = None
         self.loss_module: nn.Module | None = None
@@ -214,18 +220,21 @@ class Trainer:
             raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {ctx.world_size} "
                               "data-parallel processes (it is the global batch size)")
         run_dir = self._run_dir = RunDirectory(cfg.out, writable=ctx.is_main)
-        run_dir.check_fresh_start(cfg)
+        # Rank 0 owns the folder: it locks it before checking it. Nothing is written before every
+        # check (ownership, resume contract, checkpoint) has passed.
+        if ctx.is_main:
+            run_dir.lock()
+        run_dir.check_start(cfg)
+        if cfg.resume:
+            run_dir.check_resume(cfg)
         seed_everything(cfg.seed)
-        info = dataset_info(cfg.dataset, cfg.data_dir)
+        info = dataset_info(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
+        self._build_data()  # first: the run's length (total_steps) sets the loss's annealing
         self._build_model(info)
-        self._build_data()
         self._build_optimization()
         resume_state = self._find_resume_state(run_dir)
+        run_dir.begin(cfg, self.step)  # writes on rank 0 only
         if ctx.is_main:
-            remove_stale_temporaries(run_dir.checkpoints)
-            if cfg.overwrite and not cfg.resume:
-                run_dir.clear()
-            run_dir.prepare(cfg)
             if cfg.resume:
                 run_dir.truncate_metrics(self.step)
             if cfg.tensorboard:
@@ -241,7 +250,7 @@ class Trainer:
     def _build_model(self, info) -> None:
         cfg, device = self.config, self.ctx.device
         model = build_model(cfg, info.num_classes, info.in_channels, info.image_size)
-        loss_module = build_loss_module(cfg, model, info.num_classes)
+        loss_module = build_loss_module(cfg, model, info.num_classes, self.total_steps)
         model.to(device)
         if loss_module is not None:
             loss_module.to(device)
@@ -253,7 +262,7 @@ class Trainer:
 
     def _load_split(self, split: str, limit: int | None) -> tuple[Tensor, Tensor]:
         cfg = self.config
-        images, labels = load_dataset(cfg.dataset, split, cfg.data_dir, cfg.download,
+        images, labels = load_dataset(cfg.dataset, split, cfg.data_dir, cfg.download, image_size=cfg.image_size,
                                       progress=cfg.progress and self.ctx.is_main)
         if limit is not None:
             if limit > labels.shape[0]:
@@ -299,11 +308,11 @@ class Trainer:
         """
         momenta = [m.momentum for m in self.model.modules()
                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.momentum is not None]
-        if momenta and min(momenta) < SHORT_RUN_BN_MOMENTUM and min(momenta) * self.total_steps < BN_SETTLE_MEMORIES:
+        if momenta and min(momenta) < BN_MOMENTUM and min(momenta) * self.total_steps < BN_SETTLE_MEMORIES:
             logger.warning(
                 "BatchNorm momentum %g remembers ~%d steps but the run has %d: test accuracy will lag; "
-                "for short runs set model_kwargs: {bn_momentum: %g}", min(momenta), round(1 / min(momenta)),
-                self.total_steps, SHORT_RUN_BN_MOMENTUM)
+                "for short runs use --bn-momentum %g (config key bn_momentum)", min(momenta),
+                round(1 / min(momenta)), self.total_steps, BN_MOMENTUM)
 
     def _build_optimization(self) -> None:
         cfg = self.config
@@ -321,10 +330,22 @@ class Trainer:
             logger.warning("resume: no checkpoint in %s; starting at step 0", run_dir.checkpoints)
             return None
         path, state = found
+        self._check_resumed_length(state, f"checkpoint {str(path)!r}")
         self._restore(state, f"checkpoint {str(path)!r}")
         self.last_checkpoint = path
         logger.info("resumed from %s at step %d", path, self.step)
         return state
+
+    def _check_resumed_length(self, state: dict[str, Any], source: str) -> None:
+        """A resume may change the run's length, but not below the steps done, nor under a schedule it defines."""
+        cfg, done, planned = self.config, int(state["step"]), state.get("total_steps")
+        length = f"iterations={cfg.iterations}" if cfg.iterations is not None else f"epochs={cfg.epochs:g}"
+        if self.total_steps < done:
+            raise ConfigError(f"{length} gives {self.total_steps} steps, but {source} is already at step {done}; "
+                              "a resumed run cannot be shorter than the steps it has done")
+        if planned is not None and planned != self.total_steps and cfg.schedule in LENGTH_DEFINED_SCHEDULES:
+            raise ConfigError(f"{length} gives {self.total_steps} steps, but schedule={cfg.schedule!r} spans the "
+                              f"run's {planned} steps and cannot be stretched on resume; keep the run's length")
 
     def _restore(self, state: dict[str, Any], source: str) -> None:
         check_config_compatible(state["config"], config_to_dict(self.config), source)
@@ -509,6 +530,8 @@ class Trainer:
             "images_per_second": p["window_steps_images"] / p["window_seconds"] if p["window_seconds"] > 0 else None,
             "skipped_steps": p["skipped_steps"],
         }
+        if hasattr(self.loss_module, "current_lambda"):
+            record["margin_lambda"] = self.loss_module.current_lambda  # margin losses' annealing weight
         if p["best_test_acc"] is None or test_acc > p["best_test_acc"]:
             p["best_test_acc"], p["best_step"] = test_acc, self.step
         p["last_eval"] = record
@@ -577,6 +600,8 @@ class Trainer:
             "amp": cfg.amp,
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint is not None else None,
             "interrupted": interrupted,
+            "run_id": self._run_dir.run_id,
+            "amendments": self._run_dir.all_amendments(),
         }
 
     def _finish(self, run_dir: RunDirectory, interrupted: str | None) -> dict[str, Any]:
