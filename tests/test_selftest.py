@@ -7,7 +7,6 @@ import re
 import pytest
 import torch
 
-from sphereconv import nn as sphere_nn
 from sphereconv import selftest
 from sphereconv.cli.main import main
 from sphereconv.nn import _fused
@@ -128,14 +127,14 @@ def test_kernel_path_names_triton_and_a_fallen_back_case(monkeypatch):
     out = layer(x)
     assert selftest.kernel_path(layer, x, out) == "fused-aten"
     monkeypatch.setattr(_fused, "_use_triton", lambda t: True)  # as on a CUDA device with Triton
-    monkeypatch.setattr(sphere_nn, "kernel_status", lambda: {"backend": "auto", "triton_installed": True, "cases": []})
+    monkeypatch.setattr(selftest, "kernel_status", lambda: {"backend": "auto", "triton_installed": True, "cases": []})
     assert selftest.kernel_path(layer, x, out) == "fused-triton"
     fallen = {"operator": "cosine", "dtype": "float32", "device": "cpu", "kernels": "aten", "note": "launch failed"}
-    monkeypatch.setattr(sphere_nn, "kernel_status", lambda: {"backend": "auto", "triton_installed": True,
+    monkeypatch.setattr(selftest, "kernel_status", lambda: {"backend": "auto", "triton_installed": True,
                                                              "cases": [fallen]})
     assert selftest.kernel_path(layer, x, out) == "fused-aten*"
     assert selftest.kernel_summary()[1] == "  fell back: cosine float32 cpu: launch failed"
-    monkeypatch.setattr(sphere_nn, "kernel_status", lambda: {"backend": "aten", "triton_installed": True, "cases": []})
+    monkeypatch.setattr(selftest, "kernel_status", lambda: {"backend": "aten", "triton_installed": True, "cases": []})
     assert selftest.kernel_path(layer, x, out) == "fused-aten"  # forced off by SPHERECONV_KERNELS=aten
     with selftest.use_reference_impl():
         assert selftest.kernel_path(layer, x, layer(x)) == "reference"

@@ -8,6 +8,7 @@ stored in the checkpoint; the checkpoint is loaded with ``torch.load(weights_onl
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,11 +16,47 @@ import torch
 from ..data import DeviceLoader, dataset_info, load_dataset, subset
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import load_checkpoint, load_model_state
-from .config import config_from_dict, resolve_device_name
+from .config import TrainConfig, config_from_dict, resolve_device_name
 from .objective import TrainingModule, build_loss_module, build_model, evaluate_batches
 from .trainer import SUBSET_SEED
 
 SPLITS = ("train", "test")
+
+
+@dataclass
+class RestoredCheckpoint:
+    """A checkpoint rebuilt into its network: the run's config, the raw state and the module (CPU)."""
+
+    config: TrainConfig
+    state: dict[str, Any]
+    module: TrainingModule
+
+
+def restore_checkpoint(checkpoint_path: str | os.PathLike,
+                       data_dir: str | os.PathLike | None = None) -> RestoredCheckpoint:
+    """Load ``checkpoint_path`` with the engine's integrity checks and rebuild model and loss head.
+
+    The network is built from the configuration stored in the checkpoint (``data_dir`` overrides
+    where its dataset lives; the dataset's shape decides the model's input size). Raises
+    CheckpointError for a bad checkpoint and DatasetError for missing data.
+    """
+    state = load_checkpoint(checkpoint_path)
+    source = f"checkpoint {os.fspath(checkpoint_path)!r}"
+    # The run's device and precision need not exist here: the caller chooses its own.
+    try:
+        config = config_from_dict(state["config"], check_environment=False)
+    except ConfigError as exc:
+        raise CheckpointError(f"{source} holds a configuration this version cannot use: {exc}") from None
+    if data_dir is not None:
+        config.data_dir = os.fspath(data_dir)
+    info = dataset_info(config.dataset, config.data_dir, image_size=config.image_size)
+    model = build_model(config, info.num_classes, info.in_channels, info.image_size)
+    loss_module = build_loss_module(config, model, info.num_classes)
+    load_model_state(model, state["model"], source)
+    if loss_module is not None:
+        load_model_state(loss_module, state.get("loss") or {}, source + " (loss module)")
+    module = TrainingModule(model, loss_module, config.label_smoothing if loss_module is None else 0.0)
+    return RestoredCheckpoint(config, state, module)
 
 
 def evaluate(checkpoint_path: str | os.PathLike, data_dir: str | os.PathLike | None = None, device: str = "auto",
@@ -36,27 +73,13 @@ def evaluate(checkpoint_path: str | os.PathLike, data_dir: str | os.PathLike | N
         raise ConfigError(f"invalid split={split!r}: expected one of {', '.join(SPLITS)}")
     if amp not in ("none", "bf16"):
         raise ConfigError(f"invalid amp={amp!r} for evaluation: expected none or bf16")
-    state = load_checkpoint(checkpoint_path)
-    source = f"checkpoint {os.fspath(checkpoint_path)!r}"
-    # The run's device and precision need not exist here: evaluation chooses its own.
-    try:
-        config = config_from_dict(state["config"], check_environment=False)
-    except ConfigError as exc:
-        raise CheckpointError(f"{source} holds a configuration this version cannot use: {exc}") from None
-    if data_dir is not None:
-        config.data_dir = os.fspath(data_dir)
+    restored = restore_checkpoint(checkpoint_path, data_dir)
+    config, state, module = restored.config, restored.state, restored.module
     eval_batch = config.eval_batch_size if batch_size is None else batch_size
     if isinstance(eval_batch, bool) or not isinstance(eval_batch, int) or eval_batch < 1:
         raise ConfigError(f"invalid batch_size={batch_size!r}: expected a positive integer")
     torch_device = torch.device(resolve_device_name(device))
-
-    info = dataset_info(config.dataset, config.data_dir, image_size=config.image_size)
-    model = build_model(config, info.num_classes, info.in_channels, info.image_size)
-    loss_module = build_loss_module(config, model, info.num_classes)
-    load_model_state(model, state["model"], source)
-    if loss_module is not None:
-        load_model_state(loss_module, state.get("loss") or {}, source + " (loss module)")
-    module = TrainingModule(model, loss_module, config.label_smoothing if loss_module is None else 0.0).to(torch_device)
+    module.to(torch_device)
 
     images, labels = load_dataset(config.dataset, split, config.data_dir, download, image_size=config.image_size,
                                   progress=progress)

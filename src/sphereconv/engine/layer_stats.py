@@ -28,7 +28,6 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError
 from ..nn.angular import DEFAULT_EPS
 from ..nn.functional import sphere_cosine
 from .trainer import Callback, Trainer
@@ -274,7 +273,7 @@ def _training_batches(config, batches: int, batch_size: int, device: torch.devic
     from ..data import DeviceLoader, load_dataset, subset
     from .trainer import SUBSET_SEED
 
-    images, labels = load_dataset(config.dataset, "train", config.data_dir, False, progress=False)
+    images, labels = load_dataset(config.dataset, "train", config.data_dir, False, image_size=config.image_size, progress=False)
     if config.train_subset is not None and config.train_subset < labels.shape[0]:
         images, labels = subset(images, labels, config.train_subset, SUBSET_SEED)
     batch_size = min(batch_size, labels.shape[0])
@@ -294,30 +293,16 @@ def inspect_checkpoint(checkpoint_path: str | os.PathLike, *, batches: int = 4, 
     Returns :func:`average_statistics` of the batches plus ``checkpoint, step, model, operator,
     batch_norm, width_mult, dataset, layer_stats_every``.
     """
-    from .checkpoint import load_checkpoint, load_model_state
-    from .config import config_from_dict, resolve_device_name
-    from .objective import TrainingModule, build_loss_module, build_model
-    from ..data import dataset_info
+    from .config import resolve_device_name
+    from .evaluation import restore_checkpoint
 
     for name, value in (("batches", batches), ("batch_size", batch_size if batch_size is not None else 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    state = load_checkpoint(checkpoint_path)
-    source = f"checkpoint {os.fspath(checkpoint_path)!r}"
-    try:
-        config = config_from_dict(state["config"], check_environment=False)
-    except Exception as exc:
-        raise CheckpointError(f"{source} holds a configuration this version cannot use: {exc}") from None
-    if data_dir is not None:
-        config.data_dir = os.fspath(data_dir)
+    restored = restore_checkpoint(checkpoint_path, data_dir)
+    config, state = restored.config, restored.state
     torch_device = torch.device(resolve_device_name(device))
-    info = dataset_info(config.dataset, config.data_dir)
-    model = build_model(config, info.num_classes, info.in_channels, info.image_size)
-    loss_module = build_loss_module(config, model, info.num_classes)
-    load_model_state(model, state["model"], source)
-    if loss_module is not None:
-        load_model_state(loss_module, state.get("loss") or {}, source + " (loss module)")
-    module = TrainingModule(model, loss_module, config.label_smoothing if loss_module is None else 0.0).to(torch_device)
+    module = restored.module.to(torch_device)
     module.train()
     records = [layer_statistics(module, images, labels)
                for images, labels in _training_batches(config, batches, batch_size or config.batch_size, torch_device)]
