@@ -21,9 +21,11 @@ with), ``results`` (folder, relative to the working directory; default ``OUT/<na
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import subprocess
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -243,6 +245,24 @@ def _finite(value):
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+@functools.lru_cache(maxsize=1)
+def source_version() -> str:
+    """The git commit of the library's source tree (``+modified`` if it has uncommitted changes), else ``unknown``.
+
+    Recorded per run: the settings pin what a run computes only as long as the library code does.
+    Cached, and first called when a grid starts, so it names the code the process loaded.
+    """
+    root = Path(__file__).resolve().parents[3]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "src"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if commit.returncode != 0:
+        return "unknown"
+    return commit.stdout.strip() + ("+modified" if dirty.stdout.strip() else "")
+
+
 def record_run(plan: GridPlan, run: GridRun, command: str) -> Path:
     """Write the results file of a finished (or diverged) run from its run directory."""
     out = run.planned.out
@@ -255,6 +275,7 @@ def record_run(plan: GridPlan, run: GridRun, command: str) -> Path:
         "command": command,
         "machine": describe_machine(run.planned.config.device),
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "source": source_version(),
     }
     if (out / DIVERGED_FILE).is_file():
         document["diverged"] = json.loads((out / DIVERGED_FILE).read_text()).get("error", "diverged")
@@ -644,6 +665,7 @@ def run_grid(grid_file: str | os.PathLike, *, command: str, log: Callable[[str],
     """Plan, train what is missing, and report; returns the report's path (options: :func:`plan_grid`)."""
     grid = load_grid(grid_file)
     plan = plan_grid(grid, **options)
+    source_version()  # the code this process runs, before anyone edits the tree
     done = sum(results_path(plan, r).is_file() for r in plan.runs)
     log(f"grid {grid.name}: {len(plan.runs)} run(s), {done} already in {plan.results_dir / RUNS_DIR}; training in {plan.train_dir}")
     try:
