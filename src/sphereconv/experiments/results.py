@@ -15,10 +15,9 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..engine.run_dir import METRICS_FILE, SUMMARY_FILE
 from ..errors import SphereconvError
 
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
 
 # Accuracies (fractions) at which "iterations to reach" is reported, per dataset. CIFAR-10 uses
 # the paper's 80% / 85% (NIPS 2017 Sec. 5.2) plus two lower marks; the others are chosen so that

@@ -18,6 +18,7 @@ from typing import Callable
 
 import yaml
 
+from ..engine.checkpoint import checkpoint_dir
 from ..errors import ConfigError, DatasetError, TrainingDivergedError
 from .definitions import Experiment, Variant, get_experiment
 from .features import features2d_panels
@@ -27,8 +28,6 @@ from .results import SUMMARY_FILE, RunResult, series, summarise_runs, thresholds
 from .scales import Scale, config_path, get_scale
 
 DIVERGED_FILE = "diverged.json"
-CONFIG_FILE = "config.yaml"
-CHECKPOINT_DIR = "checkpoints"
 # Keys that do not change what a run computes; a finished run is reused even if they differ.
 EXECUTION_KEYS = frozenset(
     {"out", "resume", "overwrite", "progress", "device", "data_dir", "download", "tensorboard",
@@ -168,11 +167,12 @@ def _comparable(values: dict) -> dict:
 
 def _check_finished_run_matches(run: PlannedRun) -> None:
     from ..engine.config import config_to_dict
+    from ..engine.run_dir import resumed_config_values
 
-    saved_path = run.out / CONFIG_FILE
-    if not saved_path.is_file():
+    saved_values = resumed_config_values(run.out)  # config.yaml with the run's amendments
+    if saved_values is None:
         return
-    saved = _comparable(yaml.safe_load(saved_path.read_text()) or {})
+    saved = _comparable(saved_values)
     wanted = _comparable(config_to_dict(run.config))
     differing = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
     if differing:
@@ -189,7 +189,7 @@ def run_status(run: PlannedRun) -> str:
         return "finished"
     if (run.out / DIVERGED_FILE).is_file():
         return "diverged"
-    checkpoints = run.out / CHECKPOINT_DIR
+    checkpoints = checkpoint_dir(run.out)
     if checkpoints.is_dir() and any(checkpoints.iterdir()):
         return "partial"
     if run.out.is_dir() and any(run.out.iterdir()):
