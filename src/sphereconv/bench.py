@@ -448,7 +448,7 @@ def bench_layers(shape: LayerShape, dtype: str, operators: Sequence[str], device
 
 def _train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
                 dtype: str) -> Callable[[], None]:
-    # Adam, as in the reference recipe (paper Sec. 5 / SPEC sec. 5).
+    # Adam, as in the reference recipe (paper Sec. 5, wy1iu/SphereNet).
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
 

@@ -1,6 +1,6 @@
 """A user's first short run learns with default flags (no YAML file, no BatchNorm or loss options).
 
-The library's defaults serve short runs (SPEC Sec. 5): BatchNorm momentum 0.1 instead of the
+The library's defaults serve short runs (README, 'Defaults vs the reference recipe'): BatchNorm momentum 0.1 instead of the
 reference's 0.001, which leaves a run of a few hundred steps evaluating at chance. Both tests train
 on real images: a PNG folder written from Fashion-MNIST test images, and Fashion-MNIST itself.
 """

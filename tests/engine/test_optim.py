@@ -14,7 +14,7 @@ from sphereconv.nn import DecoupledConv2d, SphereLinear
 
 
 # The weight-decay group of every parameter, by the type of the layer that owns it and the
-# parameter's name (optim's module docstring gives the reasons; SPEC Sec. 2 the reference recipe).
+# parameter's name (optim's module docstring gives the reasons; the paper's Sec. 5 / wy1iu/SphereNet the reference recipe).
 GROUP_TABLE = {
     ("Conv2d", "weight"): "default",            # CNN filters, stems and projection shortcuts
     ("BatchNorm2d", "weight"): "default",

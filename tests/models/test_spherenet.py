@@ -11,7 +11,7 @@ from torch import nn
 from sphereconv.models import BN_EPS, BN_MOMENTUM, REFERENCE_BN_MOMENTUM, create_model
 from sphereconv.nn import SPHERE_CONV_TYPES, SphereConv2d
 
-# SPEC section 6 / reference spherenet.py: stage widths and fc6 width.
+# Paper Sec. 5 / reference spherenet.py (wy1iu/SphereNet): stage widths and fc6 width.
 WIDTHS = (128, 192, 256)
 FC6 = 256
 
@@ -21,7 +21,7 @@ def convs(model: nn.Module) -> list[nn.Conv2d]:
 
 
 def hand_count_spherenet9(in_channels: int, num_classes: int) -> int:
-    """Parameters of SphereNet-9 at width 1 from the SPEC widths (no conv bias, BN gamma+beta)."""
+    """Parameters of SphereNet-9 at width 1 from the paper's widths (no conv bias, BN gamma+beta)."""
     total, c_in = 0, in_channels
     for width in WIDTHS:
         for _ in range(3):

@@ -2,7 +2,7 @@
 
 Every operator is recomputed patch by patch: the input is padded with the layer's padding mode, each
 patch is cut out explicitly, and the cosine, the angle (explicit arccos) and g are evaluated from
-their textbook formulas (paper Sec. 2.1, SPEC section 1), with the sigmoid in its exp form. The norms
+their textbook formulas (paper Sec. 2.1), with the sigmoid in its exp form. The norms
 are the documented ones of ``sphereconv.nn.functional``: ``sqrt(sum v^2 + eps m^2)`` with ``m`` the
 largest |x| of the sample over the group's input channels (all positions), or of the filter; 1 when
 that is 0. Computed directly in float64, without any rescaling.

@@ -1,4 +1,4 @@
-"""Scale invariance (paper Sec. 2.1 / SPEC section 1): multiplying the filters or the input by a
+"""Scale invariance (paper Sec. 2.1): multiplying the filters or the input by a
 positive constant leaves a SphereConv's output unchanged up to the effect of eps."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Every operator equals the slow per-patch computation (float64, 1e-10 relative) and the g values of
-SPEC section 1's reference table."""
+the reference table below (values of g computed from the paper's Sec. 2.1 formulas)."""
 
 from __future__ import annotations
 
@@ -208,7 +208,7 @@ def test_untrained_learnable_layer_uses_unit_mean_in_eval():
     assert int(layer.num_batches_tracked) == 0  # eval never updates the statistics
 
 
-# SPEC section 1 reference table: theta -> (linear, cosine, sigmoid k=0.1, 0.3, 0.7, 0.75).
+# Reference table of g (paper Sec. 2.1 formulas, evaluated independently): theta -> (linear, cosine, sigmoid k=0.1, 0.3, 0.7, 0.75).
 REFERENCE_TABLE = {
     math.pi / 6: (0.666667, 0.866025, 0.999944, 0.950909, 0.784341, 0.772601),
     math.pi / 3: (0.333333, 0.5, 0.989414, 0.710245, 0.442288, 0.429795),

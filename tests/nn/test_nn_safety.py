@@ -1,4 +1,4 @@
-"""Numerical safety (SPEC section 1, "Numerical hazards"): zero patches, exactly collinear filters and
+"""Numerical safety (the arccos, low-precision and overflow hazards of paper Sec. 2.1's operator): zero patches, exactly collinear filters and
 inputs, cosines rounded past 1, low precision (bf16 autocast on CPU; fp16 autocast and TF32 on CUDA)
 and a fuzz test of extreme magnitudes. No NaN or Inf may reach an output or a gradient."""
 

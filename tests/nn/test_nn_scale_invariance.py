@@ -1,4 +1,4 @@
-"""Exact scale invariance over each dtype's whole finite range (SPEC section 1; the norms of
+"""Exact scale invariance over each dtype's whole finite range (paper Sec. 2.1; the norms of
 ``sphereconv.nn.functional``: ``|x|_e = sqrt(sum x^2 + eps m_x^2)``, evaluated on inputs and filters
 rescaled by exact powers of two).
 

@@ -1,4 +1,4 @@
-"""SphereNorm (SPEC section 3): no batch statistics, reduces to the plain convolution, loads plain
+"""SphereNorm (Liu et al. 2017, hyperspherical learning as a normalisation): no batch statistics, reduces to the plain convolution, loads plain
 convolution weights, trains with and without BatchNorm."""
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from ..nn.angular import DEFAULT_EPS, check_positive
 from ..nn.functional import power_of_two_scale
 
 # He-normal initialisation, std = sqrt(2 / fan_in): the reference recipe's initialiser for every
-# weight, the classifier included (wy1iu/SphereNet; SPEC section 5).
+# weight, the classifier included (wy1iu/SphereNet, the paper's Sec. 5 recipe).
 HE_NORMAL_GAIN = 2.0
 
 
