@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import sys
 from pathlib import Path
@@ -13,9 +11,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from cli_helpers import run_cli  # noqa: E402
 from png_checks import assert_png  # noqa: E402
 
-from sphereconv.cli.main import main  # noqa: E402
 from sphereconv.engine.layer_stats import COS_BINS, LAYER_STATS_FILE, read_layer_stats  # noqa: E402
 
 # Pixel size of the inspect plots (10 x 4.5 inches at 100 dpi, cli/inspect.py).
@@ -25,13 +23,6 @@ PLOTS = ("cos_theta.png", "activations.png", "gradients.png")
 SPHERENET9_CONVS = 10
 
 
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        rc = main(argv)
-    return rc, stdout.getvalue(), stderr.getvalue()
-
-
 def tiny_run(out: Path, operator: str, layer_stats_every: int | None) -> Path:
     argv = ["train", "--model", "spherenet9", "--operator", operator, "--width-mult", "0.0625",
             "--dataset", "fashion-mnist", "--train-subset", "256", "--test-subset", "100", "--iterations", "4",
@@ -39,7 +30,7 @@ def tiny_run(out: Path, operator: str, layer_stats_every: int | None) -> Path:
             "--no-progress", "--out", str(out)]
     if layer_stats_every is not None:
         argv += ["--layer-stats-every", str(layer_stats_every)]
-    rc, _, stderr = run_cli(argv)
+    rc, _, stderr = run_cli(*argv)
     assert rc == 0, stderr
     return out
 
@@ -55,7 +46,7 @@ def test_inspect_run_directory(sphere_run, tmp_path):
 
     out = tmp_path / "plots"
     argv = ["inspect", str(sphere_run), "--out", str(out), "--batches", "2", "--batch-size", "16"]
-    rc, stdout, stderr = run_cli(argv)
+    rc, stdout, stderr = run_cli(*argv)
     assert rc == 0, stderr
     summary = json.loads((out / "layer_stats.json").read_text())
     assert summary["step"] == 4 and summary["batches"] == 2 and summary["operator"] == "cosine"
@@ -84,7 +75,7 @@ def test_inspect_checkpoint_file_of_cnn(tmp_path):
     checkpoint = sorted((run / "checkpoints").glob("*.pt"))[-1]
     # A file left behind by an earlier run in the same folder is not this run's history.
     (run / LAYER_STATS_FILE).write_text('{"iteration": 0, "loss": 2.3, "layers": []}\n')
-    rc, _, stderr = run_cli(["inspect", str(checkpoint), "--batches", "1"])
+    rc, _, stderr = run_cli("inspect", str(checkpoint), "--batches", "1")
     assert rc == 0, stderr
     out = run / "inspect"  # default: next to the run
     layers = json.loads((out / "layer_stats.json").read_text())["layers"]
@@ -98,7 +89,7 @@ def test_inspect_checkpoint_file_of_cnn(tmp_path):
 def test_inspect_leaves_the_weights_unchanged(sphere_run, tmp_path):
     checkpoint = sorted((sphere_run / "checkpoints").glob("*.pt"))[-1]
     before = checkpoint.read_bytes()
-    rc, _, stderr = run_cli(["inspect", str(checkpoint), "--out", str(tmp_path), "--batches", "1"])
+    rc, _, stderr = run_cli("inspect", str(checkpoint), "--out", str(tmp_path), "--batches", "1")
     assert rc == 0, stderr
     assert checkpoint.read_bytes() == before
 
@@ -110,7 +101,7 @@ def test_inspect_leaves_the_weights_unchanged(sphere_run, tmp_path):
 ])
 def test_inspect_missing_run_or_checkpoint_is_one_line_error(tmp_path, make_target, message):
     target = make_target(tmp_path)
-    rc, stdout, stderr = run_cli(["inspect", str(target)])
+    rc, stdout, stderr = run_cli("inspect", str(target))
     assert rc == 2 and stdout == ""
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sphereconv: error:"), stderr
@@ -118,12 +109,12 @@ def test_inspect_missing_run_or_checkpoint_is_one_line_error(tmp_path, make_targ
 
 
 def test_inspect_rejects_zero_batches(sphere_run):
-    rc, _, stderr = run_cli(["inspect", str(sphere_run), "--batches", "0"])
+    rc, _, stderr = run_cli("inspect", str(sphere_run), "--batches", "0")
     assert rc == 2 and "--batches" in stderr and len(stderr.strip().splitlines()) == 1
 
 
 def test_inspect_corrupt_checkpoint_is_one_line_error(tmp_path):
     bad = tmp_path / "step_00000001.pt"
     bad.write_bytes(torch.randn(4).numpy().tobytes())
-    rc, _, stderr = run_cli(["inspect", str(bad)])
+    rc, _, stderr = run_cli("inspect", str(bad))
     assert rc == 2 and len(stderr.strip().splitlines()) == 1 and str(bad) in stderr

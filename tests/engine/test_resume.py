@@ -13,11 +13,16 @@ import time
 
 import pytest
 import torch
+from cli_helpers import folder_snapshot
 from engine_helpers import PYTHON, TRAIN_SCRIPT, subprocess_env, tiny_overrides
 
 from sphereconv.engine import load_config, train
 from sphereconv.engine.atomic import TEMP_PREFIX
-from sphereconv.engine.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint
+from sphereconv.engine.checkpoint import (
+    checkpoint_dir,
+    list_checkpoints,
+    load_checkpoint,
+)
 from sphereconv.errors import ConfigError
 
 # 288 training images in batches of 32: 9 steps per epoch, so checkpoints every 10 steps fall in
@@ -155,20 +160,16 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path):
     assert final["best_test_acc"] == reference["best_test_acc"]
 
 
-def _snapshot(folder):
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
-
-
 def test_resume_may_not_stretch_a_schedule_defined_by_the_run_length(tmp_path):
     out = tmp_path / "run"
     settings = dict(iterations=6, eval_every=0, checkpoint_every=3, schedule="cosine")
     train(load_config(None, tiny_overrides(out, **settings)))
-    before = _snapshot(out)
+    before = folder_snapshot(out)
     with pytest.raises(ConfigError, match=r"iterations=8 gives 8 steps, but schedule='cosine' spans the run's 6 steps"):
         train(load_config(None, tiny_overrides(out, **{**settings, "iterations": 8, "resume": True})))
     with pytest.raises(ConfigError, match=r"epochs=0.25 gives 2 steps, .* already at step 6"):
         train(load_config(None, tiny_overrides(out, **{**settings, "iterations": None, "epochs": 0.25, "resume": True})))
-    assert _snapshot(out) == before
+    assert folder_snapshot(out) == before
     # Changing only how often it checkpoints is allowed, and recorded with the step it applies from.
     summary = train(load_config(None, tiny_overrides(out, **{**settings, "checkpoint_every": 2, "resume": True})))
     assert summary["amendments"] == [{"step": 6, "changes": {"checkpoint_every": {"from": 3, "to": 2}}}]

@@ -4,23 +4,22 @@ an exclusive lock makes a second trainer on the same folder fail at once with on
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import subprocess
 import time
 from pathlib import Path
 
+from cli_helpers import TINY, folder_snapshot, run_cli
 from engine_helpers import PYTHON, subprocess_env
 
-from sphereconv.cli.main import main
 from sphereconv.engine.atomic import TEMP_PREFIX
-from sphereconv.engine.checkpoint import checkpoint_dir, list_checkpoints, remove_stale_temporaries
+from sphereconv.engine.checkpoint import (
+    checkpoint_dir,
+    list_checkpoints,
+    remove_stale_temporaries,
+)
 from sphereconv.engine.run_dir import MARKER_FILE
 
-# The tiny settings of the issue's probe, on real Fashion-MNIST.
-TINY = ["--width-mult", "0.0625", "--train-subset", "256", "--test-subset", "128", "--batch-size", "16",
-        "--device", "cpu", "--no-progress"]
 # Steps of the trainer that holds the lock while a second one tries (long enough to still run
 # when the second, started in this already-initialised process, reaches the lock).
 HOLDER_STEPS = 30
@@ -28,18 +27,6 @@ HOLDER_STEPS = 30
 PROCESS_TIMEOUT_S = 180
 # The refused second trainer must fail within this many seconds.
 REFUSAL_BOUND_S = 10
-
-
-def _cli(*argv) -> tuple[int, str, str]:
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = main([str(a) for a in argv])
-    return code, stdout.getvalue(), stderr.getvalue()
-
-
-def _snapshot(folder: Path) -> dict[str, bytes | None]:
-    """Every file (bytes) and folder (None) under ``folder``, by relative path."""
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
 
 
 def _users_folder(folder: Path) -> dict[str, bytes]:
@@ -58,23 +45,23 @@ def _users_folder(folder: Path) -> dict[str, bytes]:
 def test_a_folder_that_is_not_a_run_is_never_overwritten(tmp_path):
     folder = tmp_path / "mine"
     users = _users_folder(folder)
-    before = _snapshot(folder)
-    code, _, err = _cli("train", *TINY, "--iterations", 2, "--out", folder)
+    before = folder_snapshot(folder)
+    code, _, err = run_cli("train", *TINY, "--iterations", 2, "--out", folder)
     assert code == 2 and err.count("\n") == 1 and "is not empty and is not a sphereconv run" in err
     # --overwrite may not replace the user's config.yaml either.
-    code, _, err = _cli("train", *TINY, "--iterations", 2, "--out", folder, "--overwrite")
+    code, _, err = run_cli("train", *TINY, "--iterations", 2, "--out", folder, "--overwrite")
     assert code == 2 and err.count("\n") == 1 and "holds config.yaml, which no sphereconv run wrote" in err
     # The user's commented config used as --config inside --out.
     for extra in ([], ["--overwrite"]):
-        code, _, err = _cli("train", "--config", folder / "config.yaml", *TINY, "--iterations", 2, "--out", folder, *extra)
+        code, _, err = run_cli("train", "--config", folder / "config.yaml", *TINY, "--iterations", 2, "--out", folder, *extra)
         assert code == 2 and err.count("\n") == 1, err
-    assert _snapshot(folder) == before
+    assert folder_snapshot(folder) == before
 
     # Without the clash, --overwrite trains there and keeps every file it did not write.
     (folder / "config.yaml").unlink()
     del users["config.yaml"]
     for _ in range(2):  # the second --overwrite replaces the run, and only the run
-        code, _, err = _cli("train", *TINY, "--iterations", 2, "--out", folder, "--overwrite")
+        code, _, err = run_cli("train", *TINY, "--iterations", 2, "--out", folder, "--overwrite")
         assert code == 0, err
         assert {name: (folder / name).read_bytes() for name in users} == users
         assert [s for s, _ in list_checkpoints(checkpoint_dir(folder))] == [2]
@@ -104,7 +91,7 @@ def test_second_trainer_on_the_same_folder_fails_at_once(tmp_path):
             assert holder.poll() is None and time.monotonic() < deadline, holder.stderr.read()
             time.sleep(0.05)
         started = time.monotonic()
-        code, _, err = _cli("train", *TINY, "--iterations", HOLDER_STEPS, "--out", out, "--overwrite")
+        code, _, err = run_cli("train", *TINY, "--iterations", HOLDER_STEPS, "--out", out, "--overwrite")
         refused_after = time.monotonic() - started
         assert holder.poll() is None, "the first trainer finished before the second one tried"
         assert code == 2 and err.count("\n") == 1 and "is in use: another sphereconv train process holds its lock" in err
@@ -121,5 +108,5 @@ def test_second_trainer_on_the_same_folder_fails_at_once(tmp_path):
     assert [r["step"] for r in records] == [15, HOLDER_STEPS]
     assert json.loads((out / "summary.json").read_text())["steps"] == HOLDER_STEPS
     # The lock went with the process: the folder can be resumed now.
-    code, _, err = _cli("train", "--resume", "--out", out)
+    code, _, err = run_cli("train", "--resume", "--out", out)
     assert code == 0, err

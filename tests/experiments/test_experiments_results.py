@@ -11,7 +11,7 @@ import pytest
 
 from png_checks import CURVE_PLOT_SIZE, assert_png
 from sphereconv.experiments import paper
-from sphereconv.experiments.definitions import EXPERIMENTS, Experiment, Variant, get_experiment
+from sphereconv.experiments.definitions import EXPERIMENTS, Variant, get_experiment
 from sphereconv.experiments.overlay import collect_curves, overlay_runs, run_label
 from sphereconv.experiments.plots import aggregate_curves, plot_curves, plot_features2d, plot_sweep
 from sphereconv.experiments.report import ReportContext, render_table, write_report

@@ -6,22 +6,12 @@ import json
 import re
 
 import pytest
-import torch
 
 from png_checks import CURVE_PLOT_SIZE, assert_png
 from sphereconv.cli.main import main
 from sphereconv.experiments.definitions import EXPERIMENTS, get_experiment
 from sphereconv.experiments.plots import DPI, FEATURE_PANEL_INCHES
 from sphereconv.experiments.runner import plan_experiment
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def reproduce(out, *args: str) -> int:

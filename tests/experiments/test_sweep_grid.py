@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from png_checks import CURVE_PLOT_SIZE, assert_png
@@ -27,14 +26,6 @@ TINY_GRID = {
     "regimes": {"A": {"label": "regime A", "width_mult": 0.25}},
     "stages": [{"regime": "A", "models": ["cnn", "cosine"]}],
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def write_grid(path: Path, **changes) -> Path:
