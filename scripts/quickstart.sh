@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job: SphereNet-9 (cosine) against its CNN-9 baseline on Fashion-MNIST, 2 seeds each, in
 # regime S of the pre-registered sweep (width 1/4, batch 128, crop+flip, 600 iterations, full 10k
-# test set; configs/sweeps/quickstart.yaml). About 15 minutes on 2 CPU cores. The report gives the
-# measured difference with its 95% interval and what the full sweep (docs/RESULTS.md) found so far.
+# test set; the grid "quickstart" shipped in src/sphereconv/configs/sweeps/). About 15 minutes on 2
+# CPU cores. The report gives the measured difference with its 95% interval and what the full sweep
+# (docs/RESULTS.md) found so far.
 #
 #   bash scripts/quickstart.sh
 #
@@ -13,5 +14,5 @@ bash scripts/setup_env.sh
 out="${SPHERECONV_OUT:-runs/quickstart}"
 scale=()
 if [ -n "${SPHERECONV_SCALE:-}" ]; then scale=(--scale "$SPHERECONV_SCALE"); fi
-.venv/bin/sphereconv reproduce --grid configs/sweeps/quickstart.yaml "${scale[@]}" --download --out "$out"
+.venv/bin/sphereconv reproduce --grid quickstart "${scale[@]}" --download --out "$out"
 echo "report: $out/quickstart/report.md"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment in .venv and install sphereconv into it.
 #
-#   bash scripts/setup_env.sh [EXTRAS]     e.g. EXTRAS=dev
+#   bash scripts/setup_env.sh [EXTRAS]     e.g. dev (tests, ruff, mypy), docs (mkdocs), or dev,docs
 #
 # Safe to re-run: an existing .venv is reused and pip only installs what is missing.
 # Also installs Debian's Fashion-MNIST package (dataset-fashion-mnist) where apt exists and we are

@@ -10,6 +10,18 @@ class SphereconvError(Exception):
     """Base class of errors reported to the user without a traceback."""
 
 
+class InvalidArgumentError(SphereconvError, ValueError):
+    """An argument of a layer, loss, model or loader has a value outside what it allows.
+
+    A ``ValueError`` (as in ``torch.nn``) that the command line also reports as one line, since such
+    values often come from a config file.
+    """
+
+
+class InvalidArgumentTypeError(SphereconvError, TypeError):
+    """An argument of a layer, loss, model or loader has the wrong type (a ``TypeError``)."""
+
+
 class ConfigError(SphereconvError, ValueError):
     """A configuration key has a wrong type, an out-of-range value, or conflicts with another key."""
 

@@ -21,7 +21,8 @@ import contextlib
 import copy
 import dataclasses
 import math
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +49,13 @@ TOLERANCES = {
     "autocast-bfloat16": 5e-2,
     "autocast-float16": 1e-2,
 }
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "tf32": torch.float32}
+DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "tf32": torch.float32,
+}
 
 # Tiny SphereNet-9 training check: width 1/8 of the reference widths (16/24/32 channels), one fixed
 # batch of 32 images, Adam at the reference recipe's learning rate (paper Sec. 5).
@@ -91,16 +97,19 @@ def layer_cases(operators: Sequence[str] = SPHERE_OPERATORS) -> list[LayerCase]:
         cases.append(LayerCase(name, build, shape))
 
     for op in operators:
-        add(f"conv1d/{op}", lambda op=op: SphereConv1d(3, 5, 3, padding=1, bias=True, operator=op), (2, 3, 9))
-        add(f"conv2d/{op}", lambda op=op: SphereConv2d(3, 5, 3, padding=1, bias=True, operator=op), (2, 3, 7, 7))
-        add(f"conv3d/{op}", lambda op=op: SphereConv3d(2, 3, 3, padding=1, bias=True, operator=op), (2, 2, 5, 5, 5))
-        add(f"linear/{op}", lambda op=op: SphereLinear(12, 5, bias=True, operator=op), (4, 12))
-        add(f"conv2d-groups2/{op}", lambda op=op: SphereConv2d(4, 6, 3, padding=1, groups=2, operator=op), (2, 4, 7, 7))
-        add(f"conv2d-stride2/{op}", lambda op=op: SphereConv2d(3, 5, 3, stride=2, padding=1, operator=op), (2, 3, 8, 8))
-        add(f"conv2d-dilation2/{op}", lambda op=op: SphereConv2d(3, 5, 3, padding=2, dilation=2, operator=op), (2, 3, 8, 8))
+        add(f"conv1d/{op}", partial(SphereConv1d, 3, 5, 3, padding=1, bias=True, operator=op), (2, 3, 9))
+        add(f"conv2d/{op}", partial(SphereConv2d, 3, 5, 3, padding=1, bias=True, operator=op), (2, 3, 7, 7))
+        add(f"conv3d/{op}", partial(SphereConv3d, 2, 3, 3, padding=1, bias=True, operator=op), (2, 2, 5, 5, 5))
+        add(f"linear/{op}", partial(SphereLinear, 12, 5, bias=True, operator=op), (4, 12))
+        add(f"conv2d-groups2/{op}", partial(SphereConv2d, 4, 6, 3, padding=1, groups=2, operator=op), (2, 4, 7, 7))
+        add(f"conv2d-stride2/{op}", partial(SphereConv2d, 3, 5, 3, stride=2, padding=1, operator=op), (2, 3, 8, 8))
+        add(f"conv2d-dilation2/{op}", partial(SphereConv2d, 3, 5, 3, padding=2, dilation=2, operator=op), (2, 3, 8, 8))
         for mode in ("reflect", "replicate", "circular"):
-            add(f"conv2d-{mode}/{op}",
-                lambda op=op, mode=mode: SphereConv2d(3, 5, 3, padding=1, padding_mode=mode, operator=op), (2, 3, 6, 6))
+            add(
+                f"conv2d-{mode}/{op}",
+                partial(SphereConv2d, 3, 5, 3, padding=1, padding_mode=mode, operator=op),
+                (2, 3, 6, 6),
+            )
     return cases
 
 
@@ -183,8 +192,12 @@ def kernel_path(module: nn.Module, x: Tensor, out: Tensor, conv_dtype: torch.dty
     operator = getattr(module, "operator", "")
     dtypes = {str(conv_dtype or x.dtype).removeprefix("torch.")}
     for case in _kernel_cases():
-        if case["operator"] == operator and case["dtype"] in dtypes and case["kernels"] == "aten" \
-                and case["device"].startswith(x.device.type):
+        if (
+            case["operator"] == operator
+            and case["dtype"] in dtypes
+            and case["kernels"] == "aten"
+            and case["device"].startswith(x.device.type)
+        ):
             return "fused-aten*"
     return "fused-triton"
 
@@ -195,8 +208,10 @@ def kernel_summary() -> list[str]:
     cases = info["cases"]
     triton = [c for c in cases if c["kernels"] == "triton"]
     fallen = [c for c in cases if c["kernels"] == "aten"]
-    lines = [f"kernels: backend {info['backend']}, Triton {'installed' if info['triton_installed'] else 'not installed'}; "
-             f"{len(triton)} Triton-capable case(s) on Triton, {len(fallen)} fell back to ATen"]
+    lines = [
+        f"kernels: backend {info['backend']}, Triton {'installed' if info['triton_installed'] else 'not installed'}; "
+        f"{len(triton)} Triton-capable case(s) on Triton, {len(fallen)} fell back to ATen"
+    ]
     lines += [f"  fell back: {c['operator']} {c['dtype']} {c['device']}: {c['note']}" for c in fallen]
     return lines
 
@@ -242,8 +257,11 @@ def _training_batch(device: torch.device) -> tuple[Tensor, Tensor, str]:
         images = torch.randn(TRAIN_BATCH, 1, 28, 28, generator=gen)
         labels = torch.randint(0, 10, (TRAIN_BATCH,), generator=gen)
         return images.to(device), labels.to(device), "random images (Fashion-MNIST not found)"
-    return (normalize_pixels(images[:TRAIN_BATCH]).to(device), labels[:TRAIN_BATCH].to(device),
-            f"Fashion-MNIST test images 0-{TRAIN_BATCH - 1}")
+    return (
+        normalize_pixels(images[:TRAIN_BATCH]).to(device),
+        labels[:TRAIN_BATCH].to(device),
+        f"Fashion-MNIST test images 0-{TRAIN_BATCH - 1}",
+    )
 
 
 def check_training(device: torch.device, operator: str = "cosine", seed: int = 0) -> tuple[Result, list[float]]:
@@ -255,8 +273,13 @@ def check_training(device: torch.device, operator: str = "cosine", seed: int = 0
     try:
         images, labels, source = _training_batch(device)
         torch.manual_seed(seed)
-        model = create_model("spherenet9", operator=operator, width_mult=TRAIN_WIDTH_MULT, in_channels=1,
-                             image_size=tuple(images.shape[-2:])).to(device)
+        model = create_model(
+            "spherenet9",
+            operator=operator,
+            width_mult=TRAIN_WIDTH_MULT,
+            in_channels=1,
+            image_size=tuple(images.shape[-2:]),
+        ).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=TRAIN_LR)
         model.train()
         for _ in range(TRAIN_STEPS):
@@ -273,15 +296,29 @@ def check_training(device: torch.device, operator: str = "cosine", seed: int = 0
     return Result(name, "float32", "fused", None, None, PASS if decreased else FAIL, note), losses
 
 
-def run(device: torch.device, operators: Sequence[str] = SPHERE_OPERATORS, dtypes: Sequence[str] | None = None,
-        train: bool = True, progress: Callable[[str], None] | None = None) -> list[Result]:
+def run(
+    device: torch.device,
+    operators: Sequence[str] = SPHERE_OPERATORS,
+    dtypes: Sequence[str] | None = None,
+    train: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[Result]:
     """Every layer case in every dtype of ``device`` (or ``dtypes``), then the training check."""
     results: list[Result] = []
     available = device_dtypes(device)
     for dtype_name in dtypes if dtypes is not None else available:
         if dtype_name not in available:
-            results.append(Result("all layers", dtype_name, "-", None, TOLERANCES[dtype_name], SKIP,
-                                  f"{dtype_name} does not run on this {device.type} device"))
+            results.append(
+                Result(
+                    "all layers",
+                    dtype_name,
+                    "-",
+                    None,
+                    TOLERANCES[dtype_name],
+                    SKIP,
+                    f"{dtype_name} does not run on this {device.type} device",
+                )
+            )
             continue
         if progress:
             progress(f"layers in {dtype_name}")
@@ -297,10 +334,17 @@ def format_table(results: Sequence[Result]) -> str:
     """Fixed-width table: case, dtype, path, max error, tolerance, status, note."""
     rows = [["case", "dtype", "path", "max error", "tolerance", "status", "note"]]
     for r in results:
-        rows.append([
-            r.case, r.dtype, r.path, "-" if r.error is None else f"{r.error:.2e}",
-            "-" if r.tolerance is None else f"{r.tolerance:.0e}", r.status, r.note,
-        ])
+        rows.append(
+            [
+                r.case,
+                r.dtype,
+                r.path,
+                "-" if r.error is None else f"{r.error:.2e}",
+                "-" if r.tolerance is None else f"{r.tolerance:.0e}",
+                r.status,
+                r.note,
+            ]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -313,6 +357,17 @@ def failures(results: Sequence[Result]) -> list[Result]:
 
 
 __all__ = [
-    "TOLERANCES", "LayerCase", "Result", "layer_cases", "device_dtypes", "check_layer", "check_training", "run",
-    "format_table", "failures", "relative_error", "kernel_path", "kernel_summary",
+    "TOLERANCES",
+    "LayerCase",
+    "Result",
+    "layer_cases",
+    "device_dtypes",
+    "check_layer",
+    "check_training",
+    "run",
+    "format_table",
+    "failures",
+    "relative_error",
+    "kernel_path",
+    "kernel_summary",
 ]

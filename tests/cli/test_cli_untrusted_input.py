@@ -146,7 +146,7 @@ def test_image_size_flag_resizes_and_is_recorded(photo_folder, tmp_path, capsys)
 
 
 def test_image_size_errors_name_the_flag(capsys):
-    one_line_error(capsys, ["train", "--image-size", "0"], "--image-size", "positive integer")
+    one_line_error(capsys, ["train", "--image-size", "0"], "--image-size", "image_size=0", "[1, 512]")
     one_line_error(capsys, ["train", "--image-size", "32", "--dry-run"], "image_size=32 applies to image folders",
                    "fashion-mnist images are 28x28", "--image-size")
     one_line_error(capsys, ["train", "--image-size", "100000", "--dry-run"], "image_size=100000", "[1, 512]")

@@ -16,8 +16,11 @@ import zlib
 import numpy as np
 import pytest
 
-from sphereconv.data import DATASETS, dataset_info, load_dataset, read_cifar_batch, read_idx, safe_load_pickle
+from sphereconv.data import dataset_info, load_dataset
+from sphereconv.data.cifar import read_cifar_batch, safe_load_pickle
+from sphereconv.data.idx import read_idx
 from sphereconv.data.image_folder import MAX_IMAGE_PIXELS
+from sphereconv.data.registry import DATASETS
 from sphereconv.errors import DatasetError
 
 Image = pytest.importorskip("PIL.Image")

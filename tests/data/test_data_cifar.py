@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from sphereconv.data import DATASETS, load_dataset, read_cifar_batch, safe_load_pickle
+from sphereconv.data import load_dataset
+from sphereconv.data.cifar import read_cifar_batch, safe_load_pickle
+from sphereconv.data.registry import DATASETS
 from sphereconv.errors import DatasetError
 
 TRAIN_PER_BATCH = 3

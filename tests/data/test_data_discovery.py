@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sphereconv.data import DATASETS, canonical_name, dataset_info, list_datasets, load_dataset, search_roots, user_cache_dir
+from sphereconv.data import dataset_info, list_datasets, load_dataset, user_cache_dir
+from sphereconv.data.discovery import search_roots
+from sphereconv.data.registry import DATASETS, canonical_name
 from sphereconv.errors import DatasetError, SphereconvError
 
 

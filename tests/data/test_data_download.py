@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from sphereconv.data import DATASETS, RemoteFile, download_file, extract_tar, load_dataset
+from sphereconv.data import load_dataset
+from sphereconv.data.download import download_file, extract_tar
+from sphereconv.data.registry import DATASETS, RemoteFile
 from sphereconv.errors import DatasetError
 
 

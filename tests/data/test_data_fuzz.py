@@ -10,8 +10,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sphereconv.data import parse_idx, safe_load_pickle
 from sphereconv.data.checksums import read_content
+from sphereconv.data.cifar import safe_load_pickle
+from sphereconv.data.idx import parse_idx
 from sphereconv.errors import DatasetError
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

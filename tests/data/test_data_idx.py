@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from sphereconv.data import DATASETS, load_dataset, parse_idx, read_idx
+from sphereconv.data import load_dataset
+from sphereconv.data.idx import parse_idx, read_idx
+from sphereconv.data.registry import DATASETS
 from sphereconv.errors import DatasetError
 
 

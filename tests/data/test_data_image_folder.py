@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from sphereconv.data import dataset_info, list_image_folder, load_dataset
-from sphereconv.data.image_folder import DEFAULT_FOLDER_IMAGE_SIZE, FLAT_TEST_FRACTION, flat_split_of
+from sphereconv.data import dataset_info, load_dataset
+from sphereconv.data.image_folder import DEFAULT_FOLDER_IMAGE_SIZE, FLAT_TEST_FRACTION, flat_split_of, list_image_folder
 from sphereconv.errors import DatasetError
 
 Image = pytest.importorskip("PIL.Image")

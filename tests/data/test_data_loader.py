@@ -182,13 +182,13 @@ def test_augmentation_differs_between_epochs():
 
 def test_invalid_arguments_name_the_value():
     images, labels = make_data()
-    with pytest.raises(ValueError, match="augment must be one of none, flip, crop_flip; got 'mixup'"):
+    with pytest.raises(ValueError, match="invalid augment='mixup': expected one of none, flip, crop_flip"):
         DeviceLoader(images, labels, 8, augment="mixup")
-    with pytest.raises(ValueError, match=r"rank must be in \[0, world_size = 2\); got 2"):
+    with pytest.raises(ValueError, match=r"invalid rank=2: expected an integer in \[0, world_size = 2\)"):
         DeviceLoader(images, labels, 8, rank=2, world_size=2)
     with pytest.raises(TypeError, match="images must be a uint8 tensor"):
         DeviceLoader(images.float(), labels, 8)
-    with pytest.raises(ValueError, match="batch_size must be >= 1; got 0"):
+    with pytest.raises(ValueError, match="invalid batch_size=0: expected a positive integer"):
         DeviceLoader(images, labels, 0)
     with pytest.raises(ValueError, match="no batches"):
         DeviceLoader(images, labels, 64, drop_last=True)

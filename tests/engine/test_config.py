@@ -9,8 +9,16 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sphereconv.engine import TrainConfig, config_keys, config_to_dict, describe_keys, load_config, save_config
-from sphereconv.engine.config import MODEL_OPERATORS, config_from_dict
+from sphereconv.engine import TrainConfig, config_to_dict, describe_keys, load_config, save_config
+from sphereconv.engine.config import (
+    MODEL_OPERATORS,
+    REFERENCE_MILESTONES,
+    config_from_dict,
+    config_keys,
+    format_config,
+    key_spec,
+    key_specs,
+)
 from sphereconv.errors import ConfigError, SphereconvError
 
 
@@ -28,6 +36,73 @@ def test_every_key_is_documented():
     descriptions = describe_keys()
     assert set(descriptions) == set(config_keys())
     assert all(len(text) > 5 for text in descriptions.values())
+
+
+def test_choices_are_the_registries_own():
+    from sphereconv.data.augment import AUGMENTATIONS
+    from sphereconv.data.registry import list_datasets
+    from sphereconv.losses.registry import LOSSES, list_losses
+    from sphereconv.models import list_models
+    from sphereconv.nn import angular
+
+    # The same objects, not copies: registering a loss or an augmentation makes it a config choice.
+    assert key_spec("loss").setting.choices is LOSSES and key_spec("loss").choices() == tuple(list_losses())
+    assert key_spec("augment").setting.choices is AUGMENTATIONS
+    assert key_spec("operator").setting.choices is angular.MODEL_OPERATORS is key_spec("fc_operator").setting.choices
+    assert key_spec("model").choices() == tuple(list_models())
+    assert key_spec("dataset").choices() == tuple(list_datasets())
+
+
+def test_defaults_come_from_the_modules_that_own_them():
+    from sphereconv.models import BN_MOMENTUM
+    from sphereconv.nn.angular import DEFAULT_SIGMOID_K
+
+    config = TrainConfig()
+    assert (config.sigmoid_k, config.bn_momentum) == (DEFAULT_SIGMOID_K, BN_MOMENTUM)
+    assert tuple(config.lr_milestones) == REFERENCE_MILESTONES
+
+
+def test_every_key_declares_its_type_default_allowed_values_and_help():
+    assert [key.name for key in key_specs()] == [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in key_specs():
+        assert key.kind in (bool, int, float, str, dict, list), key.name
+        assert key.allowed() and len(key.help) > 5, key.name
+        assert key.check(key.default) == key.default, key.name  # every default is allowed
+        assert key.optional == (key.name in OPTIONAL_KEYS), key.name
+
+
+def test_errors_say_what_the_declaration_allows():
+    for key, value in [
+        ("batch_size", 0),
+        ("sigmoid_k", 0),
+        ("momentum", 1.0),
+        ("train_subset", 0),
+        ("image_size", 10**6),
+        ("device", "tpu"),
+        ("lr_milestones", [0.5, 0.5]),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, {key: value})
+        assert str(info.value).endswith(f"expected {key_spec(key).allowed()}"), str(info.value)
+
+
+def test_format_config_is_a_config_file_marking_changed_keys(tmp_path):
+    config = load_config(
+        None,
+        {
+            "model": "spherenet18",
+            "epochs": 2.5,
+            "loss_kwargs": {"margin": 2.0},
+            "data_dir": "a: b #c",
+            "lr_milestones": [0.25, 0.75],
+        },
+    )
+    text = format_config(config)
+    assert "model: spherenet18  # default: spherenet9\n" in text and "\nlr: 0.001\n" in text
+    assert text.count("\n") == len(key_specs())
+    path = tmp_path / "resolved.yaml"
+    path.write_text(text)
+    assert load_config(path, {}) == config
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -76,15 +151,40 @@ def test_unknown_key_suggests_close_matches(tmp_path):
 
 
 BAD_VALUES = [
-    ("lr", 0), ("lr", -1.0), ("lr", "fast"), ("lr", float("nan")), ("lr", True),
-    ("batch_size", 0), ("batch_size", 2.5), ("batch_size", "many"),
-    ("iterations", -5), ("epochs", 0), ("width_mult", 0), ("momentum", 1.0),
-    ("optimizer", "adagrad"), ("schedule", "poly"), ("amp", "fp8"), ("augment", "mixup"),
-    ("loss", "triplet"), ("operator", "tanh"), ("fc_operator", 3), ("device", "tpu"),
-    ("lr_milestones", [0.8, 0.2]), ("lr_milestones", [1.5]), ("lr_milestones", "0.5"),
-    ("seed", -1), ("seed", 2**40), ("keep_checkpoints", 0), ("label_smoothing", 1.0),
-    ("model_kwargs", [1, 2]), ("loss_kwargs", {"not an identifier": 1}), ("resume", "yes"),
-    ("out", ""), ("max_nonfinite_steps", 0), ("eval_every", -1), ("grad_clip", 0),
+    ("lr", 0),
+    ("lr", -1.0),
+    ("lr", "fast"),
+    ("lr", float("nan")),
+    ("lr", True),
+    ("batch_size", 0),
+    ("batch_size", 2.5),
+    ("batch_size", "many"),
+    ("iterations", -5),
+    ("epochs", 0),
+    ("width_mult", 0),
+    ("momentum", 1.0),
+    ("optimizer", "adagrad"),
+    ("schedule", "poly"),
+    ("amp", "fp8"),
+    ("augment", "mixup"),
+    ("loss", "triplet"),
+    ("operator", "tanh"),
+    ("fc_operator", 3),
+    ("device", "tpu"),
+    ("lr_milestones", [0.8, 0.2]),
+    ("lr_milestones", [1.5]),
+    ("lr_milestones", "0.5"),
+    ("seed", -1),
+    ("seed", 2**40),
+    ("keep_checkpoints", 0),
+    ("label_smoothing", 1.0),
+    ("model_kwargs", [1, 2]),
+    ("loss_kwargs", {"not an identifier": 1}),
+    ("resume", "yes"),
+    ("out", ""),
+    ("max_nonfinite_steps", 0),
+    ("eval_every", -1),
+    ("grad_clip", 0),
 ]
 
 
@@ -131,8 +231,16 @@ def test_yaml_problems_are_config_errors(tmp_path):
 
 
 def test_save_and_reload_round_trip(tmp_path):
-    config = load_config(None, {"model": "spherenet36", "epochs": 2.5, "loss": "ga_softmax",
-                                "loss_kwargs": {"margin": 2.0}, "lr_milestones": [0.25, 0.75]})
+    config = load_config(
+        None,
+        {
+            "model": "spherenet36",
+            "epochs": 2.5,
+            "loss": "ga_softmax",
+            "loss_kwargs": {"margin": 2.0},
+            "lr_milestones": [0.25, 0.75],
+        },
+    )
     save_config(config, tmp_path / "config.yaml")
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["loss_kwargs"] == {"margin": 2.0}
     again = load_config(tmp_path / "config.yaml", {})
@@ -156,13 +264,32 @@ def test_validate_normalises_in_place():
     assert isinstance(config.batch_size, int)
 
 
+# Keys that may be null (None).
+OPTIONAL_KEYS = (
+    "fc_operator",
+    "feature_dim",
+    "data_dir",
+    "train_subset",
+    "test_subset",
+    "grad_clip",
+    "epochs",
+    "iterations",
+    "image_size",
+)
+
+
 # --- fuzz --------------------------------------------------------------------------------------
 
 _KEYS = list(config_keys())
 _values = st.one_of(
-    st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.sampled_from(list(MODEL_OPERATORS) + ["adam", "sgd", "step", "bf16", "fp16", "1e-3"]),
-    st.lists(st.floats(-2, 2), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(list(MODEL_OPERATORS) + ["adam", "sgd", "step", "bf16", "fp16", "1e-3"]),
+    st.lists(st.floats(-2, 2), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
 )
 _keys = st.one_of(st.sampled_from(_KEYS), st.sampled_from([k.replace("_", "-") for k in _KEYS]), st.text(max_size=10))
 
@@ -181,9 +308,7 @@ def test_fuzz_load_config_raises_only_config_errors(tmp_path_factory, overrides,
     assert config.validate() == config
     assert (config.epochs is None) != (config.iterations is None)
     for f in dataclasses.fields(config):
-        assert getattr(config, f.name) is not None or f.name in (
-            "fc_operator", "feature_dim", "data_dir", "train_subset", "test_subset", "grad_clip", "epochs", "iterations",
-            "image_size")
+        assert getattr(config, f.name) is not None or f.name in OPTIONAL_KEYS
 
 
 def test_model_and_dataset_names_are_checked():

@@ -15,7 +15,7 @@ from engine_helpers import tiny_overrides
 
 from sphereconv.data import load_dataset
 from sphereconv.engine import Callback, config_to_dict, evaluate, load_config, train
-from sphereconv.engine import trainer as trainer_module
+from sphereconv.engine import loaders as loaders_module
 from sphereconv.engine.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from sphereconv.errors import CheckpointError, ConfigError, SphereconvError, TrainingDivergedError
 
@@ -35,7 +35,7 @@ def cached_dataset(monkeypatch):
             _CACHE[key] = load_dataset(name, split, data_dir, download, **kwargs)
         return _CACHE[key]
 
-    monkeypatch.setattr(trainer_module, "load_dataset", cached)
+    monkeypatch.setattr(loaders_module, "load_dataset", cached)
 
 
 def _config(tmp_path, **extra):

@@ -16,13 +16,8 @@ from sphereconv.engine import Callback, load_config, train
 from sphereconv.engine.objective import build_loss_module, build_model, head_operator
 from sphereconv.experiments import get_experiment
 from sphereconv.experiments.runner import plan_experiment
-from sphereconv.losses import (
-    GA_SOFTMAX_MARGIN,
-    GASoftmaxLoss,
-    WeightNormalizedSoftmaxLoss,
-    annealing_lambda,
-    build_loss,
-)
+from sphereconv.losses import GA_SOFTMAX_MARGIN, GASoftmaxLoss, WeightNormalizedSoftmaxLoss, build_loss
+from sphereconv.losses.margin import annealing_lambda
 
 RUN_ITERATIONS = 500
 

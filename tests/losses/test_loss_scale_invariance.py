@@ -18,7 +18,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sphereconv.losses import ArcFaceLoss, ASoftmaxLoss, CosFaceLoss, GASoftmaxLoss, WeightNormalizedSoftmaxLoss
 

@@ -8,8 +8,13 @@ import pytest
 import torch
 from losses_reference_formulas import g_of_angle, psi_of_angle
 
-from sphereconv.losses import GASoftmaxLoss, annealing_lambda, extended_margin_function
-from sphereconv.losses.margin import a_softmax_margin_function, chebyshev_cos_multiple
+from sphereconv.losses import GASoftmaxLoss
+from sphereconv.losses.margin import (
+    a_softmax_margin_function,
+    annealing_lambda,
+    chebyshev_cos_multiple,
+    extended_margin_function,
+)
 
 MARGINS = [1.0, 1.5, 2.0, 2.7, 4.0]
 OPERATORS = [("linear", 0.3), ("cosine", 0.3), ("sigmoid", 0.3), ("sigmoid", 0.1), ("square_cosine", 0.3)]

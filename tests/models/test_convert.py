@@ -189,14 +189,14 @@ def test_an_optimizer_built_before_conversion_keeps_training_the_layers():
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"operator": "none"}, ValueError, "unknown operator 'none'"),
-        ({"operator": "tanh"}, ValueError, "unknown operator 'tanh'"),
-        ({"sigmoid_k": 0}, ValueError, "sigmoid_k must be a positive"),
-        ({"eps": -1e-4}, ValueError, "eps must be a positive"),
-        ({"include": ["layer9.*"]}, ValueError, "include pattern 'layer9.\\*' matches no module"),
-        ({"exclude": "bogus"}, ValueError, "exclude pattern 'bogus' matches no module"),
-        ({"include": [3]}, TypeError, "include must be None, a glob pattern"),
-        ({"skip_classifier": "yes"}, TypeError, "skip_classifier must be True or False"),
+        ({"operator": "none"}, ValueError, "invalid operator='none': expected one of linear, cosine"),
+        ({"operator": "tanh"}, ValueError, "invalid operator='tanh': expected one of linear, cosine"),
+        ({"sigmoid_k": 0}, ValueError, "invalid sigmoid_k=0: expected a number > 0"),
+        ({"eps": -1e-4}, ValueError, "invalid eps=-0.0001: expected a number > 0"),
+        ({"include": ["layer9.*"]}, ValueError, "invalid include pattern='layer9.\\*': expected a pattern matching"),
+        ({"exclude": "bogus"}, ValueError, "invalid exclude pattern='bogus': expected a pattern matching a module"),
+        ({"include": [3]}, TypeError, "invalid include=\\[3\\]: expected None, a glob pattern"),
+        ({"skip_classifier": "yes"}, TypeError, "invalid skip_classifier='yes': expected true or false"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, error, message):
@@ -205,5 +205,5 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, message):
 
 
 def test_non_module_is_a_type_error():
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+    with pytest.raises(TypeError, match="invalid model=.*: expected a torch.nn.Module"):
         convert_model({"conv": nn.Conv2d(1, 1, 1)})

@@ -24,14 +24,14 @@ def test_create_model_builds_the_right_class_and_accepts_dashed_or_upper_names()
 
 
 def test_unknown_model_name_lists_registered_names():
-    with pytest.raises(ValueError, match="unknown model 'spherenet10'") as info:
+    with pytest.raises(ValueError, match="invalid model='spherenet10': expected one of") as info:
         create_model("spherenet10")
     for name in PAPER_MODELS:
         assert name in str(info.value)
 
 
 def test_non_string_model_name_is_a_type_error():
-    with pytest.raises(TypeError, match="model name must be a string"):
+    with pytest.raises(TypeError, match="invalid model=9: expected one of"):
         create_model(9)
 
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from sphereconv.models import BN_EPS, BN_MOMENTUM, BasicBlock, create_model
+from sphereconv.models import create_model
+from sphereconv.models.layers import BN_EPS, BN_MOMENTUM
+from sphereconv.models.resnet import BasicBlock
 from sphereconv.nn import SPHERE_CONV_TYPES, SphereConv2d
 
 
@@ -114,11 +116,11 @@ def test_wrong_channel_count_is_reported():
 
 
 def test_bad_resnet_arguments():
-    with pytest.raises(ValueError, match="unknown shortcut_operator 'cos'"):
+    with pytest.raises(ValueError, match="invalid shortcut_operator='cos': expected one of none, linear, cosine"):
         create_model("sphere_resnet18", shortcut_operator="cos")
-    with pytest.raises(ValueError, match="unknown stem_operator"):
+    with pytest.raises(ValueError, match="invalid stem_operator="):
         create_model("sphere_resnet32", stem_operator="relu")
-    with pytest.raises(ValueError, match="sphere_norm=True needs a SphereConv operator"):
+    with pytest.raises(ValueError, match="invalid sphere_norm=True: expected False with operator='none'"):
         create_model("sphere_resnet32", operator="none", sphere_norm=True)
 
 

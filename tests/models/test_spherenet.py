@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from sphereconv.models import BN_EPS, BN_MOMENTUM, REFERENCE_BN_MOMENTUM, create_model
+from sphereconv.models import BN_MOMENTUM, REFERENCE_BN_MOMENTUM, create_model
+from sphereconv.models.layers import BN_EPS
 from sphereconv.nn import SPHERE_CONV_TYPES, SphereConv2d
 
 # Paper Sec. 5 / reference spherenet.py (wy1iu/SphereNet): stage widths and fc6 width.
@@ -169,18 +170,20 @@ def test_wrong_input_shape_names_the_expected_shape():
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"operator": "square"}, ValueError, "unknown operator 'square'; allowed: none"),
-        ({"operator": 3}, TypeError, "operator must be a string"),
-        ({"fc_operator": "tanh"}, ValueError, "unknown fc_operator 'tanh'"),
-        ({"width_mult": 0}, ValueError, "width_mult must be a positive"),
-        ({"num_classes": 0}, ValueError, "num_classes must be >= 1"),
-        ({"in_channels": 2.0}, TypeError, "in_channels must be a positive int"),
-        ({"image_size": (28, 28, 3)}, ValueError, "image_size must be an int or a"),
-        ({"feature_dim": -2}, ValueError, "feature_dim must be >= 1"),
-        ({"batch_norm": "yes"}, TypeError, "batch_norm must be True or False"),
-        ({"sphere_norm": True, "operator": "none"}, ValueError, "sphere_norm=True needs a SphereConv operator"),
-        ({"sigmoid_k": -1.0}, ValueError, "sigmoid_k must be a positive"),
-        ({"bn_momentum": 1.5}, ValueError, "bn_momentum must be in"),
+        ({"operator": "square"}, ValueError, "invalid operator='square': expected one of none, linear"),
+        ({"operator": 3}, TypeError, "invalid operator=3: expected one of none"),
+        ({"fc_operator": "tanh"}, ValueError, "invalid fc_operator='tanh': expected one of none"),
+        ({"width_mult": 0}, ValueError, "invalid width_mult=0: expected a number > 0"),
+        ({"num_classes": 0}, ValueError, "invalid num_classes=0: expected a positive integer"),
+        ({"in_channels": 2.5}, ValueError, "invalid in_channels=2.5: expected a positive integer"),
+        ({"in_channels": "2"}, TypeError, "invalid in_channels='2': expected a positive integer"),
+        ({"image_size": (28, 28, 3)}, ValueError, r"invalid image_size=\(28, 28, 3\): expected a positive integer or a"),
+        ({"feature_dim": -2}, ValueError, "invalid feature_dim=-2: expected a positive integer"),
+        ({"batch_norm": "yes"}, TypeError, "invalid batch_norm='yes': expected true or false"),
+        ({"sphere_norm": True, "operator": "none"}, ValueError,
+         "invalid sphere_norm=True: expected False with operator='none' \\(SphereNorm needs a SphereConv operator"),
+        ({"sigmoid_k": -1.0}, ValueError, "invalid sigmoid_k=-1.0: expected a number > 0"),
+        ({"bn_momentum": 1.5}, ValueError, r"invalid bn_momentum=1.5: expected a number in \(0, 1\]"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, error, message):

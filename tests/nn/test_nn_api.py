@@ -19,8 +19,8 @@ from sphereconv.nn import (
     SphereLinear,
     SphereNorm2d,
     decoupled_conv2d,
-    functional as SF,
 )
+from sphereconv.nn import functional as SF
 
 LAYERS = {
     "conv2d": lambda **kw: SphereConv2d(3, 4, 3, **kw),
@@ -37,15 +37,16 @@ LAYERS = {
 def test_unknown_operator_names_value_and_allowed_set(make):
     with pytest.raises(ValueError, match=r"'tangent'.*linear, cosine, sigmoid, learnable_sigmoid"):
         make(operator="tangent")
-    with pytest.raises(TypeError, match=r"operator must be a string.*got int 3"):
+    with pytest.raises(TypeError, match=r"invalid operator=3: expected one of linear, cosine"):
         make(operator=3)
 
 
 def test_unknown_operator_in_functional_forms():
     x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
-    with pytest.raises(ValueError, match=r"'tangent'.*allowed: linear, cosine"):
+    with pytest.raises(ValueError, match=r"invalid operator='tangent': expected one of linear, cosine"):
         SF.sphere_conv2d(x, w, operator="tangent")
-    with pytest.raises(ValueError, match=r"'square_cosine'.*allowed: linear, cosine, sigmoid, learnable_sigmoid \("):
+    sphere_operators = r"expected one of linear, cosine, sigmoid, learnable_sigmoid \("
+    with pytest.raises(ValueError, match=rf"'square_cosine': {sphere_operators}"):
         SF.sphere_conv2d(x, w, operator="square_cosine")  # a decoupled-only g
     with pytest.raises(ValueError, match=r"'tangent'"):
         SF.sphere_linear(torch.randn(2, 3), torch.randn(4, 3), operator="tangent")
@@ -56,21 +57,21 @@ def test_unknown_operator_in_functional_forms():
 @pytest.mark.parametrize("bad", [0, -0.3, float("nan")])
 @pytest.mark.parametrize("make", list(LAYERS.values()), ids=list(LAYERS))
 def test_non_positive_sigmoid_k_and_eps_are_rejected(make, bad):
-    with pytest.raises(ValueError, match=rf"sigmoid_k must be a positive finite number; got {bad!r}"):
+    with pytest.raises(ValueError, match=rf"invalid sigmoid_k={bad!r}: expected a number > 0"):
         make(operator="sigmoid", sigmoid_k=bad)
-    with pytest.raises(ValueError, match=rf"eps must be a positive finite number; got {bad!r}"):
+    with pytest.raises(ValueError, match=rf"invalid eps={bad!r}: expected a number > 0"):
         make(eps=bad)
 
 
 def test_functional_k_and_eps_validation():
     x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
-    with pytest.raises(ValueError, match=r"sigmoid_k must be positive.*\[0.5, 0.0, 0.5, 0.5\]"):
+    with pytest.raises(ValueError, match=r"invalid sigmoid_k=\[0.5, 0.0, 0.5, 0.5\]: expected positive finite values"):
         SF.sphere_conv2d(x, w, operator="sigmoid", sigmoid_k=torch.tensor([0.5, 0.0, 0.5, 0.5]))
-    with pytest.raises(ValueError, match=r"eps must be a positive finite number; got 0"):
+    with pytest.raises(ValueError, match=r"invalid eps=0: expected a number > 0"):
         SF.sphere_conv2d(x, w, eps=0)
-    with pytest.raises(ValueError, match=r"eps must be a positive finite number; got -1"):
+    with pytest.raises(ValueError, match=r"invalid eps=-1: expected a number > 0"):
         decoupled_conv2d(x, w, eps=-1)
-    with pytest.raises(TypeError, match=r"sigmoid_k must be a positive number; got str"):
+    with pytest.raises(TypeError, match=r"invalid sigmoid_k='0.3': expected a number > 0"):
         SF.sphere_linear(torch.randn(2, 3), torch.randn(4, 3), operator="sigmoid", sigmoid_k="0.3")
 
 
@@ -103,30 +104,30 @@ def test_channel_mismatch_names_both_counts(make):
 
 def test_unknown_magnitude_and_bad_decoupled_coefficients():
     x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
-    allowed = r"allowed: sphere, ball, tanh, linear, seg, log, mix"
-    with pytest.raises(ValueError, match=rf"unknown magnitude 'cube'; {allowed}"):
+    allowed = r"expected one of sphere, ball, tanh, linear, seg, log, mix"
+    with pytest.raises(ValueError, match=rf"invalid magnitude='cube': {allowed}"):
         DecoupledConv2d(3, 4, 3, magnitude="cube")
-    with pytest.raises(ValueError, match=rf"unknown magnitude 'cube'; {allowed}"):
+    with pytest.raises(ValueError, match=rf"invalid magnitude='cube': {allowed}"):
         decoupled_conv2d(x, w, magnitude="cube")
-    with pytest.raises(TypeError, match=r"magnitude must be a string"):
+    with pytest.raises(TypeError, match=rf"invalid magnitude=None: {allowed}"):
         decoupled_conv2d(x, w, magnitude=None)
-    with pytest.raises(ValueError, match=r"rho must be a positive finite number; got -1.0"):
+    with pytest.raises(ValueError, match=r"invalid rho=-1.0: expected a number > 0"):
         DecoupledConv2d(3, 4, 3, magnitude="ball", rho=-1.0)
-    with pytest.raises(ValueError, match=r"rho must be positive"):
+    with pytest.raises(ValueError, match=r"invalid rho=\[1.0, 0.0, 1.0, 1.0\]: expected positive finite values"):
         decoupled_conv2d(x, w, magnitude="tanh", rho=torch.tensor([1.0, 0.0, 1.0, 1.0]))
-    with pytest.raises(ValueError, match=r"alpha must be a finite number; got inf"):
+    with pytest.raises(ValueError, match=r"invalid alpha=inf: expected a finite number"):
         decoupled_conv2d(x, w, alpha=float("inf"))
-    with pytest.raises(TypeError, match=r"weighted must be True or False; got 1"):
+    with pytest.raises(TypeError, match=r"invalid weighted=1: expected true or false"):
         DecoupledConv2d(3, 4, 3, weighted=1)
-    with pytest.raises(ValueError, match=r"momentum must be a number in \(0, 1\]; got 0"):
+    with pytest.raises(ValueError, match=r"invalid momentum=0: expected a number in \(0, 1\]"):
         DecoupledConv2d(3, 4, 3, momentum=0)
     with pytest.raises(ValueError, match=r"alpha has 3 values; expected 1 or out_channels = 4"):
         decoupled_conv2d(x, w, alpha=torch.ones(3))
 
 
-@pytest.mark.parametrize("bad", [0.0, 1.0, -0.5, True])
-def test_sphere_norm_magnitude_init_must_lie_in_open_unit_interval(bad):
-    with pytest.raises(ValueError, match=rf"magnitude_init must be a number strictly between 0 and 1; got {bad!r}"):
+@pytest.mark.parametrize("bad, error", [(0.0, ValueError), (1.0, ValueError), (-0.5, ValueError), (True, TypeError)])
+def test_sphere_norm_magnitude_init_must_lie_in_open_unit_interval(bad, error):
+    with pytest.raises(error, match=rf"invalid magnitude_init={bad!r}: expected a number in \(0, 1\)"):
         SphereNorm2d(3, 4, 3, magnitude_init=bad)
 
 

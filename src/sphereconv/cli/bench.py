@@ -13,8 +13,6 @@ import argparse
 import os
 import sys
 
-import torch
-
 from .parsing import CommandLineError, non_negative_int, positive_float, positive_int
 
 
@@ -25,7 +23,9 @@ def _csv(allowed: tuple[str, ...], what: str):
         items = [aliases.get(item, item) for item in items]
         bad = [item for item in items if item not in allowed]
         if not items or bad:
-            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(bad) or repr(text)}; allowed: {', '.join(allowed)}")
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(bad) or repr(text)}; allowed: {', '.join(allowed)}"
+            )
         return items
 
     return parse
@@ -47,7 +47,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     parser = subparsers.add_parser(
         "bench",
-        help="time SphereConv layers (and SphereNet-9 training steps) against plain convolutions",
         description=(
             "Forward+backward of SphereConv2d for every operator against nn.Conv2d of the same shape, "
             "interleaved in one run, warm-up excluded, medians of many rounds. Default shapes: the "
@@ -55,30 +54,62 @@ def register(subparsers) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--dtypes", type=_csv(tuple(DTYPES), "dtype"), default=None,
-                        help="comma-separated: fp32, bf16 (autocast); default both, fp32 only on a CPU without "
-                             "fast bfloat16 units")
-    parser.add_argument("--operators", type=_csv(SPHERE_OPERATORS, "operator"), default=list(SPHERE_OPERATORS),
-                        help="comma-separated SphereConv operators; default all")
-    parser.add_argument("--shape", dest="shapes", type=_shape, action="append", default=None, metavar="NxCINxCOUTxHW",
-                        help="a layer shape to time instead of the defaults (3x3 kernel, padding 1); repeatable")
-    parser.add_argument("--repeats", type=positive_int, default=None,
-                        help="measured rounds per shape and dtype (default 25 on CUDA; on CPU 7, fewer where "
-                             "needed to finish within about 2 minutes)")
+    parser.add_argument(
+        "--dtypes",
+        type=_csv(tuple(DTYPES), "dtype"),
+        default=None,
+        help="comma-separated: fp32, bf16 (autocast); default both, fp32 only on a CPU without fast bfloat16 units",
+    )
+    parser.add_argument(
+        "--operators",
+        type=_csv(SPHERE_OPERATORS, "operator"),
+        default=list(SPHERE_OPERATORS),
+        help="comma-separated SphereConv operators; default all",
+    )
+    parser.add_argument(
+        "--shape",
+        dest="shapes",
+        type=_shape,
+        action="append",
+        default=None,
+        metavar="NxCINxCOUTxHW",
+        help="a layer shape to time instead of the defaults (3x3 kernel, padding 1); repeatable",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=None,
+        help="measured rounds per shape and dtype (default 25 on CUDA; on CPU 7, fewer where "
+        "needed to finish within about 2 minutes)",
+    )
     parser.add_argument("--warmup", type=non_negative_int, default=2, help="warm-up rounds, not measured (default 2)")
-    parser.add_argument("--models", action="store_true", help="also time one training step of spherenet9 vs its CNN baseline")
+    parser.add_argument(
+        "--models", action="store_true", help="also time one training step of spherenet9 vs its CNN baseline"
+    )
     parser.add_argument("--models-only", action="store_true", help="time only the training steps (implies --models)")
-    parser.add_argument("--model-batch", type=positive_int, default=None,
-                        help="training-step batch (default 128 on CUDA, 16 on CPU)")
-    parser.add_argument("--model-width-mult", type=positive_float, default=1.0,
-                        help="width multiplier of the benchmarked spherenet9 (default 1.0)")
-    parser.add_argument("--reference", action="store_true",
-                        help="also time the unfused reference implementation of every operator")
+    parser.add_argument(
+        "--model-batch", type=positive_int, default=None, help="training-step batch (default 128 on CUDA, 16 on CPU)"
+    )
+    parser.add_argument(
+        "--model-width-mult",
+        type=positive_float,
+        default=1.0,
+        help="width multiplier of the benchmarked spherenet9 (default 1.0)",
+    )
+    parser.add_argument(
+        "--reference", action="store_true", help="also time the unfused reference implementation of every operator"
+    )
     parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's)")
-    parser.add_argument("--timer", choices=("wall", "cpu"), default="wall",
-                        help="CPU only: wall-clock time (default) or process CPU time, which waiting for a core "
-                             "on a loaded machine does not inflate (use with --threads 1)")
-    parser.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="write the records as JSON to FILE")
+    parser.add_argument(
+        "--timer",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="CPU only: wall-clock time (default) or process CPU time, which waiting for a core "
+        "on a loaded machine does not inflate (use with --threads 1)",
+    )
+    parser.add_argument(
+        "--json", dest="json_path", default=None, metavar="FILE", help="write the records as JSON to FILE"
+    )
     parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed of weights and inputs")
     parser.set_defaults(func=run_command)
     return parser
@@ -86,6 +117,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the benchmark described by the parsed ``args``; prints the table, returns 0."""
+    import torch
+
     from .. import bench
 
     try:
@@ -94,14 +127,25 @@ def run_command(args: argparse.Namespace) -> int:
         raise CommandLineError(f"--device: {exc}") from None
     max_threads = os.cpu_count() or 1
     if args.threads is not None and args.threads > max_threads:
-        raise CommandLineError(f"--threads must be at most {max_threads} (the CPUs of this machine); got {args.threads}")
+        raise CommandLineError(
+            f"--threads must be at most {max_threads} (the CPUs of this machine); got {args.threads}"
+        )
     if args.json_path is not None:
         _check_writable(args.json_path)
     config = bench.BenchConfig(
-        device=str(device), dtypes=args.dtypes, operators=args.operators, shapes=args.shapes,
-        repeats=args.repeats, warmup=args.warmup, models=args.models or args.models_only,
-        model_batch=args.model_batch, model_width_mult=args.model_width_mult, layers=not args.models_only,
-        reference=args.reference, seed=args.seed, timer=args.timer,
+        device=str(device),
+        dtypes=args.dtypes,
+        operators=args.operators,
+        shapes=args.shapes,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        models=args.models or args.models_only,
+        model_batch=args.model_batch,
+        model_width_mult=args.model_width_mult,
+        layers=not args.models_only,
+        reference=args.reference,
+        seed=args.seed,
+        timer=args.timer,
     )
     try:  # every value and the memory of every workload, before anything is allocated
         bench.validate(config)
@@ -114,14 +158,16 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"sphereconv bench on {device.type} ({where}), torch {machine['torch']}", flush=True)
     notes: list[str] = []
     try:
-        records = bench.run(config, notes=notes,
-                            progress=lambda message: print(f"  timing {message} ...", file=sys.stderr, flush=True))
+        records = bench.run(
+            config, notes=notes, progress=lambda message: print(f"  timing {message} ...", file=sys.stderr, flush=True)
+        )
     except (MemoryError, RuntimeError) as exc:  # the memory estimate is rough: a failed allocation is one line
         text = " ".join(str(exc).split())
         if not isinstance(exc, MemoryError) and "alloc" not in text.lower() and "out of memory" not in text.lower():
             raise
-        raise CommandLineError(f"out of memory on {device.type}: {text[:200]}; use a smaller --shape or "
-                               "--model-batch") from None
+        raise CommandLineError(
+            f"out of memory on {device.type}: {text[:200]}; use a smaller --shape or --model-batch"
+        ) from None
     print(bench.format_table(records))
     for note in notes:
         print(f"note: {note}")

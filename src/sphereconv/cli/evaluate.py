@@ -11,12 +11,23 @@ from .parsing import device_name, existing_directory, positive_int
 
 def register(subparsers) -> None:
     """Add the ``eval`` subcommand to ``subparsers``."""
-    parser = subparsers.add_parser("eval", help="evaluate a checkpoint on its test set", description=__doc__)
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file, or a run directory (its newest checkpoint)")
-    parser.add_argument("--data-dir", type=existing_directory, default=None, help="folder holding the dataset files (default: where the run found them)")
+    parser = subparsers.add_parser("eval", description=__doc__)
+    parser.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="checkpoint file, or a run directory (its newest checkpoint)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=existing_directory,
+        default=None,
+        help="folder holding the dataset files (default: where the run found them)",
+    )
     parser.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--test-subset", type=positive_int, default=None, help="evaluate on N test images only (stratified)")
-    parser.add_argument("--batch-size", type=positive_int, default=None, help="evaluation batch size (default: the run's)")
+    parser.add_argument(
+        "--test-subset", type=positive_int, default=None, help="evaluate on N test images only (stratified)"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=None, help="evaluation batch size (default: the run's)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -42,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
     result = evaluate(checkpoint, args.data_dir, args.device, batch_size=args.batch_size, subset_size=args.test_subset)
     print(
-        f"test accuracy: {100 * result['accuracy']:.2f}% ({result['images']} {result['dataset']} {result['split']} images, "
+        f"test accuracy: {100 * result['accuracy']:.2f}% "
+        f"({result['images']} {result['dataset']} {result['split']} images, "
         f"loss {result['loss']:.4f}, {result['model']} operator={result['operator']}, step {result['step']})"
     )
     return 0

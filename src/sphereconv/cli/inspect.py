@@ -30,17 +30,24 @@ LOG_FLOOR = 1e-12
 def register(subparsers) -> None:
     """Add the ``inspect`` subcommand to ``subparsers``."""
     parser = subparsers.add_parser(
-        "inspect", help="per-layer statistics and plots of a run or checkpoint",
+        "inspect",
         description="Per-layer statistics of a run's newest checkpoint (or a checkpoint file) on real training "
-                    "batches: cos theta, activations and gradients against depth, as JSON and PNG plots.")
-    parser.add_argument("target", metavar="RUN_OR_CHECKPOINT",
-                        help="run directory (its newest checkpoint) or a checkpoint file (.pt)")
+        "batches: cos theta, activations and gradients against depth, as JSON and PNG plots.",
+    )
+    parser.add_argument(
+        "target", metavar="RUN_OR_CHECKPOINT", help="run directory (its newest checkpoint) or a checkpoint file (.pt)"
+    )
     parser.add_argument("--out", default=None, metavar="DIR", help="where to write the plots (default: RUN/inspect)")
-    parser.add_argument("--batches", type=positive_int, default=DEFAULT_BATCHES,
-                        help=f"training batches to measure, averaged (default {DEFAULT_BATCHES})")
+    parser.add_argument(
+        "--batches",
+        type=positive_int,
+        default=DEFAULT_BATCHES,
+        help=f"training batches to measure, averaged (default {DEFAULT_BATCHES})",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: the run's)")
-    parser.add_argument("--data-dir", default=None,
-                        help="folder holding the dataset files (default: where the run found them)")
+    parser.add_argument(
+        "--data-dir", default=None, help="folder holding the dataset files (default: where the run found them)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     parser.set_defaults(func=run)
 
@@ -59,30 +66,39 @@ def run(args: argparse.Namespace) -> int:
     from .evaluate import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(args.target)
-    summary = inspect_checkpoint(checkpoint, batches=args.batches, batch_size=args.batch_size,
-                                 data_dir=args.data_dir, device=args.device)
+    summary = inspect_checkpoint(
+        checkpoint, batches=args.batches, batch_size=args.batch_size, data_dir=args.data_dir, device=args.device
+    )
     run_dir = run_directory_of(checkpoint)
     out = Path(args.out) if args.out is not None else run_dir / "inspect"
     out.mkdir(parents=True, exist_ok=True)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     layer_kind = "plain convolutions (CNN)" if summary["operator"] == "none" else f"operator={summary['operator']}"
-    title = (f"{summary['model']}, {layer_kind}, batch_norm={summary['batch_norm']}, "
-             f"width x{summary['width_mult']:g}, step {summary['step']}")
-    written = [out / SUMMARY_FILE, plot_cos_theta(summary, out / "cos_theta.png", title),
-               plot_activations(summary, out / "activations.png", title),
-               plot_gradients(summary, out / "gradients.png", title)]
+    title = (
+        f"{summary['model']}, {layer_kind}, batch_norm={summary['batch_norm']}, "
+        f"width x{summary['width_mult']:g}, step {summary['step']}"
+    )
+    written = [
+        out / SUMMARY_FILE,
+        plot_cos_theta(summary, out / "cos_theta.png", title),
+        plot_activations(summary, out / "activations.png", title),
+        plot_gradients(summary, out / "gradients.png", title),
+    ]
     # Only a run that recorded statistics owns the file (an overwritten run may have left one).
     history = read_layer_stats(run_dir / LAYER_STATS_FILE) if summary["layer_stats_every"] else []
     if history:
         written.append(plot_over_iterations(history, out / "over_iterations.png", title))
     layers = summary["layers"]
-    print(f"{len(layers)} layers of {checkpoint} measured on {summary['batches']} training batches "
-          f"(batch loss {summary['loss']:.4f}); wrote {', '.join(str(p) for p in written)}")
+    print(
+        f"{len(layers)} layers of {checkpoint} measured on {summary['batches']} training batches "
+        f"(batch loss {summary['loss']:.4f}); wrote {', '.join(str(p) for p in written)}"
+    )
     return 0
 
 
 # ------------------------------------------------------------------------------------------------
 # Plots (matplotlib is imported here only, so the rest of the CLI does not need it)
+
 
 def _figure(columns: int):
     from matplotlib.figure import Figure
@@ -114,8 +130,15 @@ def plot_cos_theta(summary: dict[str, Any], path: Path, title: str) -> Path:
     figure, (left, right) = _figure(2)
     hist = np.array([row["cos_hist"] for row in layers], dtype=float)
     density = hist / np.maximum(hist.sum(axis=1, keepdims=True), 1)
-    image = left.imshow(np.log10(np.maximum(density, 1e-6)), aspect="auto", origin="lower", cmap="viridis",
-                        extent=(*COS_RANGE, 0.5, len(layers) + 0.5), vmin=-6, vmax=0)
+    image = left.imshow(
+        np.log10(np.maximum(density, 1e-6)),
+        aspect="auto",
+        origin="lower",
+        cmap="viridis",
+        extent=(*COS_RANGE, 0.5, len(layers) + 0.5),
+        vmin=-6,
+        vmax=0,
+    )
     figure.colorbar(image, ax=left, label="log10 fraction of (filter, patch) pairs")
     left.set_xlabel("cos theta = <w, x> / (|w| |x|)")
     left.set_ylabel("layer (depth)")
@@ -125,8 +148,15 @@ def plot_cos_theta(summary: dict[str, Any], path: Path, title: str) -> Path:
     mid = len(COS_QUANTILES) // 2
     for low, alpha in ((0, 0.15), (1, 0.25), (2, 0.4)):
         high = len(COS_QUANTILES) - 1 - low
-        right.fill_between(depth, q[:, low], q[:, high], alpha=alpha, color="tab:blue", linewidth=0,
-                           label=f"{COS_QUANTILES[low]:g}-{COS_QUANTILES[high]:g} quantiles")
+        right.fill_between(
+            depth,
+            q[:, low],
+            q[:, high],
+            alpha=alpha,
+            color="tab:blue",
+            linewidth=0,
+            label=f"{COS_QUANTILES[low]:g}-{COS_QUANTILES[high]:g} quantiles",
+        )
     right.plot(depth, q[:, mid], color="tab:blue", label="median")
     right.axhline(0.0, color="grey", linewidth=0.7)
     right.set_xlabel("layer (depth)")
@@ -141,8 +171,7 @@ def plot_activations(summary: dict[str, Any], path: Path, title: str) -> Path:
     layers = summary["layers"]
     depth = [row["index"] for row in layers]
     figure, (left, right) = _figure(2)
-    for key, label in (("act_mean", "|mean|"), ("act_std", "std (all units)"),
-                       ("act_batch_std", "std across images")):
+    for key, label in (("act_mean", "|mean|"), ("act_std", "std (all units)"), ("act_batch_std", "std across images")):
         values = [None if row[key] is None else abs(row[key]) for row in layers]
         left.plot(depth, _positive(values), marker=".", label=label)
     left.set_yscale("log")
@@ -164,8 +193,7 @@ def plot_gradients(summary: dict[str, Any], path: Path, title: str) -> Path:
     depth = [row["index"] for row in layers]
     figure, (left, right) = _figure(2)
     left.plot(depth, _positive([row["grad_norm"] for row in layers]), marker=".", label="|dL/dW| (weights)")
-    left.plot(depth, _positive([row["act_grad_norm"] for row in layers]), marker=".",
-              label="|dL/d output| per image")
+    left.plot(depth, _positive([row["act_grad_norm"] for row in layers]), marker=".", label="|dL/d output| per image")
     left.set_yscale("log")
     left.set_xlabel("layer (depth)")
     left.set_ylabel("gradient norm")
@@ -190,13 +218,24 @@ def plot_over_iterations(history: list[dict[str, Any]], path: Path, title: str) 
     axes[0].set_xlabel("iteration")
     axes[0].set_ylabel("batch loss (dashed: ln 10, chance)")
     axes[0].set_title("loss", fontsize=9)
-    span = (iterations[0], iterations[-1] if len(iterations) > 1 else iterations[0] + 1,
-            0.5, len(history[0]["layers"]) + 0.5)
-    for ax, key, label in ((axes[1], "grad_norm", "log10 |dL/dW|"),
-                           (axes[2], "act_batch_std", "log10 std across images"),
-                           (axes[3], "cos_std", "log10 std of cos theta")):
-        grid = np.array([[math.nan if row[key] is None else max(row[key], LOG_FLOOR) for row in record["layers"]]
-                         for record in history], dtype=float).T
+    span = (
+        iterations[0],
+        iterations[-1] if len(iterations) > 1 else iterations[0] + 1,
+        0.5,
+        len(history[0]["layers"]) + 0.5,
+    )
+    for ax, key, label in (
+        (axes[1], "grad_norm", "log10 |dL/dW|"),
+        (axes[2], "act_batch_std", "log10 std across images"),
+        (axes[3], "cos_std", "log10 std of cos theta"),
+    ):
+        grid = np.array(
+            [
+                [math.nan if row[key] is None else max(row[key], LOG_FLOOR) for row in record["layers"]]
+                for record in history
+            ],
+            dtype=float,
+        ).T
         image = ax.imshow(np.log10(grid), aspect="auto", origin="lower", cmap="viridis", extent=span)
         figure.colorbar(image, ax=ax, label=label)
         ax.set_xlabel("iteration")

@@ -9,9 +9,9 @@ from ..errors import SphereconvError
 
 def register(subparsers) -> None:
     """Add the ``list-models`` and ``list-datasets`` subcommands to ``subparsers``."""
-    models = subparsers.add_parser("list-models", help="list the registered models", description="List the registered model names.")
+    models = subparsers.add_parser("list-models", description="List the registered model names.")
     models.set_defaults(func=run_list_models)
-    datasets = subparsers.add_parser("list-datasets", help="list the supported datasets", description="List the supported datasets.")
+    datasets = subparsers.add_parser("list-datasets", description="List the supported datasets.")
     datasets.set_defaults(func=run_list_datasets)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from typing import NoReturn
 
 from ..errors import ConfigError, SphereconvError, short_repr
 
@@ -27,7 +28,7 @@ class CommandLineError(SphereconvError):
 class OneLineArgumentParser(argparse.ArgumentParser):
     """``ArgumentParser`` that raises :class:`CommandLineError` instead of printing usage and exiting."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         if len(message) > MAX_MESSAGE_CHARS:  # argparse repeats unrecognized arguments in full
             message = message[: MAX_MESSAGE_CHARS - 3] + "..."
         raise CommandLineError(f"{message} (see '{self.prog} --help')")
@@ -84,6 +85,26 @@ def device_name(text: str) -> str:
         return check_device_name(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def mapping_text(text: str) -> dict:
+    """argparse type: a mapping written as YAML or JSON (``{margin: 4}``) or as ``KEY=VALUE`` (the
+    value read as YAML, so ``margin=4`` gives the number 4). Read like a config file (no aliases,
+    no duplicate keys, no Python objects)."""
+    from ..engine.config import parse_yaml_text
+
+    name, equals, value = text.partition("=")
+    try:
+        if equals and name.strip().isidentifier():
+            return {name.strip(): parse_yaml_text(value, f"value of {name.strip()}")}
+        data = parse_yaml_text(text, "mapping text")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not isinstance(data, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a YAML mapping such as '{{margin: 4}}' or KEY=VALUE, got {short_repr(text, MAX_PATH_CHARS)}"
+        )
+    return data
 
 
 def existing_directory(text: str) -> str:

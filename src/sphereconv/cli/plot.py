@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import argparse
 
-from ..experiments.overlay import METRICS
-
 
 def register(subparsers) -> None:
     """Add the ``plot`` subcommand to ``subparsers``."""
+    from ..experiments.overlay import METRICS
+
     parser = subparsers.add_parser(
         "plot",
-        help="overlay learning curves of finished runs",
-        description="Overlay finished runs (directories with metrics.jsonl, or reproduce outputs holding many) in one plot.",
+        description="Overlay finished runs (directories with metrics.jsonl, or reproduce outputs holding many) "
+        "in one plot.",
     )
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run directory or a directory of runs")
     parser.add_argument("--out", required=True, metavar="FILE.png", help="PNG file to write")
-    parser.add_argument("--metric", default="test_acc", choices=METRICS, help="what to plot against iterations (default test_acc)")
+    parser.add_argument(
+        "--metric", default="test_acc", choices=METRICS, help="what to plot against iterations (default test_acc)"
+    )
     parser.add_argument("--title", default=None, help="plot title")
     parser.set_defaults(func=run)
 

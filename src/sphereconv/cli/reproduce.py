@@ -4,9 +4,10 @@ Trains every variant of the experiment for every seed into ``OUT/EXPERIMENT/<var
 (finished runs are skipped, interrupted ones resumed) and writes ``report.md``, ``results.json``
 and PNG plots into ``OUT/EXPERIMENT/``. ``all`` runs every experiment in turn.
 
-``--grid FILE`` runs a grid of regimes x models x seeds instead (configs/sweeps/*.yaml; see
-:mod:`sphereconv.experiments.sweep`): one small results file per finished run in the grid's results
-folder, runs already there skipped, and one combined report with paired statistics.
+``--grid FILE`` runs a grid of regimes x models x seeds instead (a file, or a grid of
+:mod:`sphereconv.configs` by name; see :mod:`sphereconv.experiments.sweep`): one small results file
+per finished run in the grid's results folder, runs already there skipped, and one combined report
+with paired statistics.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import argparse
 import shlex
 
 from ..errors import ConfigError
-from ..experiments.definitions import EXPERIMENTS
-from ..experiments.scales import SCALES
 from .parsing import positive_float, positive_int
 
 ALL = "all"
@@ -28,18 +27,41 @@ GRID_SCALE = "smoke"
 
 def register(subparsers) -> None:
     """Add the ``reproduce`` subcommand to ``subparsers``."""
+    from ..configs import list_grids
+    from ..experiments.definitions import EXPERIMENTS
+    from ..experiments.scales import SCALES
+
     scales = "; ".join(f"{s.name}: {s.description}" for s in SCALES.values())
     parser = subparsers.add_parser(
         "reproduce",
-        help="run one of the paper's experiments and write a report with plots",
         description=__doc__.split("\n\n")[0] + f" Scales: {scales}.",
     )
-    parser.add_argument("experiment", nargs="?", choices=[*EXPERIMENTS, ALL], metavar="EXPERIMENT",
-                        help=f"one of: {', '.join(EXPERIMENTS)}, or {ALL} (omit with --grid)")
-    parser.add_argument("--grid", default=None, metavar="FILE", help="run the grid file FILE (e.g. configs/sweeps/claims.yaml) instead of an experiment")
-    parser.add_argument("--results", default=None, metavar="DIR", help="--grid only: folder of the results files and report (default: the grid's)")
-    parser.add_argument("--scale", choices=list(SCALES), default=None,
-                        help=f"run size (default {DEFAULT_SCALE}; with --grid only {GRID_SCALE}, which shrinks every run)")
+    parser.add_argument(
+        "experiment",
+        nargs="?",
+        choices=[*EXPERIMENTS, ALL],
+        metavar="EXPERIMENT",
+        help=f"one of: {', '.join(EXPERIMENTS)}, or {ALL} (omit with --grid)",
+    )
+    parser.add_argument(
+        "--grid",
+        default=None,
+        metavar="NAME_OR_FILE",
+        help="run a grid instead of an experiment: a grid file, or the name of one shipped with the package "
+        f"({', '.join(list_grids())})",
+    )
+    parser.add_argument(
+        "--results",
+        default=None,
+        metavar="DIR",
+        help="--grid only: folder of the results files and report (default: the grid's)",
+    )
+    parser.add_argument(
+        "--scale",
+        choices=list(SCALES),
+        default=None,
+        help=f"run size (default {DEFAULT_SCALE}; with --grid only {GRID_SCALE}, which shrinks every run)",
+    )
     parser.add_argument("--dataset", default=None, help="dataset instead of the scale's (e.g. cifar100 at paper scale)")
     parser.add_argument("--data-dir", default=None, help="folder holding the dataset files")
     parser.add_argument("--download", action="store_true", help="download the dataset if it is missing")
@@ -49,7 +71,9 @@ def register(subparsers) -> None:
     parser.add_argument("--iterations", type=positive_int, default=None, help="override the scale's iterations per run")
     parser.add_argument("--width-mult", type=positive_float, default=None, help="override the scale's width multiplier")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    parser.add_argument("--dry-run", action="store_true", help="validate every run's config and print the plan without training")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate every run's config and print the plan without training"
+    )
     parser.set_defaults(func=run)
 
 
@@ -69,9 +93,15 @@ def _options(args: argparse.Namespace) -> dict:
 
 def _command(args: argparse.Namespace, experiment: str) -> str:
     words = ["sphereconv", "reproduce", experiment, "--scale", args.scale]
-    for flag, value in (("--dataset", args.dataset), ("--data-dir", args.data_dir), ("--seeds", args.seeds),
-                        ("--out", args.out), ("--device", args.device), ("--iterations", args.iterations),
-                        ("--width-mult", args.width_mult)):
+    for flag, value in (
+        ("--dataset", args.dataset),
+        ("--data-dir", args.data_dir),
+        ("--seeds", args.seeds),
+        ("--out", args.out),
+        ("--device", args.device),
+        ("--iterations", args.iterations),
+        ("--width-mult", args.width_mult),
+    ):
         if value is not None:
             words += [flag, str(value)]
     if args.download:
@@ -80,7 +110,9 @@ def _command(args: argparse.Namespace, experiment: str) -> str:
 
 
 def _print_plan(plan) -> None:
-    print(f"{plan.experiment.name}: {len(plan.runs)} run(s) at scale '{plan.scale.name}' on {plan.dataset} -> {plan.out}")
+    print(
+        f"{plan.experiment.name}: {len(plan.runs)} run(s) at scale '{plan.scale.name}' on {plan.dataset} -> {plan.out}"
+    )
     for run in plan.runs:
         if run.seed == 0:
             config = run.config
@@ -92,7 +124,13 @@ def _print_plan(plan) -> None:
 
 def _grid_command(args: argparse.Namespace) -> str:
     words = ["sphereconv", "reproduce", "--grid", args.grid]
-    for flag, value in (("--scale", args.scale), ("--out", args.out), ("--results", args.results), ("--device", args.device), ("--data-dir", args.data_dir)):
+    for flag, value in (
+        ("--scale", args.scale),
+        ("--out", args.out),
+        ("--results", args.results),
+        ("--device", args.device),
+        ("--data-dir", args.data_dir),
+    ):
         if value is not None:
             words += [flag, str(value)]
     return shlex.join(words)
@@ -100,33 +138,54 @@ def _grid_command(args: argparse.Namespace) -> str:
 
 def run_grid_command(args: argparse.Namespace) -> int:
     """``reproduce --grid FILE``: train the grid's missing runs and write its report."""
+    from ..configs import find_grid
     from ..experiments.sweep import describe_plan, load_grid, plan_grid, run_grid
 
     if args.experiment is not None:
         raise ConfigError(f"give either an experiment ({args.experiment!r}) or --grid, not both")
-    for flag, value in (("--dataset", args.dataset), ("--seeds", args.seeds), ("--iterations", args.iterations), ("--width-mult", args.width_mult)):
+    for flag, value in (
+        ("--dataset", args.dataset),
+        ("--seeds", args.seeds),
+        ("--iterations", args.iterations),
+        ("--width-mult", args.width_mult),
+    ):
         if value is not None:
             raise ConfigError(f"{flag} {value} cannot be combined with --grid: the grid file sets it for every run")
     if args.scale not in (None, GRID_SCALE):
-        raise ConfigError(f"--scale {args.scale} cannot be combined with --grid (its file sets each run's size); only --scale {GRID_SCALE} applies")
-    options = {"out": args.out, "results": args.results, "smoke": args.scale == GRID_SCALE, "device": args.device,
-               "data_dir": args.data_dir, "download": args.download, "progress": args.progress}
+        raise ConfigError(
+            f"--scale {args.scale} cannot be combined with --grid (its file sets each run's size); "
+            f"only --scale {GRID_SCALE} applies"
+        )
+    grid_file = find_grid(args.grid)
+    options = {
+        "out": args.out,
+        "results": args.results,
+        "smoke": args.scale == GRID_SCALE,
+        "device": args.device,
+        "data_dir": args.data_dir,
+        "download": args.download,
+        "progress": args.progress,
+    }
     if args.dry_run:
-        plan = plan_grid(load_grid(args.grid), **options)
-        print(f"grid {plan.grid.name}: {len(plan.runs)} run(s) -> results {plan.results_dir}, training in {plan.train_dir}")
+        plan = plan_grid(load_grid(grid_file), **options)
+        print(
+            f"grid {plan.grid.name}: {len(plan.runs)} run(s) -> results {plan.results_dir}, "
+            f"training in {plan.train_dir}"
+        )
         print("\n".join(describe_plan(plan)))
         return 0
-    report = run_grid(args.grid, command=_grid_command(args), **options)
+    report = run_grid(grid_file, command=_grid_command(args), **options)
     print(f"report: {report}")
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
     """Run (or with ``--dry-run`` only plan) the experiment(s) or the grid; returns the exit code."""
-    from ..experiments.runner import plan_experiment, run_experiment
-
     if args.grid is not None:
         return run_grid_command(args)
+    from ..experiments.definitions import EXPERIMENTS
+    from ..experiments.runner import plan_experiment, run_experiment
+
     if args.experiment is None:
         raise ConfigError(f"name an experiment ({', '.join(EXPERIMENTS)} or {ALL}) or pass --grid FILE")
     args.scale = args.scale or DEFAULT_SCALE

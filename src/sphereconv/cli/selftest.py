@@ -13,8 +13,6 @@ import argparse
 import sys
 import time
 
-import torch
-
 from .parsing import CommandLineError
 
 EXIT_FAILED = 1
@@ -24,7 +22,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``selftest`` subcommand to ``subparsers``; sets ``func(args) -> int``."""
     parser = subparsers.add_parser(
         "selftest",
-        help="check every SphereConv operator and layer against the reference implementation on this hardware",
         description=(
             "Runs every operator and layer type (1d/2d/3d, linear, learnable k, groups, stride, dilation, "
             "padding modes) through the default path, forward and backward, in every dtype the device supports, "
@@ -39,6 +36,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the self-test on ``args.device``; prints the table, returns 0 or :data:`EXIT_FAILED`."""
+    import torch
+
     from .. import selftest
     from ..bench import machine_description, resolve_device
 
@@ -50,7 +49,9 @@ def run_command(args: argparse.Namespace) -> int:
     where = machine.get("gpu") or f"{machine['cpu']}, {machine['threads']} threads"
     print(f"sphereconv selftest on {device} ({where}), torch {torch.__version__}", flush=True)
     start = time.perf_counter()
-    results = selftest.run(device, progress=lambda message: print(f"  checking {message} ...", file=sys.stderr, flush=True))
+    results = selftest.run(
+        device, progress=lambda message: print(f"  checking {message} ...", file=sys.stderr, flush=True)
+    )
     print(selftest.format_table(results))
     for line in selftest.kernel_summary():
         print(line)

@@ -8,48 +8,25 @@
   deterministic order, DDP sharding and exact resume.
 """
 
-from .augment import AUGMENTATIONS, PAD_MODES, augment_batch
-from .cifar import SafeUnpickler, read_cifar, read_cifar_batch, safe_load_pickle
+from .augment import AUGMENTATIONS, augment_batch
 from .datasets import dataset_info, load_dataset
-from .discovery import DATA_DIR_ENV, find_split_files, search_roots, user_cache_dir
-from .download import MIRROR_ENV, download_dataset, download_file, extract_tar
-from .idx import parse_idx, read_idx
-from .image_folder import list_image_folder, load_image_folder
-from .loader import PIXEL_CENTER, PIXEL_SCALE, DeviceLoader, normalize_pixels, subset
-from .registry import DATASETS, SPLITS, DatasetInfo, DatasetSpec, RemoteFile, canonical_name, list_datasets
+from .discovery import DATA_DIR_ENV, user_cache_dir
+from .download import MIRROR_ENV, download_dataset
+from .loader import DeviceLoader, normalize_pixels, subset
+from .registry import DatasetInfo, list_datasets
 
 __all__ = [
-    "AUGMENTATIONS",
-    "DATASETS",
-    "DATA_DIR_ENV",
-    "DatasetInfo",
-    "DatasetSpec",
-    "DeviceLoader",
-    "MIRROR_ENV",
-    "PAD_MODES",
-    "PIXEL_CENTER",
-    "PIXEL_SCALE",
-    "RemoteFile",
-    "SPLITS",
-    "SafeUnpickler",
-    "augment_batch",
-    "canonical_name",
-    "dataset_info",
-    "download_dataset",
-    "download_file",
-    "extract_tar",
-    "find_split_files",
-    "list_datasets",
-    "list_image_folder",
     "load_dataset",
-    "load_image_folder",
+    "dataset_info",
+    "list_datasets",
+    "DatasetInfo",
+    "DeviceLoader",
     "normalize_pixels",
-    "parse_idx",
-    "read_cifar",
-    "read_cifar_batch",
-    "read_idx",
-    "safe_load_pickle",
-    "search_roots",
     "subset",
+    "AUGMENTATIONS",
+    "augment_batch",
+    "download_dataset",
     "user_cache_dir",
+    "DATA_DIR_ENV",
+    "MIRROR_ENV",
 ]

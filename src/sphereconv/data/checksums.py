@@ -17,10 +17,10 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import io
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 from ..errors import DatasetError
 
@@ -49,7 +49,7 @@ def sha256_hex(data: bytes) -> str:
 
 
 @contextlib.contextmanager
-def open_content(path: str | Path) -> Iterator[BinaryIO]:
+def open_content(path: str | Path) -> Iterator[io.BufferedIOBase]:
     """A binary stream of the content of ``path``: gunzipped when it starts with the gzip magic, else raw.
 
     A damaged gzip stream met while reading raises :class:`DatasetError` naming the file, as does
@@ -74,7 +74,7 @@ def open_content(path: str | Path) -> Iterator[BinaryIO]:
         raise DatasetError(f"cannot read dataset file {path}: {exc}") from exc
 
 
-def read_at_most(stream: BinaryIO, limit: int) -> bytes:
+def read_at_most(stream: io.BufferedIOBase, limit: int) -> bytes:
     """Up to ``limit`` bytes of ``stream``, read in blocks (never a single allocation of ``limit``)."""
     blocks = []
     remaining = limit

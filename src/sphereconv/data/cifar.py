@@ -62,8 +62,10 @@ def _numpy_core():
 def _encode_latin1(text: str, encoding: str = "latin1") -> bytes:
     """``codecs.encode`` restricted to Latin-1 text, the one use a pickled array or bytes object makes of it."""
     if not isinstance(text, str) or not isinstance(encoding, str) or encoding.lower() not in _LATIN1:
-        raise pickle.UnpicklingError(f"_codecs.encode of {type(text).__name__} with encoding {short_repr(encoding)}; "
-                                     "only Latin-1 text is allowed")
+        raise pickle.UnpicklingError(
+            f"_codecs.encode of {type(text).__name__} with encoding {short_repr(encoding)}; "
+            "only Latin-1 text is allowed"
+        )
     return codecs.encode(text, "latin1")
 
 
@@ -116,10 +118,13 @@ def _check_opcodes(content: bytes, max_opcodes: int) -> None:
     """
     for count, (opcode, argument, _) in enumerate(pickletools.genops(content)):
         if count >= max_opcodes:
-            raise pickle.UnpicklingError(f"more than {max_opcodes:,} pickle opcodes, more than the dataset's size needs")
+            raise pickle.UnpicklingError(
+                f"more than {max_opcodes:,} pickle opcodes, more than the dataset's size needs"
+            )
         if opcode.name in _INDEXED_MEMO_PUTS and (not isinstance(argument, int) or argument > count):
-            raise pickle.UnpicklingError(f"memo index {short_repr(argument)} at opcode {count}, beyond the "
-                                         "objects built so far")
+            raise pickle.UnpicklingError(
+                f"memo index {short_repr(argument)} at opcode {count}, beyond the objects built so far"
+            )
 
 
 def safe_load_pickle(path: str | Path, max_images: int = MAX_CIFAR_IMAGES) -> Any:
@@ -137,7 +142,8 @@ def safe_load_pickle(path: str | Path, max_images: int = MAX_CIFAR_IMAGES) -> An
     if len(content) > max_bytes:
         raise DatasetError(
             f"{path} is larger than the {max_bytes:,} bytes a file of at most {max_images} CIFAR images takes; "
-            "it is not a CIFAR batch file of this dataset: delete it and download it again")
+            "it is not a CIFAR batch file of this dataset: delete it and download it again"
+        )
     try:
         _check_opcodes(content, max_images * CIFAR_OPCODES_PER_IMAGE + CIFAR_OPCODES_PER_FILE)
         return SafeUnpickler(io.BytesIO(content), source=path).load()
@@ -167,11 +173,15 @@ def _check_labels(labels: Any, count: int, num_classes: int, path: str | Path, l
     where = f"{path}: {label_key!r}"
     if isinstance(labels, np.ndarray):
         if labels.dtype.kind not in "iu" or labels.ndim != 1:
-            raise DatasetError(f"{where} is a {labels.dtype} array of shape {labels.shape}, not a list of integers; "
-                               "the file is damaged: delete it and download it again")
+            raise DatasetError(
+                f"{where} is a {labels.dtype} array of shape {labels.shape}, not a list of integers; "
+                "the file is damaged: delete it and download it again"
+            )
     elif not isinstance(labels, (list, tuple)):
-        raise DatasetError(f"{where} is a {type(labels).__name__}, not a list of integers; the file is damaged: "
-                           "delete it and download it again")
+        raise DatasetError(
+            f"{where} is a {type(labels).__name__}, not a list of integers; the file is damaged: "
+            "delete it and download it again"
+        )
     if len(labels) != count:
         raise DatasetError(
             f"{path}: {count} images but {len(labels)} labels in {label_key!r}; the file is damaged: "
@@ -180,8 +190,10 @@ def _check_labels(labels: Any, count: int, num_classes: int, path: str | Path, l
     if not isinstance(labels, np.ndarray):
         for index, value in enumerate(labels):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise DatasetError(f"{where}[{index}] is {short_repr(value)}, not an integer class index; the file "
-                                   "is damaged: delete it and download it again")
+                raise DatasetError(
+                    f"{where}[{index}] is {short_repr(value)}, not an integer class index; the file "
+                    "is damaged: delete it and download it again"
+                )
         low, high = (min(labels), max(labels)) if count else (0, 0)
     else:
         low, high = (int(labels.min()), int(labels.max())) if count else (0, 0)
@@ -193,8 +205,9 @@ def _check_labels(labels: Any, count: int, num_classes: int, path: str | Path, l
     return np.asarray(labels, dtype=np.int64).reshape(count)
 
 
-def read_cifar_batch(path: str | Path, label_key: str, num_classes: int,
-                     max_images: int = MAX_CIFAR_IMAGES) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar_batch(
+    path: str | Path, label_key: str, num_classes: int, max_images: int = MAX_CIFAR_IMAGES
+) -> tuple[np.ndarray, np.ndarray]:
     """Read one CIFAR batch file into ``(images uint8 (N, 3, 32, 32), labels int64 (N,))``.
 
     ``label_key`` is ``"labels"`` (CIFAR-10) or ``"fine_labels"`` (CIFAR-100); labels must be
@@ -220,8 +233,9 @@ def read_cifar_batch(path: str | Path, label_key: str, num_classes: int,
     return images, label_array
 
 
-def read_cifar(paths: list[Path] | tuple[Path, ...], label_key: str, num_classes: int,
-               max_images: int = MAX_CIFAR_IMAGES) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar(
+    paths: list[Path] | tuple[Path, ...], label_key: str, num_classes: int, max_images: int = MAX_CIFAR_IMAGES
+) -> tuple[np.ndarray, np.ndarray]:
     """Read and concatenate several CIFAR batch files (e.g. ``data_batch_1`` ... ``data_batch_5``).
 
     ``max_images`` bounds the images of each file (the caller checks the total).

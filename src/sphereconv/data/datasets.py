@@ -55,14 +55,13 @@ def _check_fixed_size(spec: DatasetSpec, image_size: int | tuple[int, int] | Non
     if image_size is not None and image_size not in (side, (side, side), [side, side]):
         raise DatasetError(
             f"image_size={short_repr(image_size)} applies to image folders (dataset 'folder'); {spec.info.name} "
-            f"images are {side}x{side}: leave image_size (--image-size) unset")
+            f"images are {side}x{side}: leave image_size (--image-size) unset"
+        )
     return spec
 
 
 def _missing_message(key: str, spec: DatasetSpec, split: str, search: SearchResult, data_dir) -> str:
-    needed = ", ".join(
-        f"{f}[.gz]" if spec.reader == "idx" else f for f in spec.split_files[split]
-    )
+    needed = ", ".join(f"{f}[.gz]" if spec.reader == "idx" else f for f in spec.split_files[split])
     fixes = []
     if spec.system_package:
         fixes.append(f"install the Debian package (sudo apt install {spec.system_package})")
@@ -72,19 +71,19 @@ def _missing_message(key: str, spec: DatasetSpec, split: str, search: SearchResu
         f"(set ${MIRROR_ENV} to use another mirror)"
     )
     fixes.append(f"or point --data-dir (or ${DATA_DIR_ENV}) at a directory holding {needed}")
-    return (
-        f"dataset {key!r} (split {split!r}) not found: {search.describe_roots(spec)}. "
-        f"To fix: {'; '.join(fixes)}"
-    )
+    return f"dataset {key!r} (split {split!r}) not found: {search.describe_roots(spec)}. To fix: {'; '.join(fixes)}"
 
 
 def _read_idx_split(spec: DatasetSpec, split: str, files: dict) -> tuple[np.ndarray, np.ndarray]:
     image_name, label_name = spec.split_files[split]
     count, side = spec.split_counts[split], spec.info.image_size
+    assert isinstance(side, int), "IDX datasets hold square images"
     # The content the dataset table implies: a 3-d header and count images of side x side bytes; a
     # 1-d header and count labels of one byte. Nothing longer is read.
-    max_bytes = {image_name: IDX_MAGIC_BYTES + 3 * IDX_DIM_BYTES + count * side * side,
-                 label_name: IDX_MAGIC_BYTES + IDX_DIM_BYTES + count}
+    max_bytes = {
+        image_name: IDX_MAGIC_BYTES + 3 * IDX_DIM_BYTES + count * side * side,
+        label_name: IDX_MAGIC_BYTES + IDX_DIM_BYTES + count,
+    }
     arrays = {}
     for name in (image_name, label_name):
         content = read_idx_content(files[name], max_bytes[name])

@@ -21,7 +21,7 @@ from ..errors import DatasetError
 from .checksums import MAX_CONTENT_BYTES, open_content, read_at_most
 
 # Type codes of the IDX header and the big-endian numpy dtype each stands for.
-IDX_DTYPES = {
+IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(">u1"),
     0x09: np.dtype(">i1"),
     0x0B: np.dtype(">i2"),
@@ -47,7 +47,8 @@ def parse_idx(content: bytes, source: str | Path = "<bytes>") -> np.ndarray:
     if zero != 0 or type_code not in IDX_DTYPES or ndim == 0:
         raise DatasetError(
             f"{source} is not an IDX file (magic bytes {content[:IDX_MAGIC_BYTES].hex()}, expected 0000 followed by "
-            f"a type code in {sorted(hex(c) for c in IDX_DTYPES)} and a dimension count); delete it and download it again"
+            f"a type code in {sorted(hex(c) for c in IDX_DTYPES)} and a dimension count); "
+            "delete it and download it again"
         )
     header_bytes = IDX_MAGIC_BYTES + IDX_DIM_BYTES * ndim
     if len(content) < header_bytes:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -81,7 +82,8 @@ def _subdirs(directory: Path) -> list[Path]:
 
 def _images_in(directory: Path) -> list[Path]:
     return sorted(
-        p for p in directory.iterdir()
+        p
+        for p in directory.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
     )
 
@@ -93,7 +95,7 @@ def flat_split_of(class_name: str, file_name: str) -> str:
     return "test" if position < FLAT_TEST_FRACTION else "train"
 
 
-def _check_root(root: str | Path | None) -> Path:
+def _check_root(root: str | os.PathLike | None) -> Path:
     if root is None:
         raise DatasetError("the 'folder' dataset needs data_dir (--data-dir) pointing at the image folder root")
     path = Path(root).expanduser()
@@ -109,7 +111,7 @@ def _split_dir(root: Path, split: str) -> Path | None:
     return None
 
 
-def list_image_folder(root: str | Path | None, split: str) -> tuple[tuple[str, ...], list[tuple[Path, int]]]:
+def list_image_folder(root: str | os.PathLike | None, split: str) -> tuple[tuple[str, ...], list[tuple[Path, int]]]:
     """The class names and the ``(path, label)`` pairs of ``split``, in a fixed order.
 
     See the module docstring for the layouts and the split rule.
@@ -142,11 +144,11 @@ def list_image_folder(root: str | Path | None, split: str) -> tuple[tuple[str, .
             if flat_split_of(name, p.name) == split
         ]
     if not classes:
-        raise DatasetError(f"image folder {root} has no class subfolders; expected root/<class>/<image> or root/train/<class>/<image>")
-    if not items:
         raise DatasetError(
-            f"image folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)}) for split {split!r}"
+            f"image folder {root} has no class subfolders; expected root/<class>/<image> or root/train/<class>/<image>"
         )
+    if not items:
+        raise DatasetError(f"image folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)}) for split {split!r}")
     return classes, items
 
 
@@ -154,11 +156,16 @@ def _target_size(image_size: int | tuple[int, int] | list[int] | None) -> tuple[
     if image_size is None:
         return None
     sides = [image_size] if isinstance(image_size, int) and not isinstance(image_size, bool) else image_size
-    if isinstance(sides, (tuple, list)) and len(sides) in (1, 2) and all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_IMAGE_SIZE for v in sides):
+    if (
+        isinstance(sides, (tuple, list))
+        and len(sides) in (1, 2)
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_IMAGE_SIZE for v in sides)
+    ):
         return (int(sides[0]), int(sides[-1]))
-    raise ValueError(f"image_size must be None, an int in [1, {MAX_IMAGE_SIZE}] or (height, width) of such ints; "
-                     f"got {short_repr(image_size)}")
+    raise ValueError(
+        f"image_size must be None, an int in [1, {MAX_IMAGE_SIZE}] or (height, width) of such ints; "
+        f"got {short_repr(image_size)}"
+    )
 
 
 def _check_channels(channels: int) -> str:
@@ -184,7 +191,8 @@ def _open(image_module, path: Path):
             image.close()
         raise DatasetError(
             f"image {path} declares more than {MAX_IMAGE_PIXELS:,} pixels{size}, the limit for one image "
-            "(a larger one may be a decompression bomb); shrink or remove the file")
+            "(a larger one may be a decompression bomb); shrink or remove the file"
+        )
     return image
 
 
@@ -203,8 +211,9 @@ def _read(image_module, path: Path, mode: str, size: tuple[int, int]) -> np.ndar
             raise DatasetError(f"cannot read image {path}: {exc}; remove or replace the file") from exc
 
 
-def folder_image_size(root: str | Path | None, image_size: int | tuple[int, int] | None = None,
-                      *, announce: bool = False) -> tuple[int, int]:
+def folder_image_size(
+    root: str | os.PathLike | None, image_size: int | tuple[int, int] | None = None, *, announce: bool = False
+) -> tuple[int, int]:
     """``(height, width)`` at which every image of the folder is read (see the module docstring).
 
     ``image_size`` given: that size. Otherwise the one size of the train split's images if they
@@ -231,13 +240,19 @@ def folder_image_size(root: str | Path | None, image_size: int | tuple[int, int]
             found = f"{len(sizes)} different sizes, up to {width}x{height}"
         else:
             found = f"{width}x{height} pixels, more than {MAX_NATIVE_SIDE} a side"
-        logger.warning("image folder %s: its train images have %s; resizing every image to %dx%d (choose another "
-                       "size with --image-size / the image_size config key)", root, found, size[1], size[0])
+        logger.warning(
+            "image folder %s: its train images have %s; resizing every image to %dx%d (choose another "
+            "size with --image-size / the image_size config key)",
+            root,
+            found,
+            size[1],
+            size[0],
+        )
     return size
 
 
 def load_image_folder(
-    root: str | Path | None,
+    root: str | os.PathLike | None,
     split: str,
     *,
     image_size: int | tuple[int, int] | None = None,
@@ -261,9 +276,12 @@ def load_image_folder(
 
 
 def image_folder_info(
-    root: str | Path | None, *, image_size: int | tuple[int, int] | None = None, channels: int = 3
+    root: str | os.PathLike | None, *, image_size: int | tuple[int, int] | None = None, channels: int = 3
 ) -> DatasetInfo:
-    """The :class:`DatasetInfo` of an image folder (classes from the train split, size from :func:`folder_image_size`)."""
+    """The :class:`DatasetInfo` of an image folder.
+
+    Its classes come from the train split, its size from :func:`folder_image_size`.
+    """
     _check_channels(channels)
     _target_size(image_size)
     classes, _ = list_image_folder(root, "train")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._validation import check_choice, check_int, fail
 from .augment import AUGMENTATIONS, DEFAULT_CROP_PAD, PAD_MODES, augment_batch
 
 # Input scaling of the reference code (wy1iu/SphereNet): (pixel - 127.5) / 128.
@@ -43,14 +44,6 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int >= {minimum}; got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
-    return int(value)
-
-
 def subset(images: Tensor, labels: Tensor, n: int, seed: int = 0, *, stratified: bool = True) -> tuple[Tensor, Tensor]:
     """Select ``n`` samples, reproducibly for a given ``seed``, keeping their original order.
 
@@ -60,12 +53,12 @@ def subset(images: Tensor, labels: Tensor, n: int, seed: int = 0, *, stratified:
     ``stratified=False`` takes a seeded random sample.
     """
     total = labels.shape[0]
-    n = _check_int("n", n, 1)
+    n = check_int("n", n, minimum=1)
     if n > total:
         raise ValueError(f"n = {n} exceeds the {total} samples available")
     if images.shape[0] != total:
         raise ValueError(f"images has {images.shape[0]} samples but labels has {total}")
-    generator = torch.Generator().manual_seed(derive_seed(_check_int("seed", seed, 0)))
+    generator = torch.Generator().manual_seed(derive_seed(check_int("seed", seed, minimum=0)))
     order = torch.randperm(total, generator=generator)
     if stratified:
         shuffled = labels.cpu()[order]
@@ -95,7 +88,8 @@ class DeviceLoader:
             ``pad_mode``, random crop to the original size, random flip).
         drop_last: drop the last incomplete batch of each epoch.
         seed: non-negative seed of the data order and the augmentation.
-        rank, world_size: data-parallel sharding. Every rank computes the same epoch permutation;
+        rank: index of this process among the ``world_size`` data-parallel ranks.
+        world_size: number of data-parallel ranks. Every rank computes the same epoch permutation;
             with ``even_shards=True`` rank ``r`` takes the slice ``[r*m, (r+1)*m)`` with
             ``m = N // world_size`` (the last ``N mod world_size`` samples of the permutation are
             left out that epoch), so all ranks run the same number of steps; with
@@ -135,17 +129,15 @@ class DeviceLoader:
             raise TypeError(f"labels must be a 1-d integer tensor; got {getattr(labels, 'dtype', type(labels).__name__)}")
         if labels.shape[0] != images.shape[0]:
             raise ValueError(f"images has {images.shape[0]} samples but labels has {labels.shape[0]}")
-        if augment not in AUGMENTATIONS:
-            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}; got {augment!r}")
-        if pad_mode not in PAD_MODES:
-            raise ValueError(f"pad_mode must be one of {', '.join(PAD_MODES)}; got {pad_mode!r}")
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.seed = _check_int("seed", seed, 0)
-        self.world_size = _check_int("world_size", world_size, 1)
-        self.rank = _check_int("rank", rank, 0)
+        augment = check_choice("augment", augment, AUGMENTATIONS)
+        pad_mode = check_choice("pad_mode", pad_mode, PAD_MODES)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.seed = check_int("seed", seed, minimum=0)
+        self.world_size = check_int("world_size", world_size, minimum=1)
+        self.rank = check_int("rank", rank, minimum=0)
         if self.rank >= self.world_size:
-            raise ValueError(f"rank must be in [0, world_size = {self.world_size}); got {self.rank}")
-        self.pad = _check_int("pad", pad, 0)
+            raise fail("rank", self.rank, f"an integer in [0, world_size = {self.world_size})")
+        self.pad = check_int("pad", pad, minimum=0)
         height, width = images.shape[2:]
         max_pad = min(height, width) - (1 if pad_mode == "reflect" else 0)
         if augment == "crop_flip" and self.pad > max_pad:
@@ -192,7 +184,7 @@ class DeviceLoader:
         its position, so an epoch loop that calls ``set_epoch`` still resumes mid-epoch; any other
         epoch starts from its first batch. Calling it is optional: iterating advances the epoch.
         """
-        epoch = _check_int("epoch", epoch, 0)
+        epoch = check_int("epoch", epoch, minimum=0)
         if epoch != self._epoch or self._position >= len(self):
             self._epoch, self._position = epoch, 0
 
@@ -273,9 +265,9 @@ class DeviceLoader:
                     f"cannot resume the data order: the saved loader had {key}={state[key]!r}, this one has "
                     f"{key}={value!r}"
                 )
-        batch = _check_int("batch", state["batch"], 0)
+        batch = check_int("batch", state["batch"], minimum=0)
         if batch > len(self):
             raise ValueError(f"saved batch position {batch} exceeds the {len(self)} batches per epoch")
-        self.seed = _check_int("seed", state["seed"], 0)
-        self._epoch = _check_int("epoch", state["epoch"], 0)
+        self.seed = check_int("seed", state["seed"], minimum=0)
+        self._epoch = check_int("epoch", state["epoch"], minimum=0)
         self._position = batch

@@ -75,6 +75,7 @@ class DatasetSpec:
     system_package: str | None = None
 
 
+# fmt: off
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
@@ -90,11 +91,12 @@ CIFAR100_CLASSES = (
     "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
     "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
     "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
-    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
-    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger",
+    "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
 )
+# fmt: on
 
-_IDX_SPLIT_FILES = {
+_IDX_SPLIT_FILES: dict[str, tuple[str, ...]] = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
@@ -117,9 +119,7 @@ DATASETS: dict[str, DatasetSpec] = {
         },
         layouts=("fashion-mnist", "FashionMNIST/raw", ""),
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-        downloads=tuple(
-            RemoteFile(name + ".gz") for names in _IDX_SPLIT_FILES.values() for name in names
-        ),
+        downloads=tuple(RemoteFile(name + ".gz") for names in _IDX_SPLIT_FILES.values() for name in names),
         system_package="dataset-fashion-mnist",
     ),
     "mnist": DatasetSpec(

@@ -5,27 +5,19 @@ Sec. 5) and the reference code's recipe (wy1iu/SphereNet) as :func:`train`, driv
 :class:`TrainConfig`; :func:`evaluate` scores a saved checkpoint.
 """
 
-from .checkpoint import (
-    export_weights,
-    find_latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    load_weights,
-    save_checkpoint,
-)
-from .config import TrainConfig, config_from_dict, config_keys, config_to_dict, describe_keys, load_config, save_config
-from .distributed import DistributedContext, setup_distributed
+from .callbacks import Callback
+from .checkpoint import export_weights, find_latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from .config import TrainConfig, config_from_dict, config_to_dict, describe_keys, load_config, save_config
 from .evaluation import evaluate
-from .trainer import Callback, Trainer, train
+from .trainer import Trainer, train
 
 __all__ = [
     "TrainConfig",
     "load_config",
+    "save_config",
     "config_to_dict",
     "config_from_dict",
-    "config_keys",
     "describe_keys",
-    "save_config",
     "train",
     "Trainer",
     "Callback",
@@ -33,9 +25,6 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "find_latest_checkpoint",
-    "list_checkpoints",
     "export_weights",
     "load_weights",
-    "DistributedContext",
-    "setup_distributed",
 ]

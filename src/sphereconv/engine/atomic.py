@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 TEMP_PREFIX = ".tmp-"
 # Mode of new files before the process umask is applied, as for open(path, "w").

@@ -58,10 +58,9 @@ _CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.pt$")
 EXCERPT_CHARS = 200
 # Longest repr of a configuration value quoted in a one-line message.
 VALUE_CHARS = 60
-# Configuration keys that define the network and its loss: a checkpoint can only be loaded into a
-# run whose values of these keys match.
-ARCHITECTURE_KEYS = ("model", "operator", "sigmoid_k", "fc_operator", "width_mult", "batch_norm",
-                     "sphere_norm", "feature_dim", "model_kwargs", "loss", "loss_kwargs", "dataset")
+# Configuration keys besides the network's (objective.MODEL_CONFIG_KEYS) that a checkpoint's run
+# and the current one must share: the loss module's weights and the classes depend on them.
+LOSS_AND_DATA_KEYS = ("loss", "loss_kwargs", "dataset")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,8 +269,11 @@ def short_value(value: Any) -> str:
 
 
 def check_config_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], source: str) -> None:
-    """Raise CheckpointError (one line) if ``saved`` and ``current`` differ in an architecture key."""
-    differing = [key for key in ARCHITECTURE_KEYS if saved.get(key) != current.get(key)]
+    """Raise CheckpointError (one line) if ``saved`` and ``current`` differ in a key that defines the
+    network, its loss or its classes."""
+    from .objective import MODEL_CONFIG_KEYS  # here, not on top: objective imports runtime, which imports us
+
+    differing = [key for key in (*MODEL_CONFIG_KEYS, *LOSS_AND_DATA_KEYS) if saved.get(key) != current.get(key)]
     if differing:
         changes = ", ".join(f"{k}={short_value(saved.get(k))} there but {short_value(current.get(k))} here"
                             for k in differing)

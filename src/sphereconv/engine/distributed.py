@@ -54,8 +54,7 @@ def collective_timeout() -> timedelta:
 
 
 # Fragments of the messages with which gloo and NCCL report a peer that died or stopped answering.
-_PEER_FAILURE_MARKERS = ("gloo", "nccl", "connection reset", "connection closed", "broken pipe", "timed out",
-                         "timeout")
+_PEER_FAILURE_MARKERS = ("gloo", "nccl", "connection reset", "connection closed", "broken pipe", "timed out", "timeout")
 
 
 def is_peer_failure(exc: BaseException) -> bool:
@@ -136,7 +135,9 @@ def setup_distributed(device: str = "auto") -> DistributedContext:
     timeout = collective_timeout()
     if name.startswith("cuda"):
         if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+            raise ConfigError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
         # Let NCCL abort a collective that passes the timeout instead of blocking forever.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch_device = torch.device("cuda", local_rank)
@@ -149,5 +150,6 @@ def setup_distributed(device: str = "auto") -> DistributedContext:
         dist.init_process_group(backend, timeout=timeout)
     else:
         raise ConfigError(f"data-parallel training supports CUDA (nccl) or CPU (gloo) devices, not {name!r}")
-    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank,
-                              device=torch_device, backend=backend)
+    return DistributedContext(
+        rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device, backend=backend
+    )

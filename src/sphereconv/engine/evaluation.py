@@ -18,7 +18,7 @@ from ..errors import CheckpointError, ConfigError
 from .checkpoint import load_checkpoint, load_model_state
 from .config import TrainConfig, config_from_dict, resolve_device_name
 from .objective import TrainingModule, build_loss_module, build_model, evaluate_batches
-from .trainer import SUBSET_SEED
+from .loaders import SUBSET_SEED
 
 SPLITS = ("train", "test")
 

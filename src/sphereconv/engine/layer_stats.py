@@ -22,14 +22,16 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..nn.angular import DEFAULT_EPS
 from ..nn.functional import sphere_cosine
+from .objective import TrainingModule
 from .trainer import Callback, Trainer
 
 # File written by the recorder into the run directory, one JSON record per measured step.
@@ -62,7 +64,7 @@ def measured_layers(model: nn.Module) -> list[MeasuredLayer]:
     from ..models.layers import ConvUnit
 
     modules = dict(model.named_modules())
-    layers = []
+    layers: list[MeasuredLayer] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Conv2d):
             continue
@@ -79,12 +81,19 @@ def cosine_map(conv: nn.Conv2d, inputs: Tensor) -> Tensor:
     Uses the layer's own epsilon for a SphereConv and the library default (the reference's 1e-4)
     for a plain convolution; non-zero padding modes are applied first, as the layer does.
     """
-    padding = conv.padding
+    padding: str | tuple[int, ...] | int = conv.padding
     if conv.padding_mode != "zeros":
         inputs = nn.functional.pad(inputs, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
         padding = 0
-    cos, _, _ = sphere_cosine(inputs.detach(), conv.weight.detach(), conv.stride, padding, conv.dilation,
-                              conv.groups, eps=getattr(conv, "eps", DEFAULT_EPS))
+    cos, _, _ = sphere_cosine(
+        inputs.detach(),
+        conv.weight.detach(),
+        conv.stride,
+        padding,
+        conv.dilation,
+        conv.groups,
+        eps=getattr(conv, "eps", DEFAULT_EPS),
+    )
     return cos.float().clamp(-1.0, 1.0)
 
 
@@ -118,7 +127,7 @@ def _norm(tensor: Tensor | None) -> float | None:
     return None if tensor is None else tensor.detach().float().norm().item()
 
 
-def layer_statistics(training_module: nn.Module, images: Tensor, labels: Tensor) -> dict[str, Any]:
+def layer_statistics(training_module: TrainingModule, images: Tensor, labels: Tensor) -> dict[str, Any]:
     """Statistics of every convolution of ``training_module.model`` on one batch.
 
     ``training_module`` is a :class:`~sphereconv.engine.objective.TrainingModule`
@@ -132,8 +141,9 @@ def layer_statistics(training_module: nn.Module, images: Tensor, labels: Tensor)
     layers = measured_layers(training_module.model)
     if not layers:
         raise ValueError(f"{type(training_module.model).__name__} has no 2-d convolution to measure")
-    rows: list[dict[str, Any]] = [{"index": m.index, "name": m.name, "kind": m.kind,
-                                   "fan_in": m.conv.weight[0].numel()} for m in layers]
+    rows: list[dict[str, Any]] = [
+        {"index": m.index, "name": m.name, "kind": m.kind, "fan_in": m.conv.weight[0].numel()} for m in layers
+    ]
     outputs: list[Tensor | None] = [None] * len(layers)
     handles = []
 
@@ -141,12 +151,14 @@ def layer_statistics(training_module: nn.Module, images: Tensor, labels: Tensor)
         def hook(module, args, output):
             with torch.no_grad():
                 rows[position].update(_cos_summary(cosine_map(module, args[0])))
+
         return hook
 
     def block_hook(position: int):
         def hook(module, args, output):
             rows[position].update(_activation_summary(output))
             outputs[position] = output
+
         return hook
 
     buffers = list(training_module.buffers())
@@ -177,11 +189,18 @@ def layer_statistics(training_module: nn.Module, images: Tensor, labels: Tensor)
         act_grad = grads.get(("out", position))
         # Per image: the norm of dLoss/d(output) of one image, averaged over the batch (x batch
         # size, since the loss is a batch mean, so that it does not depend on the batch size).
-        row["act_grad_norm"] = (None if act_grad is None else
-                                act_grad.detach().float().flatten(1).norm(dim=1).mean().item() * act_grad.shape[0])
+        row["act_grad_norm"] = (
+            None
+            if act_grad is None
+            else act_grad.detach().float().flatten(1).norm(dim=1).mean().item() * act_grad.shape[0]
+        )
     accuracy = (logits.detach().argmax(dim=1) == labels).float().mean().item()
-    return {"loss": loss.detach().float().item(), "accuracy": accuracy, "batch_size": int(labels.shape[0]),
-            "layers": rows}
+    return {
+        "loss": loss.detach().float().item(),
+        "accuracy": accuracy,
+        "batch_size": int(labels.shape[0]),
+        "layers": rows,
+    }
 
 
 def average_statistics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -210,12 +229,18 @@ def average_statistics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             else:
                 merged[key] = mean(column)
         layers.append(merged)
-    return {"loss": mean([r["loss"] for r in records]), "accuracy": mean([r["accuracy"] for r in records]),
-            "batch_size": first["batch_size"], "batches": len(records), "layers": layers}
+    return {
+        "loss": mean([r["loss"] for r in records]),
+        "accuracy": mean([r["accuracy"] for r in records]),
+        "batch_size": first["batch_size"],
+        "batches": len(records),
+        "layers": layers,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
 # During training
+
 
 class LayerStatsRecorder(Callback):
     """Trainer callback: every ``every`` steps (first at iteration 0, the initial weights), measure
@@ -235,6 +260,7 @@ class LayerStatsRecorder(Callback):
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.trainer = trainer
+        assert trainer.ctx is not None, "the trainer sets up its processes before its callbacks start"
         if not trainer.ctx.is_main:
             return
         self.path = Path(trainer.config.out) / LAYER_STATS_FILE
@@ -246,6 +272,7 @@ class LayerStatsRecorder(Callback):
         iteration = step - 1
         if self.path is None or iteration % self.every or iteration // self.every >= MAX_LAYER_STATS_RECORDS:
             return None
+        assert self.trainer is not None and self.trainer.module is not None, "set by on_train_start"
         record = {"iteration": iteration, **layer_statistics(self.trainer.module, images, labels)}
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -269,22 +296,32 @@ def read_layer_stats(path: str | os.PathLike) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------
 # From a checkpoint
 
+
 def _training_batches(config, batches: int, batch_size: int, device: torch.device) -> Iterable[tuple[Tensor, Tensor]]:
     from ..data import DeviceLoader, load_dataset, subset
-    from .trainer import SUBSET_SEED
+    from .loaders import SUBSET_SEED
 
-    images, labels = load_dataset(config.dataset, "train", config.data_dir, False, image_size=config.image_size, progress=False)
+    images, labels = load_dataset(
+        config.dataset, "train", config.data_dir, False, image_size=config.image_size, progress=False
+    )
     if config.train_subset is not None and config.train_subset < labels.shape[0]:
         images, labels = subset(images, labels, config.train_subset, SUBSET_SEED)
     batch_size = min(batch_size, labels.shape[0])
-    loader = DeviceLoader(images, labels, batch_size, device=device, shuffle=True, augment="none",
-                          drop_last=True, seed=config.seed)
+    loader = DeviceLoader(
+        images, labels, batch_size, device=device, shuffle=True, augment="none", drop_last=True, seed=config.seed
+    )
     stream = loader.batches_forever()
     return [next(stream) for _ in range(batches)]
 
 
-def inspect_checkpoint(checkpoint_path: str | os.PathLike, *, batches: int = 4, batch_size: int | None = None,
-                       data_dir: str | os.PathLike | None = None, device: str = "cpu") -> dict[str, Any]:
+def inspect_checkpoint(
+    checkpoint_path: str | os.PathLike,
+    *,
+    batches: int = 4,
+    batch_size: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """Per-layer statistics of a saved checkpoint on ``batches`` real training batches.
 
     The network is rebuilt from the configuration stored in the checkpoint and loaded with the
@@ -304,9 +341,19 @@ def inspect_checkpoint(checkpoint_path: str | os.PathLike, *, batches: int = 4, 
     torch_device = torch.device(resolve_device_name(device))
     module = restored.module.to(torch_device)
     module.train()
-    records = [layer_statistics(module, images, labels)
-               for images, labels in _training_batches(config, batches, batch_size or config.batch_size, torch_device)]
+    records = [
+        layer_statistics(module, images, labels)
+        for images, labels in _training_batches(config, batches, batch_size or config.batch_size, torch_device)
+    ]
     summary = average_statistics(records)
-    return {"checkpoint": os.fspath(checkpoint_path), "step": int(state["step"]), "model": config.model,
-            "operator": config.operator, "batch_norm": config.batch_norm, "width_mult": config.width_mult,
-            "dataset": config.dataset, "layer_stats_every": config.layer_stats_every, **summary}
+    return {
+        "checkpoint": os.fspath(checkpoint_path),
+        "step": int(state["step"]),
+        "model": config.model,
+        "operator": config.operator,
+        "batch_norm": config.batch_norm,
+        "width_mult": config.width_mult,
+        "dataset": config.dataset,
+        "layer_stats_every": config.layer_stats_every,
+        **summary,
+    }

@@ -15,7 +15,6 @@ softmax are computed in float32 even under autocast.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -23,15 +22,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..losses import build_loss, loss_options
+from ..losses import build_loss
+from ..losses.registry import loss_options
 from ..models import BN_MOMENTUM, create_model
+from ..models.contract import require_backbone
 from ..nn.angular import DEFAULT_SIGMOID_K, PLAIN_OPERATOR
 from .config import TrainConfig
+from .runtime import autocast
 
-# Keyword arguments passed to create_model only when they differ from the model defaults, so
-# that models without the option still build with a default config.
+# Config keys that are model options (models.contract.ModelOptions) beyond the builder contract's
+# operator and width_mult, with the default every registered model shares: model_kwargs passes
+# one only when the config changes it, so a model without the option still builds by default.
 _OPTIONAL_MODEL_ARGS = {"sigmoid_k": DEFAULT_SIGMOID_K, "batch_norm": True, "sphere_norm": False,
                         "fc_operator": None, "feature_dim": None, "bn_momentum": BN_MOMENTUM}
+# Config keys that define the network, so a checkpoint loads only into a run that agrees on them:
+# the inputs of model_kwargs except bn_momentum, which changes how BatchNorm averages its
+# statistics, not what the weights are.
+MODEL_CONFIG_KEYS = ("model", "operator", "width_mult",
+                     *(key for key in _OPTIONAL_MODEL_ARGS if key != "bn_momentum"), "model_kwargs")
 # Classifier g of a model whose own operator has no fixed-g counterpart: the CNN's inner product
 # normalised is the cosine (the paper's weight-normalised softmax, Sec. 2.2), and the learnable
 # sigmoid (one k per conv channel) becomes the sigmoid with the config's sigmoid_k.
@@ -62,7 +70,11 @@ class TrainingModule(nn.Module):
 
 
 def model_kwargs(config: TrainConfig, num_classes: int, in_channels: int, image_size: Any) -> dict[str, Any]:
-    """Keyword arguments of ``create_model`` for ``config`` and a dataset's shape."""
+    """Keyword arguments of ``create_model`` for ``config`` and a dataset's shape.
+
+    The one mapping from a configuration to a model: training, evaluation and checkpoint restore
+    all build their model through :func:`build_model`.
+    """
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size,
                               "operator": config.operator, "width_mult": config.width_mult}
     for key, default in _OPTIONAL_MODEL_ARGS.items():
@@ -104,10 +116,10 @@ def build_loss_module(config: TrainConfig, model: nn.Module, num_classes: int,
             raise ConfigError(f"loss_kwargs={config.loss_kwargs!r} has no effect with loss='softmax' "
                               "(its classifier is the model's own); remove them or choose another loss")
         return None
-    num_features = getattr(model, "num_features", None)
-    if not isinstance(num_features, int) or not hasattr(model, "forward_features"):
-        raise ConfigError(f"loss={config.loss!r} needs a model with forward_features and num_features; "
-                          f"model={config.model!r} has none")
+    try:
+        num_features = require_backbone(model, config.model, f"loss={config.loss!r}").num_features
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
     kwargs = dict(config.loss_kwargs)
     options = loss_options(config.loss)
     inherited = {"operator": head_operator(config), "sigmoid_k": config.sigmoid_k,
@@ -123,14 +135,6 @@ def build_loss_module(config: TrainConfig, model: nn.Module, num_classes: int,
         return build_loss(config.loss, num_features, num_classes, **kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"cannot build loss={config.loss!r} with loss_kwargs={config.loss_kwargs!r}: {exc}") from None
-
-
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``amp`` (``bf16``/``fp16``) on ``device``; a null context for ``none``."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @torch.no_grad()

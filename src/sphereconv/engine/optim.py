@@ -25,14 +25,14 @@ Three groups (:func:`parameter_groups`):
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from ..losses.regularizers import PENALISED_TYPES
 from ..nn import DecoupledConv2d
-from .config import TrainConfig
+from .config import OPTIMIZERS, SCHEDULES, TrainConfig
 
 # Layers whose filters form the "sphere" group: the hyperspherical and decoupled layers.
 SPHERE_FILTER_TYPES = PENALISED_TYPES
@@ -54,8 +54,7 @@ def _group_of(layer: nn.Module, name: str) -> str:
     return "default"
 
 
-def parameter_groups(modules: Iterable[nn.Module], weight_decay: float,
-                     sphere_weight_decay: float) -> list[dict]:
+def parameter_groups(modules: Iterable[nn.Module], weight_decay: float, sphere_weight_decay: float) -> list[dict]:
     """Split the trainable parameters of ``modules`` into the recipe's weight-decay groups.
 
     ``sphere`` (decay ``sphere_weight_decay``): filters of hyperspherical and decoupled layers;
@@ -73,8 +72,9 @@ def parameter_groups(modules: Iterable[nn.Module], weight_decay: float,
                     seen.add(id(param))
                     members[_group_of(layer, name)][id(param)] = param
     decay = {"sphere": sphere_weight_decay, "no_decay": 0.0, "default": weight_decay}
-    groups = [{"name": name, "params": list(params.values()), "weight_decay": decay[name]}
-              for name, params in members.items()]
+    groups = [
+        {"name": name, "params": list(params.values()), "weight_decay": decay[name]} for name, params in members.items()
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -86,7 +86,7 @@ def build_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Opti
         return torch.optim.AdamW(groups, lr=config.lr)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-    raise ValueError(f"unknown optimizer {config.optimizer!r}; allowed: adam, adamw, sgd")
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
 
 
 def milestone_steps(fractions: Iterable[float], total_steps: int) -> list[int]:
@@ -99,8 +99,9 @@ def milestone_steps(fractions: Iterable[float], total_steps: int) -> list[int]:
     return steps
 
 
-def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
-                    total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """The per-step learning-rate schedule of ``config.schedule`` over ``total_steps`` steps.
 
     ``step``: ``MultiStepLR`` at ``lr_milestones * total_steps`` with factor ``lr_gamma``;
@@ -109,11 +110,13 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer,
     """
     schedulers = torch.optim.lr_scheduler
     if config.schedule == "step":
-        return schedulers.MultiStepLR(optimizer, milestone_steps(config.lr_milestones, total_steps), gamma=config.lr_gamma)
+        return schedulers.MultiStepLR(
+            optimizer, milestone_steps(config.lr_milestones, total_steps), gamma=config.lr_gamma
+        )
     if config.schedule == "cosine":
         return schedulers.CosineAnnealingLR(optimizer, T_max=total_steps)
     if config.schedule == "onecycle":
         return schedulers.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps)
     if config.schedule == "constant":
         return schedulers.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    raise ValueError(f"unknown schedule {config.schedule!r}; allowed: step, cosine, onecycle, constant")
+    raise ValueError(f"unknown schedule {config.schedule!r}; allowed: {', '.join(SCHEDULES)}")

@@ -44,8 +44,9 @@ import logging
 import math
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, ConfigError, SphereconvError
 from .atomic import atomic_write_text, remove_temporaries
@@ -62,7 +63,10 @@ from .config import TrainConfig, config_from_dict, config_to_dict, read_yaml_con
 try:  # POSIX advisory locks; without them (Windows) runs are not locked
     import fcntl
 except ImportError:  # pragma: no cover - platform dependent
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # the stubs declare fcntl on POSIX only
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +84,23 @@ LAYER_STATS_FILE = "layer_stats.jsonl"
 RUN_FILES = (CONFIG_FILE, AMENDMENTS_FILE, METRICS_FILE, SUMMARY_FILE, LAYER_STATS_FILE)
 # Settings that may change when a run is resumed: its length, how often it evaluates, checkpoints
 # and logs, and where and how it executes. Everything else defines what the run computes.
-RESUMABLE_KEYS = ("iterations", "epochs", "eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints",
-                  "tensorboard", "progress", "device", "data_dir", "download", "compile", "channels_last",
-                  "max_nonfinite_steps", "layer_stats_every")
+RESUMABLE_KEYS = (
+    "iterations",
+    "epochs",
+    "eval_every",
+    "eval_batch_size",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "tensorboard",
+    "progress",
+    "device",
+    "data_dir",
+    "download",
+    "compile",
+    "channels_last",
+    "max_nonfinite_steps",
+    "layer_stats_every",
+)
 # Keys that describe the invocation, not the run.
 INVOCATION_KEYS = ("out", "resume", "overwrite")
 # Entries of a foreign folder named in the error that refuses it.
@@ -110,12 +128,17 @@ def read_amendments(out: str | os.PathLike) -> list[dict[str, Any]]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read the run's amendments {str(path)!r}: {type(exc).__name__}") from None
     valid = isinstance(records, list) and all(
-        isinstance(r, dict) and isinstance(r.get("step"), int) and isinstance(r.get("changes"), dict)
+        isinstance(r, dict)
+        and isinstance(r.get("step"), int)
+        and isinstance(r.get("changes"), dict)
         and all(isinstance(c, dict) and {"from", "to"} <= c.keys() for c in r["changes"].values())
-        for r in records)
+        for r in records
+    )
     if not valid:
-        raise ConfigError(f"the run's amendments {str(path)!r} are malformed: expected a list of "
-                          "{step, changes: {key: {from, to}}} records")
+        raise ConfigError(
+            f"the run's amendments {str(path)!r} are malformed: expected a list of "
+            "{step, changes: {key: {from, to}}} records"
+        )
     return records
 
 
@@ -140,7 +163,7 @@ class RunDirectory:
     def __init__(self, out: str | os.PathLike, writable: bool = True) -> None:
         self.path = Path(out)
         self.writable = writable
-        self._tensorboard = None
+        self._tensorboard: SummaryWriter | None = None
         self._lock_fd: int | None = None
         self._unmarked: bool | None = None
         self._created = False
@@ -212,24 +235,29 @@ class RunDirectory:
             if not config.resume and not config.overwrite:
                 raise ConfigError(
                     f"{where} already holds a training run; pass resume (--resume) to continue it, "
-                    "overwrite (--overwrite) to replace it, or choose another out directory")
+                    "overwrite (--overwrite) to replace it, or choose another out directory"
+                )
             return
         names = sorted(p.name for p in self.path.iterdir())
         entries = ", ".join(names[:LISTED_ENTRIES]) + (", ..." if len(names) > LISTED_ENTRIES else "")
         if config.resume:
-            raise ConfigError(f"{where} is not a sphereconv run (it has no {MARKER_FILE}; it holds {entries}): "
-                              "there is nothing to resume; choose the folder of the run to continue")
+            raise ConfigError(
+                f"{where} is not a sphereconv run (it has no {MARKER_FILE}; it holds {entries}): "
+                "there is nothing to resume; choose the folder of the run to continue"
+            )
         if not config.overwrite:
             raise ConfigError(
                 f"{where} is not empty and is not a sphereconv run (it holds {entries}); pass overwrite "
                 "(--overwrite) to train there anyway (files sphereconv did not write are kept), "
-                "or choose another out directory")
+                "or choose another out directory"
+            )
         clashes = self._own_names_present()
         if clashes:
             raise ConfigError(
                 f"{where} holds {clashes[0]}, which no sphereconv run wrote, and a run would replace it; "
                 "sphereconv never deletes or replaces files it did not write: choose another out directory "
-                "(such as a new subfolder)")
+                "(such as a new subfolder)"
+            )
 
     # -- lock ----------------------------------------------------------------------------------
     def lock(self) -> None:
@@ -247,7 +275,8 @@ class RunDirectory:
             os.close(fd)
             raise SphereconvError(
                 f"out={str(self.path)!r} is in use: another sphereconv train process holds its lock; "
-                "wait for it to finish or choose another out directory") from None
+                "wait for it to finish or choose another out directory"
+            ) from None
         self._lock_fd = fd
 
     def unlock(self) -> None:
@@ -280,19 +309,22 @@ class RunDirectory:
         try:
             saved = config_to_dict(config_from_dict(values, check_environment=False))
         except ConfigError as exc:
-            raise ConfigError(f"cannot resume: the run's {CONFIG_FILE} in {str(self.path)!r} is not a valid "
-                              f"config ({exc})") from None
+            raise ConfigError(
+                f"cannot resume: the run's {CONFIG_FILE} in {str(self.path)!r} is not a valid config ({exc})"
+            ) from None
         current = config_to_dict(config)
         differing = [key for key in current if key not in INVOCATION_KEYS and saved.get(key) != current[key]]
         check_config_compatible(saved, current, f"the run in {str(self.path)!r}")
         fixed = [key for key in differing if key not in RESUMABLE_KEYS]
         if fixed:
-            changes = ", ".join(f"{key}={short_value(saved.get(key))} there but {short_value(current[key])} here"
-                                for key in fixed)
+            changes = ", ".join(
+                f"{key}={short_value(saved.get(key))} there but {short_value(current[key])} here" for key in fixed
+            )
             raise ConfigError(
                 f"cannot resume the run in {str(self.path)!r} with other settings: {changes}; a resume may change only "
                 f"{', '.join(k for k in RESUMABLE_KEYS if k in current)} (to change the others start a new run in "
-                "another out directory)")
+                "another out directory)"
+            )
         self.pending_changes = {key: {"from": saved.get(key), "to": current[key]} for key in differing}
 
     def all_amendments(self) -> list[dict[str, Any]]:
@@ -322,8 +354,12 @@ class RunDirectory:
             if self.pending_changes:
                 amendments = self.all_amendments()
                 atomic_write_text(self.path / AMENDMENTS_FILE, json.dumps(amendments, indent=2) + "\n")
-                logger.info("resume at step %d changes %s (recorded in %s)", step,
-                            ", ".join(self.pending_changes), AMENDMENTS_FILE)
+                logger.info(
+                    "resume at step %d changes %s (recorded in %s)",
+                    step,
+                    ", ".join(self.pending_changes),
+                    AMENDMENTS_FILE,
+                )
         else:
             if owned:
                 self.clear()
@@ -409,8 +445,9 @@ class RunDirectory:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self._tensorboard = SummaryWriter(log_dir=str(self.path / TENSORBOARD_DIR),
-                                          purge_step=start_step + 1 if start_step > 0 else None)
+        self._tensorboard = SummaryWriter(
+            log_dir=str(self.path / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step > 0 else None
+        )
 
     def close(self) -> None:
         """Flush and close the TensorBoard writer, if any, and release the lock."""

@@ -7,7 +7,7 @@ seed; nothing here trains anything.
 
 | experiment | paper | question |
 |---|---|---|
-| operators | Sec. 5.1, Table 2 | CNN vs linear / cosine / sigmoid (several k) / learnable SphereConv, each with softmax, weight-normalised softmax and GA-Softmax |
+| operators | Sec. 5.1, Table 2 | CNN vs linear / cosine / sigmoid (several k) / learnable SphereConv, 3 losses each |
 | orthogonality | Sec. 5.1 | SphereNet with and without the orthogonality penalty on the filters |
 | width | Sec. 5.1 | does the SphereNet gain more from more filters than the CNN? |
 | depth | Sec. 5.2 | 9 to 69 plain layers, with and without BatchNorm: where CNNs stall, do SphereNets train? |
@@ -16,19 +16,24 @@ seed; nothing here trains anything.
 | resnet | Sec. 5.2 | wide SphereResNet-32 vs ResNet-32 on CIFAR-10+ |
 | features2d | Sec. 5.4, Fig. 5 | 2-D penultimate features on digits: CNN spokes vs SphereNet clusters |
 | convergence | Sec. 5.2, Fig. 4 | SphereNet-9 vs CNN-9: iterations to reach given accuracies |
+
+The 3 losses of ``operators``: softmax, weight-normalised softmax and GA-Softmax.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import ConfigError
 from ..losses import GA_SOFTMAX_MARGIN
+from ..nn.angular import DEFAULT_SIGMOID_K
 from . import paper
 from .paper import PaperAccuracy
 
-# Reference sigmoid steepness (wy1iu/SphereNet) and the neighbours the paper's ablation sweeps.
-REFERENCE_SIGMOID_K = 0.3
+# Reference sigmoid steepness (wy1iu/SphereNet; the layers' default) and the neighbours the
+# paper's ablation sweeps.
+REFERENCE_SIGMOID_K = DEFAULT_SIGMOID_K
 SIGMOID_K_SWEEP = (0.1, 0.3, 0.7)
 # Orthogonality penalty coefficient of the reference recipe (1e-4 * ||W^T W - I||_F^2).
 REFERENCE_ORTHOGONALITY = 1e-4
@@ -81,9 +86,9 @@ class Experiment:
         return [v.name for v in self.variants]
 
 
-def _sphere(operator: str, **extra) -> dict:
+def _sphere(operator: str, **extra: Any) -> dict[str, Any]:
     """Overrides of a SphereNet with ``operator`` (sigmoid gets the reference k unless given)."""
-    overrides = {"operator": operator}
+    overrides: dict[str, Any] = {"operator": operator}
     if operator == "sigmoid":
         overrides["sigmoid_k"] = REFERENCE_SIGMOID_K
     overrides.update(extra)
@@ -93,35 +98,65 @@ def _sphere(operator: str, **extra) -> dict:
 CNN = {"operator": "none"}
 # Every GA-Softmax row states its margin (SphereFace's m = 4, see sphereconv.losses); its head uses
 # the row's own operator g, which the engine passes on from ``operator``.
-GA_SOFTMAX = {"loss": "ga_softmax", "loss_kwargs": {"margin": GA_SOFTMAX_MARGIN}}
+GA_SOFTMAX: dict[str, Any] = {"loss": "ga_softmax", "loss_kwargs": {"margin": GA_SOFTMAX_MARGIN}}
 
-_LOSS_LABELS = {"softmax": "softmax", "weight_normalized": "weight-normalised softmax",
-                "ga_softmax": f"GA-Softmax m={GA_SOFTMAX_MARGIN}"}
-_LOSS_OVERRIDES = {"softmax": {"loss": "softmax"}, "weight_normalized": {"loss": "weight_normalized"},
-                   "ga_softmax": GA_SOFTMAX}
+_LOSS_LABELS = {
+    "softmax": "softmax",
+    "weight_normalized": "weight-normalised softmax",
+    "ga_softmax": f"GA-Softmax m={GA_SOFTMAX_MARGIN}",
+}
+_LOSS_OVERRIDES: dict[str, dict[str, Any]] = {
+    "softmax": {"loss": "softmax"},
+    "weight_normalized": {"loss": "weight_normalized"},
+    "ga_softmax": GA_SOFTMAX,
+}
 
 
 def _operators() -> Experiment:
     variants = [Variant("cnn", "CNN-9, softmax", dict(CNN, loss="softmax"), paper.CNN9_SOFTMAX)]
-    paper_softmax = {"linear": paper.SPHERENET9_LINEAR, "cosine": paper.SPHERENET9_COSINE, "sigmoid": paper.SPHERENET9_SIGMOID}
+    paper_softmax = {
+        "linear": paper.SPHERENET9_LINEAR,
+        "cosine": paper.SPHERENET9_COSINE,
+        "sigmoid": paper.SPHERENET9_SIGMOID,
+    }
     for loss, suffix in (("softmax", ""), ("weight_normalized", "_wn"), ("ga_softmax", "_ga")):
         for op in ("linear", "cosine", "sigmoid"):
             value = paper_softmax[op] if loss == "softmax" else None
             if loss == "weight_normalized" and op == "cosine":
                 value = paper.SPHERENET9_COSINE_WN
             op_label = f"sigmoid k={REFERENCE_SIGMOID_K}" if op == "sigmoid" else op
-            variants.append(Variant(f"{op}{suffix}", f"SphereNet-9 {op_label}, {_LOSS_LABELS[loss]}",
-                                    _sphere(op, **_LOSS_OVERRIDES[loss]), value))
+            variants.append(
+                Variant(
+                    f"{op}{suffix}",
+                    f"SphereNet-9 {op_label}, {_LOSS_LABELS[loss]}",
+                    _sphere(op, **_LOSS_OVERRIDES[loss]),
+                    value,
+                )
+            )
     for k in SIGMOID_K_SWEEP:
         if k != REFERENCE_SIGMOID_K:
-            variants.append(Variant(f"sigmoid_k{k}", f"SphereNet-9 sigmoid k={k}, softmax", _sphere("sigmoid", sigmoid_k=k, loss="softmax")))
+            variants.append(
+                Variant(
+                    f"sigmoid_k{k}",
+                    f"SphereNet-9 sigmoid k={k}, softmax",
+                    _sphere("sigmoid", sigmoid_k=k, loss="softmax"),
+                )
+            )
     variants.append(
-        Variant("learnable_sigmoid", "SphereNet-9 learnable sigmoid, softmax", _sphere("learnable_sigmoid", loss="softmax"), paper.SPHERENET9_LEARNABLE)
+        Variant(
+            "learnable_sigmoid",
+            "SphereNet-9 learnable sigmoid, softmax",
+            _sphere("learnable_sigmoid", loss="softmax"),
+            paper.SPHERENET9_LEARNABLE,
+        )
     )
     return Experiment(
         name="operators",
         title="SphereConv operators x losses",
-        claim="every SphereConv operator matches or beats the CNN; sigmoid k=0.3 is best with softmax (91.81 vs 90.86 on CIFAR-10)",
+        claim=(
+            "every SphereConv operator matches or beats the CNN; "
+            "sigmoid k=0.3 is best with softmax (91.81 vs 90.86 on CIFAR-10)"
+        ),
         variants=tuple(variants),
     )
 
@@ -132,7 +167,11 @@ def _orthogonality() -> Experiment:
         title="Orthogonality penalty on SphereConv filters",
         claim="the orthogonality constraint on the filters helps SphereNets slightly",
         variants=(
-            Variant("cosine_orth", "SphereNet-9 cosine, orthogonality 1e-4", _sphere("cosine", orthogonality=REFERENCE_ORTHOGONALITY)),
+            Variant(
+                "cosine_orth",
+                "SphereNet-9 cosine, orthogonality 1e-4",
+                _sphere("cosine", orthogonality=REFERENCE_ORTHOGONALITY),
+            ),
             Variant("cosine_no_orth", "SphereNet-9 cosine, no orthogonality", _sphere("cosine", orthogonality=0.0)),
             Variant("cnn", "CNN-9 (penalty applies to SphereConv only)", dict(CNN)),
         ),
@@ -145,7 +184,14 @@ def _width() -> Experiment:
         for kind, overrides in (("cnn", dict(CNN)), ("cosine", _sphere("cosine"))):
             label = "CNN-9" if kind == "cnn" else "SphereNet-9 cosine"
             variants.append(
-                Variant(f"{kind}_w{factor:g}", f"{label}, width x{factor:g}", overrides, width_factor=factor, sweep_value=factor, group=label)
+                Variant(
+                    f"{kind}_w{factor:g}",
+                    f"{label}, width x{factor:g}",
+                    overrides,
+                    width_factor=factor,
+                    sweep_value=factor,
+                    group=label,
+                )
             )
     return Experiment(
         name="width",
@@ -174,8 +220,7 @@ def _depth() -> Experiment:
                     Variant(
                         f"{kind}{depth}_{'bn' if bn else 'nobn'}",
                         f"{label}-{depth}, {'BatchNorm' if bn else 'no BatchNorm'}",
-                        dict(overrides, model=f"spherenet{depth}", batch_norm=bn,
-                             **({} if bn else NO_BN_WARMUP)),
+                        dict(overrides, model=f"spherenet{depth}", batch_norm=bn, **({} if bn else NO_BN_WARMUP)),
                         sweep_value=depth,
                         group=group,
                     )
@@ -197,14 +242,23 @@ def _spherenorm() -> Experiment:
         ("sn_bn", "SphereNorm + BatchNorm", {"operator": "cosine", "batch_norm": True, "sphere_norm": True}),
     )
     variants = [
-        Variant(f"{key}_b{batch}", f"{label}, batch {batch}", dict(overrides, batch_size=batch), sweep_value=batch, group=label)
+        Variant(
+            f"{key}_b{batch}",
+            f"{label}, batch {batch}",
+            dict(overrides, batch_size=batch),
+            sweep_value=batch,
+            group=label,
+        )
         for batch in SPHERENORM_BATCH_SIZES
         for key, label, overrides in norms
     ]
     return Experiment(
         name="spherenorm",
         title="SphereNorm vs BatchNorm across mini-batch sizes",
-        claim="SphereNorm uses no batch statistics, so it degrades less than BatchNorm at small batches; SphereNorm+BN converges fastest",
+        claim=(
+            "SphereNorm uses no batch statistics, so it degrades less than BatchNorm at small batches; "
+            "SphereNorm+BN converges fastest"
+        ),
         variants=tuple(variants),
         sweep_label="mini-batch size",
         sweep_log=True,
@@ -222,7 +276,14 @@ def _learnable() -> Experiment:
         )
         for k in SIGMOID_K_SWEEP
     ]
-    variants.append(Variant("learnable_sigmoid", "SphereNet-9 learnable sigmoid", _sphere("learnable_sigmoid"), paper.SPHERENET9_LEARNABLE))
+    variants.append(
+        Variant(
+            "learnable_sigmoid",
+            "SphereNet-9 learnable sigmoid",
+            _sphere("learnable_sigmoid"),
+            paper.SPHERENET9_LEARNABLE,
+        )
+    )
     return Experiment(
         name="learnable",
         title="Learnable vs fixed SphereConv",
@@ -237,8 +298,15 @@ def _resnet() -> Experiment:
         title="SphereResNet-32 vs ResNet-32 (wide)",
         claim="the wide SphereResNet-32 beats ResNet-32 on CIFAR-10+ (94.68 vs 93.09)",
         variants=(
-            Variant("resnet32", "ResNet-32 (wide), conv", {"model": "sphere_resnet32", "operator": "none"}, paper.RESNET32),
-            Variant("sphere_resnet32", "SphereResNet-32 (wide), linear", {"model": "sphere_resnet32", "operator": "linear"}, paper.SPHERE_RESNET32),
+            Variant(
+                "resnet32", "ResNet-32 (wide), conv", {"model": "sphere_resnet32", "operator": "none"}, paper.RESNET32
+            ),
+            Variant(
+                "sphere_resnet32",
+                "SphereResNet-32 (wide), linear",
+                {"model": "sphere_resnet32", "operator": "linear"},
+                paper.SPHERE_RESNET32,
+            ),
         ),
         scale_overrides={"small": {"augment": "crop_flip"}},
         scale_config_files={"paper": "sphere_resnet32_cifar10plus.yaml"},
@@ -249,11 +317,18 @@ def _features2d() -> Experiment:
     return Experiment(
         name="features2d",
         title="2-D penultimate features",
-        claim="with a 2-D penultimate layer, CNN features spread along radial spokes while SphereNet features form compact, angularly separated clusters",
+        claim=(
+            "with a 2-D penultimate layer, CNN features spread along radial spokes "
+            "while SphereNet features form compact, angularly separated clusters"
+        ),
         variants=(
             Variant("cnn", "CNN-9, softmax", dict(CNN, feature_dim=2)),
             Variant("cosine", "SphereNet-9 cosine, softmax", _sphere("cosine", feature_dim=2)),
-            Variant("cosine_ga", f"SphereNet-9 cosine, {_LOSS_LABELS['ga_softmax']}", _sphere("cosine", feature_dim=2, **GA_SOFTMAX)),
+            Variant(
+                "cosine_ga",
+                f"SphereNet-9 cosine, {_LOSS_LABELS['ga_softmax']}",
+                _sphere("cosine", feature_dim=2, **GA_SOFTMAX),
+            ),
         ),
         scale_overrides={"paper": {"iterations": 10000, "augment": "none"}},
         features2d=True,

@@ -59,11 +59,14 @@ def features2d_panels(runs: list[tuple[str, Path]]) -> tuple[list[tuple[str, np.
     """
     from ..data import dataset_info
 
-    panels, class_names = [], []
+    panels: list[tuple[str, np.ndarray, np.ndarray]] = []
+    class_names: list[str] = []
     for label, run_dir in runs:
         features, labels, config = extract_features(run_dir)
         if features.shape[1] != 2:
-            raise ValueError(f"{run_dir}: penultimate features have {features.shape[1]} dimensions, expected 2 (feature_dim=2)")
+            raise ValueError(
+                f"{run_dir}: penultimate features have {features.shape[1]} dimensions, expected 2 (feature_dim=2)"
+            )
         panels.append((label, features, labels))
         if not class_names:
             class_names = list(dataset_info(config.dataset, config.data_dir).class_names)

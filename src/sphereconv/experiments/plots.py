@@ -58,7 +58,9 @@ def _colours(count: int) -> list:
     return [cmap(i % cmap.N) for i in range(count)]
 
 
-def aggregate_curves(curves: list[tuple[list[int], list[float]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def aggregate_curves(
+    curves: list[tuple[list[int], list[float]]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Steps and the mean, min and max over seeds at each step any seed evaluated."""
     steps = np.array(sorted({s for run_steps, _ in curves for s in run_steps}), dtype=float)
     table = np.full((len(curves), len(steps)), np.nan)
@@ -165,7 +167,14 @@ def plot_features2d(
         for cls in np.unique(labels):
             mask = labels == cls
             name = class_names[cls] if class_names and cls < len(class_names) else str(cls)
-            axes.scatter(features[mask, 0], features[mask, 1], s=2, color=colours[int(cls) % len(colours)], label=name, linewidths=0)
+            axes.scatter(
+                features[mask, 0],
+                features[mask, 1],
+                s=2,
+                color=colours[int(cls) % len(colours)],
+                label=name,
+                linewidths=0,
+            )
         axes.set_title(label, fontsize=9)
         axes.set_aspect("equal", adjustable="datalim")
         axes.tick_params(labelsize=7)
@@ -200,7 +209,11 @@ def plot_effects(
         points = sorted(points)
         xs = np.array([p[0] for p in points], dtype=float)
         # Nudge the groups apart horizontally so that overlapping error bars stay readable.
-        xs = xs * (1.0 + 0.03 * (index - (count - 1) / 2)) if log_x else xs + 0.01 * (index - (count - 1) / 2) * max(xs.max(), 1.0)
+        xs = (
+            xs * (1.0 + 0.03 * (index - (count - 1) / 2))
+            if log_x
+            else xs + 0.01 * (index - (count - 1) / 2) * max(xs.max(), 1.0)
+        )
         means = np.array([p[1] for p in points], dtype=float)
         lows = np.nan_to_num(means - np.array([p[2] for p in points], dtype=float))
         highs = np.nan_to_num(np.array([p[3] for p in points], dtype=float) - means)

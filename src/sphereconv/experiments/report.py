@@ -108,7 +108,9 @@ def render_table(rows: list[tuple[Variant, dict]], thresholds: tuple[float, ...]
     return "\n".join(lines)
 
 
-def render_report(experiment: Experiment, context: ReportContext, rows: list[tuple[Variant, dict]], images: list[str]) -> str:
+def render_report(
+    experiment: Experiment, context: ReportContext, rows: list[tuple[Variant, dict]], images: list[str]
+) -> str:
     """The whole ``report.md`` text."""
     parts = [
         f"# {experiment.title} (`{experiment.name}`)",
@@ -139,7 +141,9 @@ def render_report(experiment: Experiment, context: ReportContext, rows: list[tup
     return "\n".join(parts) + "\n"
 
 
-def results_document(experiment: Experiment, context: ReportContext, variant_runs: list[tuple[Variant, list[RunResult], dict]]) -> dict:
+def results_document(
+    experiment: Experiment, context: ReportContext, variant_runs: list[tuple[Variant, list[RunResult], dict]]
+) -> dict:
     """Everything in the report as plain JSON-serialisable data."""
     return {
         "experiment": experiment.name,
@@ -158,7 +162,9 @@ def results_document(experiment: Experiment, context: ReportContext, variant_run
                 "label": variant.label,
                 "overrides": variant.overrides,
                 "width_factor": variant.width_factor,
-                "paper": None if variant.paper is None else {"best": variant.paper.best, "final": variant.paper.final, "dataset": variant.paper.dataset},
+                "paper": None
+                if variant.paper is None
+                else {"best": variant.paper.best, "final": variant.paper.final, "dataset": variant.paper.dataset},
                 "summary": summary,
                 "runs": [
                     {

@@ -18,7 +18,6 @@ from pathlib import Path
 from ..engine.run_dir import METRICS_FILE, SUMMARY_FILE
 from ..errors import SphereconvError
 
-
 # Accuracies (fractions) at which "iterations to reach" is reported, per dataset. CIFAR-10 uses
 # the paper's 80% / 85% (NIPS 2017 Sec. 5.2) plus two lower marks; the others are chosen so that
 # the marks separate slow from fast learners on that dataset.

@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import yaml
 
+from ..configs import preset_path
 from ..engine.checkpoint import checkpoint_dir
 from ..errors import ConfigError, DatasetError, TrainingDivergedError
 from .definitions import Experiment, Variant, get_experiment
@@ -25,13 +27,29 @@ from .features import features2d_panels
 from .plots import plot_curves, plot_features2d, plot_sweep
 from .report import ReportContext, describe_machine, write_report
 from .results import SUMMARY_FILE, RunResult, series, summarise_runs, thresholds_for
-from .scales import Scale, config_path, get_scale
+from .scales import Scale, get_scale
+
+if TYPE_CHECKING:
+    from ..engine.config import TrainConfig
 
 DIVERGED_FILE = "diverged.json"
 # Keys that do not change what a run computes; a finished run is reused even if they differ.
 EXECUTION_KEYS = frozenset(
-    {"out", "resume", "overwrite", "progress", "device", "data_dir", "download", "tensorboard",
-     "eval_batch_size", "checkpoint_every", "keep_checkpoints", "compile", "channels_last"}
+    {
+        "out",
+        "resume",
+        "overwrite",
+        "progress",
+        "device",
+        "data_dir",
+        "download",
+        "tensorboard",
+        "eval_batch_size",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "compile",
+        "channels_last",
+    }
 )
 # Digit datasets for the 2-D feature experiment (NIPS 2017 Sec. 5.4 uses MNIST), best first.
 DIGIT_DATASETS = ("mnist",)
@@ -44,7 +62,7 @@ class PlannedRun:
     variant: Variant
     seed: int
     out: Path
-    config: object  # sphereconv.engine.TrainConfig
+    config: TrainConfig
 
 
 @dataclass
@@ -68,7 +86,7 @@ def _same_files(name: str, other: str, data_dir: str | None) -> bool:
     MNIST and Fashion-MNIST use identical file names, so a folder of one passes a name-based
     search for the other.
     """
-    from ..data import find_split_files
+    from ..data.discovery import find_split_files
     from ..data.registry import DATASETS
 
     if name not in DATASETS or other not in DATASETS:
@@ -83,12 +101,20 @@ def _digits_dataset(fallback: str, data_dir: str | None, download: bool) -> tupl
 
     for name in DIGIT_DATASETS:
         if _same_files(name, fallback, data_dir):
-            return fallback, f"{name} is not available here (the files found are {fallback}'s); the features were learned on {fallback} instead"
+            return (
+                fallback,
+                f"{name} is not available here (the files found are {fallback}'s); "
+                f"the features were learned on {fallback} instead",
+            )
         try:
             load_dataset(name, "test", data_dir=data_dir, download=download, progress=False)
         except DatasetError:
             hint = "" if download else "; pass --download to fetch it"
-            return fallback, f"{name} is not available here (no {name} files found{hint}), so the features were learned on {fallback} instead"
+            return (
+                fallback,
+                f"{name} is not available here (no {name} files found{hint}), "
+                f"so the features were learned on {fallback} instead",
+            )
         return name, f"features learned on {name} (digits)"
     return fallback, f"features learned on {fallback}"
 
@@ -123,7 +149,7 @@ def plan_experiment(
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"invalid seeds={seeds!r}: expected a positive integer")
     file_name = experiment.scale_config_files.get(preset.name, preset.config_file)
-    config_file = config_path(file_name) if file_name else None
+    config_file = preset_path(file_name) if file_name else None
 
     base = dict(preset.overrides)
     base.update(experiment.scale_overrides.get(preset.name, {}))
@@ -133,7 +159,12 @@ def plan_experiment(
             raise ConfigError(f"invalid iterations={iterations!r}: expected a positive integer")
         base["iterations"] = iterations
         base["eval_every"] = max(1, iterations // preset.evaluations_per_run)
-    for key, value in (("data_dir", data_dir), ("device", device), ("download", download or None), ("width_mult", width_mult)):
+    for key, value in (
+        ("data_dir", data_dir),
+        ("device", device),
+        ("download", download or None),
+        ("width_mult", width_mult),
+    ):
         if value is not None:
             base[key] = value
     base["progress"] = progress
@@ -258,18 +289,35 @@ def write_outputs(plan: Plan, command: str) -> Path:
     images = []
     for metric in ("test_acc", "train_loss"):
         groups = {variant.name: [series(r.metrics, metric) for r in runs] for variant, runs, _ in collected}
-        plot_curves(groups, plan.out / f"{metric}.png", metric=metric, title=f"{plan.experiment.title} ({plan.dataset}, {plan.scale.name})")
+        plot_curves(
+            groups,
+            plan.out / f"{metric}.png",
+            metric=metric,
+            title=f"{plan.experiment.title} ({plan.dataset}, {plan.scale.name})",
+        )
         images.append(f"{metric}.png")
     if plan.experiment.sweep_label:
         points: dict[str, list] = {}
         for variant, runs, _ in collected:
             if runs and variant.sweep_value is not None:
-                points.setdefault(variant.group or variant.name, []).append((variant.sweep_value, [r.final_test_acc for r in runs]))
-        plot_sweep(points, plan.out / "sweep.png", xlabel=plan.experiment.sweep_label, log_x=plan.experiment.sweep_log, title=plan.experiment.title)
+                points.setdefault(variant.group or variant.name, []).append(
+                    (variant.sweep_value, [r.final_test_acc for r in runs])
+                )
+        plot_sweep(
+            points,
+            plan.out / "sweep.png",
+            xlabel=plan.experiment.sweep_label,
+            log_x=plan.experiment.sweep_log,
+            title=plan.experiment.title,
+        )
         images.append("sweep.png")
     if plan.experiment.features2d:
-        panels, class_names = features2d_panels([(variant.label, runs[0].path) for variant, runs, _ in collected if runs])
-        plot_features2d(panels, plan.out / "features2d.png", class_names=class_names, title=f"2-D test features ({plan.dataset})")
+        panels, class_names = features2d_panels(
+            [(variant.label, runs[0].path) for variant, runs, _ in collected if runs]
+        )
+        plot_features2d(
+            panels, plan.out / "features2d.png", class_names=class_names, title=f"2-D test features ({plan.dataset})"
+        )
         images.append("features2d.png")
     context = ReportContext(
         command=command,
@@ -286,18 +334,25 @@ def write_outputs(plan: Plan, command: str) -> Path:
 
 def default_command(plan: Plan) -> str:
     """The ``sphereconv reproduce`` command line equivalent to ``plan`` (for the report)."""
-    return f"sphereconv reproduce {plan.experiment.name} --scale {plan.scale.name} --seeds {plan.seeds} --out {plan.out.parent}"
+    return (
+        f"sphereconv reproduce {plan.experiment.name} --scale {plan.scale.name} "
+        f"--seeds {plan.seeds} --out {plan.out.parent}"
+    )
 
 
-def run_experiment(name: str, scale: str = "small", *, command: str | None = None, log: Callable[[str], None] = print, **options) -> Path:
+def run_experiment(
+    name: str, scale: str = "small", *, command: str | None = None, log: Callable[[str], None] = print, **options
+) -> Path:
     """Plan, train (skipping finished runs) and report one experiment; returns ``report.md``'s path.
 
     ``options`` are those of :func:`plan_experiment` (dataset, data_dir, seeds, out, device,
     iterations, width_mult, download, progress).
     """
     plan = plan_experiment(name, scale, **options)
-    log(f"{plan.experiment.name}: {len(plan.experiment.variants)} variant(s) x {plan.seeds} seed(s) at scale "
-        f"'{plan.scale.name}' on {plan.dataset} -> {plan.out}")
+    log(
+        f"{plan.experiment.name}: {len(plan.experiment.variants)} variant(s) x {plan.seeds} seed(s) at scale "
+        f"'{plan.scale.name}' on {plan.dataset} -> {plan.out}"
+    )
     for note in plan.notes:
         log(f"note: {note}")
     execute_plan(plan, log)

@@ -2,10 +2,11 @@
 
 ``paper`` is the reference recipe of Liu et al. (NIPS 2017, Sec. 5 / wy1iu/SphereNet): Adam 1e-3
 divided by 10 at 34k and 54k of 64k iterations, batch 128, evaluation every 500 iterations, on
-CIFAR-10 (configs/*.yaml, which also set the reference's BatchNorm decay 0.999). The smaller
-scales keep the shape of that recipe (same optimiser, same relative learning-rate milestones) on
-Fashion-MNIST with fewer iterations and narrower networks, and the library's default BatchNorm
-momentum 0.1, which short runs need (see ``sphereconv.models.layers.BN_MOMENTUM``):
+CIFAR-10 (the presets of :mod:`sphereconv.configs`, which also set the reference's BatchNorm decay
+0.999). The smaller scales keep the shape of that recipe (same optimiser, same relative
+learning-rate milestones) on Fashion-MNIST with fewer iterations and narrower networks, and the
+library's default BatchNorm momentum 0.1, which short runs need (see
+``sphereconv.models.layers.BN_MOMENTUM``):
 
 - ``small``: minutes per run on one GPU;
 - ``quick``: a few minutes per run on a 2-core CPU, wide and long enough for the models to learn
@@ -17,18 +18,17 @@ momentum 0.1, which short runs need (see ``sphereconv.models.layers.BN_MOMENTUM`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..errors import ConfigError
-
-# Reference recipe learning-rate drops at 34k and 54k of 64k iterations (wy1iu/SphereNet),
-# expressed as fractions so that shorter runs keep the same shape.
-REFERENCE_LR_MILESTONES = [34000 / 64000, 54000 / 64000]
 
 
 @dataclass(frozen=True)
 class Scale:
-    """A size preset: a base YAML config (or none) plus TrainConfig overrides."""
+    """A size preset: a base YAML config (or none) plus TrainConfig overrides.
+
+    A step schedule keeps TrainConfig's default milestones, the reference's drops as fractions of
+    the run (``sphereconv.engine.config.REFERENCE_MILESTONES``).
+    """
 
     name: str
     description: str
@@ -71,7 +71,6 @@ SCALES: dict[str, Scale] = {
             "eval_every": 100,
             "eval_batch_size": 500,
             "schedule": "step",
-            "lr_milestones": REFERENCE_LR_MILESTONES,
             "augment": "none",
         },
         default_seeds=1,
@@ -88,7 +87,6 @@ SCALES: dict[str, Scale] = {
             "eval_every": 200,
             "eval_batch_size": 1000,
             "schedule": "step",
-            "lr_milestones": REFERENCE_LR_MILESTONES,
             "augment": "flip",
         },
         default_seeds=3,
@@ -112,26 +110,3 @@ def get_scale(name: str) -> Scale:
         return SCALES[name]
     except KeyError:
         raise ConfigError(f"unknown scale {name!r}; choose one of: {', '.join(SCALE_NAMES)}") from None
-
-
-def configs_dir() -> Path:
-    """The folder holding the YAML presets (``configs/`` of the source tree or the installed package).
-
-    Raises :class:`ConfigError` if neither exists (an installation without the presets).
-    """
-    package_dir = Path(__file__).resolve().parents[1]
-    for candidate in (package_dir / "configs", package_dir.parents[1] / "configs"):
-        if candidate.is_dir():
-            return candidate
-    raise ConfigError(
-        f"cannot find the configs/ folder (looked in {package_dir / 'configs'} and "
-        f"{package_dir.parents[1] / 'configs'}); run from a source checkout or pass --config explicitly"
-    )
-
-
-def config_path(file_name: str) -> Path:
-    """Path of one preset YAML in :func:`configs_dir`, raising :class:`ConfigError` if missing."""
-    path = configs_dir() / file_name
-    if not path.is_file():
-        raise ConfigError(f"preset config {path} is missing")
-    return path

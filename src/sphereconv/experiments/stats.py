@@ -130,7 +130,9 @@ class PairedComparison:
         return len(self.seeds)
 
 
-def paired_comparison(treatment: dict[int, float], baseline: dict[int, float], confidence: float = CONFIDENCE) -> PairedComparison:
+def paired_comparison(
+    treatment: dict[int, float], baseline: dict[int, float], confidence: float = CONFIDENCE
+) -> PairedComparison:
     """Paired difference of two seed -> value maps over the seeds both have.
 
     The p-value is that of the two-sided paired t-test (``n - 1`` degrees of freedom); it is NaN

@@ -27,10 +27,11 @@ import math
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import yaml
 
@@ -43,7 +44,9 @@ from .runner import DIVERGED_FILE, PlannedRun, run_status, train_run
 from .scales import get_scale
 from .stats import PairedComparison, mean_interval, paired_comparison
 
-GRID_KEYS = frozenset({"name", "title", "seeds", "baseline", "results", "base", "models", "regimes", "stages", "summary_from"})
+GRID_KEYS = frozenset(
+    {"name", "title", "seeds", "baseline", "results", "base", "models", "regimes", "stages", "summary_from"}
+)
 RUNS_DIR = "runs"
 REPORT_FILE = "report.md"
 # Metrics kept in a run's results file (the rest of metrics.jsonl stays in the run directory).
@@ -136,7 +139,11 @@ def load_grid(path: str | os.PathLike) -> Grid:
     models = _named(raw["models"], "models", path)
     regimes = _named(raw["regimes"], "regimes", path)
     seeds = raw.get("seeds", [0, 1, 2])
-    if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)
+    ):
         raise ConfigError(f"{path}: seeds must be a non-empty list of non-negative integers; got {seeds!r}")
     baseline = str(raw.get("baseline", next(iter(models))))
     if baseline not in models:
@@ -148,7 +155,9 @@ def load_grid(path: str | os.PathLike) -> Grid:
         if regime not in regimes:
             raise ConfigError(f"{path}: stage {number} names regime {regime!r}; regimes: {', '.join(regimes)}")
         if not isinstance(names, list) or not names or any(n not in models for n in names):
-            raise ConfigError(f"{path}: stage {number} models must be a list drawn from: {', '.join(models)}; got {names!r}")
+            raise ConfigError(
+                f"{path}: stage {number} models must be a list drawn from: {', '.join(models)}; got {names!r}"
+            )
         stages.append((regime, tuple(names)))
     summary_from = raw.get("summary_from")
     return Grid(
@@ -254,8 +263,12 @@ def source_version() -> str:
     """
     root = Path(__file__).resolve().parents[3]
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "src"], capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "src"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if commit.returncode != 0:
@@ -266,7 +279,7 @@ def source_version() -> str:
 def record_run(plan: GridPlan, run: GridRun, command: str) -> Path:
     """Write the results file of a finished (or diverged) run from its run directory."""
     out = run.planned.out
-    document = {
+    document: dict[str, Any] = {
         "grid": plan.grid.name,
         "regime": run.regime.name,
         "model": run.model.name,
@@ -281,8 +294,19 @@ def record_run(plan: GridPlan, run: GridRun, command: str) -> Path:
         document["diverged"] = json.loads((out / DIVERGED_FILE).read_text()).get("error", "diverged")
     else:
         summary = read_summary(out) or {}
-        document["summary"] = {key: _finite(summary.get(key)) for key in (
-            "final_test_acc", "best_test_acc", "best_step", "steps", "images_per_second", "train_seconds", "seconds", "num_parameters")}
+        document["summary"] = {
+            key: _finite(summary.get(key))
+            for key in (
+                "final_test_acc",
+                "best_test_acc",
+                "best_step",
+                "steps",
+                "images_per_second",
+                "train_seconds",
+                "seconds",
+                "num_parameters",
+            )
+        }
         document["summary"]["device"] = summary.get("device")
         document["metrics"] = [{k: _finite(r.get(k)) for k in KEPT_METRICS} for r in read_metrics(out)]
     path = results_path(plan, run)
@@ -303,7 +327,9 @@ def load_recorded(plan: GridPlan, run: GridRun) -> dict | None:
     differing = sorted(k for k in set(saved) | set(run.settings) if saved.get(k) != run.settings.get(k))
     if differing:
         details = ", ".join(f"{k}: {saved.get(k)!r} there vs {run.settings.get(k)!r} now" for k in differing[:4])
-        raise ConfigError(f"{path} was made with different settings ({details}); move it away or use another --results folder")
+        raise ConfigError(
+            f"{path} was made with different settings ({details}); move it away or use another --results folder"
+        )
     return document
 
 
@@ -370,7 +396,11 @@ class Cell:
     documents: dict[int, dict]
 
     def values(self, key: str) -> dict[int, float]:
-        return {s: d["summary"][key] for s, d in self.documents.items() if "summary" in d and d["summary"].get(key) is not None}
+        return {
+            s: d["summary"][key]
+            for s, d in self.documents.items()
+            if "summary" in d and d["summary"].get(key) is not None
+        }
 
     def iterations_to(self, mark: float) -> dict[int, int | None]:
         return {s: iterations_to_reach(d["metrics"], mark) for s, d in self.documents.items() if "metrics" in d}
@@ -448,10 +478,12 @@ def compare_cells(plan: GridPlan, cells: list[Cell]) -> list[Comparison]:
         best = paired_comparison(cell.values("best_test_acc"), base.values("best_test_acc"))
         mine, theirs = cell.iterations_to(CONVERGENCE_MARK), base.iterations_to(CONVERGENCE_MARK)
         shared = sorted(set(mine) & set(theirs))
-        reached = (sum(mine[s] is not None for s in shared), sum(theirs[s] is not None for s in shared), len(shared))
+        mine_reached = {s: float(n) for s in shared if (n := mine[s]) is not None}
+        theirs_reached = {s: float(n) for s in shared if (n := theirs[s]) is not None}
+        reached = (len(mine_reached), len(theirs_reached), len(shared))
         convergence = None
         if shared and reached[0] == reached[1] == len(shared):
-            convergence = paired_comparison({s: float(mine[s]) for s in shared}, {s: float(theirs[s]) for s in shared})
+            convergence = paired_comparison(mine_reached, theirs_reached)
         comparisons.append(Comparison(cell.regime, cell.model, accuracy, best, convergence, reached))
     return comparisons
 
@@ -476,11 +508,15 @@ def comparison_lines(plan: GridPlan, comparisons: list[Comparison]) -> list[str]
     lines = []
     for c in comparisons:
         mean, interval, p = _points(c.accuracy)
-        text = f"`{c.regime.name}` ({_regime_description(plan, c.regime)}), {c.model.label} vs {plan.grid.models[plan.grid.baseline].label}: "
+        baseline = plan.grid.models[plan.grid.baseline].label
+        text = f"`{c.regime.name}` ({_regime_description(plan, c.regime)}), {c.model.label} vs {baseline}: "
         if c.accuracy.n == 0:
             lines.append(text + "not run yet")
             continue
-        lines.append(text + f"{verdict(c.accuracy)}; final accuracy difference {mean} points, 95% CI {interval}, p = {p}, {c.accuracy.n} seed(s)")
+        lines.append(
+            f"{text}{verdict(c.accuracy)}; final accuracy difference {mean} points, 95% CI {interval}, "
+            f"p = {p}, {c.accuracy.n} seed(s)"
+        )
     return lines
 
 
@@ -488,7 +524,11 @@ def _grouped(by_outcome: dict[str, list[str]]) -> str:
     """``outcome: model@regime, ...; ...``, with long pending lists shortened to a count."""
     parts = []
     for outcome, names in by_outcome.items():
-        listed = f"{len(names)} comparisons" if outcome == "pending" and len(names) > MAX_LISTED_PENDING else ", ".join(names)
+        listed = (
+            f"{len(names)} comparisons"
+            if outcome == "pending" and len(names) > MAX_LISTED_PENDING
+            else ", ".join(names)
+        )
         parts.append(f"{outcome}: {listed}")
     return "; ".join(parts) or "no results yet"
 
@@ -514,17 +554,32 @@ def claim_conclusions(plan: GridPlan, comparisons: list[Comparison]) -> list[str
         f"**SphereNets converge faster** (iterations to {100 * CONVERGENCE_MARK:g}%, paired): {convergence}.",
     ]
     for vary, words in (("width_mult", "width"), ("iterations", "run length")):
-        groups = {label: sorted(points) for label, points in _effect_groups(plan, comparisons, vary).items() if len(points) > 1}
+        groups = {
+            label: sorted(points)
+            for label, points in _effect_groups(plan, comparisons, vary).items()
+            if len(points) > 1
+        }
         if groups:
-            trend = "; ".join(f"{label}: " + ", ".join(f"{x:g} -> {mean:+.2f} [{low:+.2f}, {high:+.2f}]" for x, mean, low, high in points)
-                              for label, points in groups.items())
-            lines.append(f"**The gain grows with {words}** (paired final-accuracy difference in points, 95% CI, by {words}): {trend}.")
+            trend = "; ".join(
+                f"{label}: "
+                + ", ".join(f"{x:g} -> {mean:+.2f} [{low:+.2f}, {high:+.2f}]" for x, mean, low, high in points)
+                for label, points in groups.items()
+            )
+            lines.append(
+                f"**The gain grows with {words}** "
+                f"(paired final-accuracy difference in points, 95% CI, by {words}): {trend}."
+            )
         else:
-            lines.append(f"**The gain grows with {words}:** pending (no model has paired results at two {words}s with the rest fixed yet).")
+            lines.append(
+                f"**The gain grows with {words}:** pending "
+                f"(no model has paired results at two {words}s with the rest fixed yet)."
+            )
     return lines
 
 
-def _effect_groups(plan: GridPlan, comparisons: list[Comparison], vary: str) -> dict[str, list[tuple[float, float, float, float]]]:
+def _effect_groups(
+    plan: GridPlan, comparisons: list[Comparison], vary: str
+) -> dict[str, list[tuple[float, float, float, float]]]:
     """Effect points (x, mean, low, high in points) grouped by model and the settings held fixed."""
     groups: dict[str, list[tuple[float, float, float, float]]] = {}
     for c in comparisons:
@@ -565,16 +620,20 @@ def write_grid_report(plan: GridPlan, command: str) -> Path:
         "",
         f"- command: `{command}`",
         f"- grid file: `{grid.path}`; protocol and discussion: {_results_page_link(out)}",
-        f"- runs finished: {done} of {len(plan.runs)}" + (f", between {finished[0]} and {finished[-1]}" if finished else ""),
+        f"- runs finished: {done} of {len(plan.runs)}"
+        + (f", between {finished[0]} and {finished[-1]}" if finished else ""),
         f"- machine: {'; '.join(machines) or describe_machine()}",
     ]
     if plan.smoke:
-        parts.append("- **smoke scale**: every run shrunk to a few iterations on a few hundred images; the numbers mean nothing")
+        parts.append(
+            "- **smoke scale**: every run shrunk to a few iterations on a few hundred images; the numbers mean nothing"
+        )
     parts += ["", "## Verdicts (pre-registered rules; primary measure: final test accuracy)", ""]
     parts += [f"- {line}" for line in claim_conclusions(plan, comparisons)]
     parts += [
         "",
-        "| regime | model vs baseline | seeds | final acc. difference (points) | 95% CI | p (paired t) | verdict | best acc. difference [95% CI] | iterations to 85%: difference [95% CI] |",
+        "| regime | model vs baseline | seeds | final acc. difference (points) | 95% CI | p (paired t) | verdict "
+        "| best acc. difference [95% CI] | iterations to 85%: difference [95% CI] |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in comparisons:
@@ -586,8 +645,10 @@ def write_grid_report(plan: GridPlan, command: str) -> Path:
             convergence = f"{conv_mean} {conv_interval}"
         else:
             convergence = f"reached by {c.reached[0]} / {c.reached[1]} of {c.reached[2]} seeds" if c.reached[2] else "—"
-        parts.append(f"| `{c.regime.name}` | {c.model.name} vs {grid.baseline} | {c.accuracy.n} | {mean} | {interval} | {p} | "
-                     f"{verdict(c.accuracy)} | {best} | {convergence} |")
+        parts.append(
+            f"| `{c.regime.name}` | {c.model.name} vs {grid.baseline} | {c.accuracy.n} | {mean} | {interval} | {p} | "
+            f"{verdict(c.accuracy)} | {best} | {convergence} |"
+        )
     header = ["regime", "model", "seeds done", "final acc. % mean [95% CI]", "best acc. % mean [95% CI]"]
     header += [f"iters to {100 * t:g}% (seeds reaching)" for t in thresholds] + ["images/s"]
     parts += ["", "## Cells", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -603,14 +664,27 @@ def write_grid_report(plan: GridPlan, command: str) -> Path:
         speeds = [v for v in cell.values("images_per_second").values()]
         diverged = sum("diverged" in d for d in cell.documents.values())
         seeds_text = f"{n}/{len(cell.planned_seeds)}" + (f" ({diverged} diverged)" if diverged else "")
-        parts.append("| " + " | ".join([
-            f"`{cell.regime.name}`", cell.model.label, seeds_text,
-            _estimate_text(list(cell.values("final_test_acc").values())),
-            _estimate_text(list(cell.values("best_test_acc").values())),
-            *reach, f"{sum(speeds) / len(speeds):,.0f}" if speeds else "—",
-        ]) + " |")
+        parts.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{cell.regime.name}`",
+                    cell.model.label,
+                    seeds_text,
+                    _estimate_text(list(cell.values("final_test_acc").values())),
+                    _estimate_text(list(cell.values("best_test_acc").values())),
+                    *reach,
+                    f"{sum(speeds) / len(speeds):,.0f}" if speeds else "—",
+                ]
+            )
+            + " |"
+        )
     parts += ["", "Regimes:", ""]
-    parts += [f"- `{r.name}`: {r.label} ({_regime_description(plan, r)})" for r in grid.regimes.values() if any(x.regime.name == r.name for x in plan.runs)]
+    parts += [
+        f"- `{r.name}`: {r.label} ({_regime_description(plan, r)})"
+        for r in grid.regimes.values()
+        if any(x.regime.name == r.name for x in plan.runs)
+    ]
     if pending:
         parts += ["", f"Pending cells (no finished run yet): {', '.join(pending)}."]
     parts += ["", "## Plots", ""]
@@ -618,14 +692,30 @@ def write_grid_report(plan: GridPlan, command: str) -> Path:
         regime_cells = [c for c in cells if c.regime.name == regime.name and c.documents]
         if not regime_cells:
             continue
-        curves = {c.model.label: [series(d["metrics"], "test_acc") for d in c.documents.values() if "metrics" in d] for c in regime_cells}
+        curves = {
+            c.model.label: [series(d["metrics"], "test_acc") for d in c.documents.values() if "metrics" in d]
+            for c in regime_cells
+        }
         name = f"test_acc_{regime.name}.png"
-        plot_curves(curves, out / name, title=f"{grid.name} `{regime.name}`: {_regime_description(plan, regime)} (mean over seeds, range shaded)")
+        plot_curves(
+            curves,
+            out / name,
+            title=f"{grid.name} `{regime.name}`: {_regime_description(plan, regime)} (mean over seeds, range shaded)",
+        )
         parts.append(f"![test accuracy, regime {regime.name}]({name})")
-    for vary, xlabel, name in (("width_mult", "width multiplier", "effect_width.png"), ("iterations", "iterations", "effect_length.png")):
+    for vary, xlabel, name in (
+        ("width_mult", "width multiplier", "effect_width.png"),
+        ("iterations", "iterations", "effect_length.png"),
+    ):
         groups = _effect_groups(plan, comparisons, vary)
         if any(len(points) > 1 for points in groups.values()):
-            plot_effects(groups, out / name, xlabel=xlabel, log_x=True, title=f"{grid.name}: SphereNet - CNN (paired, 95% CI) against {xlabel}")
+            plot_effects(
+                groups,
+                out / name,
+                xlabel=xlabel,
+                log_x=True,
+                title=f"{grid.name}: SphereNet - CNN (paired, 95% CI) against {xlabel}",
+            )
             parts.append(f"![effect against {xlabel}]({name})")
     parts += [
         "",
@@ -643,10 +733,15 @@ def write_grid_report(plan: GridPlan, command: str) -> Path:
 
 
 def summary_of_other_grid(path: Path, report_dir: Path) -> list[str]:
-    """Markdown lines summarising the committed results of the grid file at ``path`` (for a report in ``report_dir``)."""
+    """Markdown lines summarising the committed results of the grid file at ``path``.
+
+    The lines go into a report written in ``report_dir``.
+    """
     other = load_grid(path)
     plan = plan_grid(other, progress=False)
-    link = f"Protocol, all cells and discussion: {_results_page_link(report_dir)} and `{plan.results_dir / REPORT_FILE}`."
+    link = (
+        f"Protocol, all cells and discussion: {_results_page_link(report_dir)} and `{plan.results_dir / REPORT_FILE}`."
+    )
     cells, ignored = collect_cells(plan, strict=False)
     done = sum(len(c.documents) for c in cells)
     if ignored:
@@ -667,7 +762,10 @@ def run_grid(grid_file: str | os.PathLike, *, command: str, log: Callable[[str],
     plan = plan_grid(grid, **options)
     source_version()  # the code this process runs, before anyone edits the tree
     done = sum(results_path(plan, r).is_file() for r in plan.runs)
-    log(f"grid {grid.name}: {len(plan.runs)} run(s), {done} already in {plan.results_dir / RUNS_DIR}; training in {plan.train_dir}")
+    log(
+        f"grid {grid.name}: {len(plan.runs)} run(s), {done} already in {plan.results_dir / RUNS_DIR}; "
+        f"training in {plan.train_dir}"
+    )
     try:
         execute_grid(plan, command, log)
     finally:  # stopped by a signal or an error: the report still covers every finished run
@@ -681,8 +779,9 @@ def describe_plan(plan: GridPlan) -> list[str]:
     for index, run in enumerate(plan.runs, start=1):
         config = run.planned.config
         state = "recorded" if results_path(plan, run).is_file() else run_status(run.planned)
-        lines.append(f"  {index:3d}. {run.run_id}: {state}; operator={config.operator} width_mult={config.width_mult:g} "
-                     f"batch_size={config.batch_size} augment={config.augment} iterations={config.iterations} eval_every={config.eval_every}")
+        lines.append(
+            f"  {index:3d}. {run.run_id}: {state}; operator={config.operator} width_mult={config.width_mult:g} "
+            f"batch_size={config.batch_size} augment={config.augment} iterations={config.iterations} "
+            f"eval_every={config.eval_every}"
+        )
     return lines
-
-

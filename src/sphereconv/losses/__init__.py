@@ -11,15 +11,13 @@ from .additive_margin import ArcFaceLoss, CosFaceLoss
 from .angular_softmax import (
     A_SOFTMAX_MARGIN,
     GA_SOFTMAX_MARGIN,
-    LOSS_OPERATORS,
     ASoftmaxLoss,
     GASoftmaxLoss,
     WeightNormalizedSoftmaxLoss,
 )
 from .base import AngularSoftmaxLoss, ClassifierLoss
-from .margin import SPHEREFACE_ITERATIONS, annealing_lambda, extended_margin_function, scaled_gamma
-from .registry import LOSSES, build_loss, list_losses, loss_options
-from .regularizers import ORTHOGONALITY_COEFFICIENT, filter_orthogonality_error, orthogonality_penalty
+from .registry import build_loss, list_losses
+from .regularizers import orthogonality_penalty
 from .softmax import SoftmaxLoss
 
 __all__ = [
@@ -31,18 +29,9 @@ __all__ = [
     "ASoftmaxLoss",
     "CosFaceLoss",
     "ArcFaceLoss",
-    "LOSS_OPERATORS",
     "GA_SOFTMAX_MARGIN",
     "A_SOFTMAX_MARGIN",
-    "SPHEREFACE_ITERATIONS",
-    "scaled_gamma",
-    "LOSSES",
     "build_loss",
     "list_losses",
-    "loss_options",
-    "annealing_lambda",
-    "extended_margin_function",
-    "ORTHOGONALITY_COEFFICIENT",
-    "filter_orthogonality_error",
     "orthogonality_penalty",
 ]

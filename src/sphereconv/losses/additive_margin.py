@@ -18,8 +18,10 @@ import math
 import torch
 from torch import Tensor
 
+from .._validation import check_float
 from ..nn.angular import DEFAULT_EPS, check_positive, safe_acos
-from .base import AngularSoftmaxLoss, check_real
+from ..nn.conv import Device
+from .base import AngularSoftmaxLoss
 
 # Defaults of the CosFace paper (Sec. 4.1: s = 30, m = 0.35) and the ArcFace paper (s = 64, m = 0.5).
 COSFACE_SCALE = 30.0
@@ -34,11 +36,10 @@ class _FixedScaleLoss(AngularSoftmaxLoss):
     """Angular softmax on normalised features: ``logit_j = s cos(theta_j)`` with a fixed scale s."""
 
     def __init__(self, in_features: int, num_classes: int, *, scale: float, margin: float,
-                 label_smoothing: float, eps: float, device, dtype) -> None:
+                 label_smoothing: float, eps: float, device: Device, dtype: torch.dtype | None) -> None:
         super().__init__(in_features, num_classes, label_smoothing=label_smoothing, eps=eps, device=device, dtype=dtype)
-        check_positive("scale", scale)
-        self.scale = float(scale)
-        self.margin = float(margin)
+        self.scale = check_positive("scale", scale)
+        self.margin = margin
 
     def logit_scale(self, feature_norm: Tensor) -> float:
         """The fixed scale s: the feature norm is discarded (features live on the unit sphere)."""
@@ -56,8 +57,8 @@ class CosFaceLoss(_FixedScaleLoss):
 
     def __init__(self, in_features: int, num_classes: int, *, scale: float = COSFACE_SCALE,
                  margin: float = COSFACE_MARGIN, label_smoothing: float = 0.0, eps: float = DEFAULT_EPS,
-                 device=None, dtype=None) -> None:
-        margin = check_real("margin", margin, 0.0, 2.0)
+                 device: Device = None, dtype: torch.dtype | None = None) -> None:
+        margin = check_float("margin", margin, low=0.0, high=2.0)
         super().__init__(in_features, num_classes, scale=scale, margin=margin, label_smoothing=label_smoothing,
                          eps=eps, device=device, dtype=dtype)
 
@@ -79,8 +80,8 @@ class ArcFaceLoss(_FixedScaleLoss):
 
     def __init__(self, in_features: int, num_classes: int, *, scale: float = ARCFACE_SCALE,
                  margin: float = ARCFACE_MARGIN, label_smoothing: float = 0.0, eps: float = DEFAULT_EPS,
-                 device=None, dtype=None) -> None:
-        margin = check_real("margin", margin, 0.0, ARCFACE_MAX_MARGIN)
+                 device: Device = None, dtype: torch.dtype | None = None) -> None:
+        margin = check_float("margin", margin, low=0.0, high=ARCFACE_MAX_MARGIN)
         super().__init__(in_features, num_classes, scale=scale, margin=margin, label_smoothing=label_smoothing,
                          eps=eps, device=device, dtype=dtype)
         # theta + m <= pi  <=>  cos theta >= cos(pi - m); fallback offset m sin m (= m sin(pi - m)).

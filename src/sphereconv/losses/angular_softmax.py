@@ -21,11 +21,10 @@ training engine sets to the run's total iterations; SphereFace's constants are t
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from .._validation import check_bool, check_float, check_int
 from ..nn.angular import (
     CLASSIFIER_OPERATORS,
     DEFAULT_EPS,
@@ -35,7 +34,8 @@ from ..nn.angular import (
     check_positive,
     safe_acos,
 )
-from .base import AngularSoftmaxLoss, check_count, check_real
+from ..nn.conv import Device
+from .base import AngularSoftmaxLoss
 from .margin import (
     LAMBDA_BASE,
     LAMBDA_GAMMA,
@@ -68,11 +68,10 @@ class WeightNormalizedSoftmaxLoss(AngularSoftmaxLoss):
 
     def __init__(self, in_features: int, num_classes: int, *, operator: str = "cosine",
                  sigmoid_k: float = DEFAULT_SIGMOID_K, label_smoothing: float = 0.0, eps: float = DEFAULT_EPS,
-                 device=None, dtype=None) -> None:
+                 device: Device = None, dtype: torch.dtype | None = None) -> None:
         super().__init__(in_features, num_classes, label_smoothing=label_smoothing, eps=eps, device=device, dtype=dtype)
         self.operator = canonical_operator(operator, LOSS_OPERATORS)
-        check_positive("sigmoid_k", sigmoid_k)
-        self.sigmoid_k = float(sigmoid_k)
+        self.sigmoid_k = check_positive("sigmoid_k", sigmoid_k)
 
     def angular_score(self, cos_theta: Tensor) -> Tensor:
         """``g(theta_j)`` for the configured operator."""
@@ -110,19 +109,17 @@ class GASoftmaxLoss(WeightNormalizedSoftmaxLoss):
                  anneal_iterations: int = SPHEREFACE_ITERATIONS, lambda_base: float = LAMBDA_BASE,
                  lambda_gamma: float = LAMBDA_GAMMA, lambda_power: float = LAMBDA_POWER,
                  lambda_min: float = LAMBDA_MIN, label_smoothing: float = 0.0, eps: float = DEFAULT_EPS,
-                 device=None, dtype=None) -> None:
+                 device: Device = None, dtype: torch.dtype | None = None) -> None:
         super().__init__(in_features, num_classes, operator=operator, sigmoid_k=sigmoid_k,
                          label_smoothing=label_smoothing, eps=eps, device=device, dtype=dtype)
-        self.margin = check_real("margin", margin, 1.0)
-        if not isinstance(anneal, bool):
-            raise TypeError(f"anneal must be True or False; got {anneal!r}")
-        self.anneal = anneal
-        self.lambda_base = check_real("lambda_base", lambda_base, 0.0)
-        self.lambda_gamma = check_real("lambda_gamma", lambda_gamma, 0.0)
-        self.lambda_power = check_real("lambda_power", lambda_power, 0.0)
-        self.lambda_min = check_real("lambda_min", lambda_min, 0.0)
+        self.margin = check_float("margin", margin, low=1.0)
+        self.anneal = check_bool("anneal", anneal)
+        self.lambda_base = check_float("lambda_base", lambda_base, low=0.0)
+        self.lambda_gamma = check_float("lambda_gamma", lambda_gamma, low=0.0)
+        self.lambda_power = check_float("lambda_power", lambda_power, low=0.0)
+        self.lambda_min = check_float("lambda_min", lambda_min, low=0.0)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long, device=device))
-        check_count("anneal_iterations", anneal_iterations, 1)
+        anneal_iterations = check_int("anneal_iterations", anneal_iterations, minimum=1)
         self.register_buffer("anneal_iterations", torch.tensor(anneal_iterations, dtype=torch.long, device=device))
 
     def margin_function(self, cos_theta: Tensor) -> Tensor:
@@ -176,17 +173,14 @@ class ASoftmaxLoss(GASoftmaxLoss):
     def __init__(self, in_features: int, num_classes: int, *, margin: int = A_SOFTMAX_MARGIN, anneal: bool = True,
                  anneal_iterations: int = SPHEREFACE_ITERATIONS, lambda_base: float = LAMBDA_BASE,
                  lambda_gamma: float = LAMBDA_GAMMA, lambda_power: float = LAMBDA_POWER, lambda_min: float = LAMBDA_MIN,
-                 label_smoothing: float = 0.0, eps: float = DEFAULT_EPS, device=None, dtype=None) -> None:
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-            raise TypeError(f"A-Softmax margin must be an integer >= 1; got {type(margin).__name__} {margin!r}")
-        if not (isinstance(margin, int) or (math.isfinite(margin) and margin.is_integer())):
-            raise ValueError(
-                f"A-Softmax margin must be an integer >= 1; got {margin!r} (use GASoftmaxLoss for a real-valued margin)"
-            )
+                 label_smoothing: float = 0.0, eps: float = DEFAULT_EPS, device: Device = None,
+                 dtype: torch.dtype | None = None) -> None:
+        margin = check_int("margin", margin, minimum=1,
+                           allowed="an integer >= 1 (GASoftmaxLoss takes a real-valued margin)")
         super().__init__(in_features, num_classes, margin=margin, operator="cosine", anneal=anneal,
                          anneal_iterations=anneal_iterations, lambda_base=lambda_base, lambda_gamma=lambda_gamma,
                          lambda_power=lambda_power, lambda_min=lambda_min, label_smoothing=label_smoothing, eps=eps, device=device, dtype=dtype)
-        self.margin_int = int(margin)
+        self.margin_int = margin
 
     def margin_function(self, cos_theta: Tensor) -> Tensor:
         """``(-1)^n T_m(cos theta) - 2n`` (see :func:`.margin.a_softmax_margin_function`)."""

@@ -34,33 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validation import check_float, check_int
 from ..nn.angular import DEFAULT_EPS, check_positive
+from ..nn.conv import Device
 from ..nn.functional import power_of_two_scale
 
 # He-normal initialisation, std = sqrt(2 / fan_in): the reference recipe's initialiser for every
 # weight, the classifier included (wy1iu/SphereNet, the paper's Sec. 5 recipe).
 HE_NORMAL_GAIN = 2.0
-
-
-def check_count(name: str, value, minimum: int) -> int:
-    """Return ``value`` if it is an int >= ``minimum``; raise ``TypeError``/``ValueError`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}; got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value}")
-    return value
-
-
-def check_real(name: str, value, low: float, high: float = math.inf, *, include_high: bool = True) -> float:
-    """Return ``float(value)`` if it is a finite real in [low, high] (or [low, high)); raise otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
-    value = float(value)
-    in_range = math.isfinite(value) and value >= low and (value <= high if include_high else value < high)
-    if not in_range:
-        bracket = "]" if include_high and math.isfinite(high) else ")"
-        raise ValueError(f"{name} must be a finite number in [{low}, {high}{bracket}; got {value!r}")
-    return value
 
 
 class ClassifierLoss(nn.Module):
@@ -74,12 +55,12 @@ class ClassifierLoss(nn.Module):
     """
 
     def __init__(self, in_features: int, num_classes: int, *, label_smoothing: float = 0.0,
-                 device=None, dtype=None) -> None:
+                 device: Device = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.in_features = check_count("in_features", in_features, 1)
-        self.num_classes = check_count("num_classes", num_classes, 2)
-        self.label_smoothing = check_real("label_smoothing", label_smoothing, 0.0, 1.0)
-        self.weight = nn.Parameter(torch.empty((num_classes, in_features), device=device, dtype=dtype))
+        self.in_features = check_int("in_features", in_features, minimum=1)
+        self.num_classes = check_int("num_classes", num_classes, minimum=2)
+        self.label_smoothing = check_float("label_smoothing", label_smoothing, low=0.0, high=1.0)
+        self.weight = nn.Parameter(torch.empty((self.num_classes, self.in_features), device=device, dtype=dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -148,10 +129,9 @@ class AngularSoftmaxLoss(ClassifierLoss):
     """
 
     def __init__(self, in_features: int, num_classes: int, *, label_smoothing: float = 0.0,
-                 eps: float = DEFAULT_EPS, device=None, dtype=None) -> None:
+                 eps: float = DEFAULT_EPS, device: Device = None, dtype: torch.dtype | None = None) -> None:
         super().__init__(in_features, num_classes, label_smoothing=label_smoothing, device=device, dtype=dtype)
-        check_positive("eps", eps)
-        self.eps = float(eps)
+        self.eps = check_positive("eps", eps)
 
     def cosine(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """``(cos_theta (N, C) clamped to [-1, 1], feature_norm |x|_e (N, 1))`` in float32/float64."""
@@ -202,4 +182,4 @@ class AngularSoftmaxLoss(ClassifierLoss):
         return super().extra_repr() + (f", eps={self.eps}" if self.eps != DEFAULT_EPS else "")
 
 
-__all__ = ["ClassifierLoss", "AngularSoftmaxLoss", "HE_NORMAL_GAIN", "check_count", "check_real"]
+__all__ = ["ClassifierLoss", "AngularSoftmaxLoss", "HE_NORMAL_GAIN"]

@@ -123,7 +123,7 @@ def scaled_gamma(gamma: float, total_iterations: int | float | torch.Tensor) -> 
 def annealing_lambda(
     iteration: Tensor | int,
     base: float = LAMBDA_BASE,
-    gamma: float = LAMBDA_GAMMA,
+    gamma: float | Tensor = LAMBDA_GAMMA,
     power: float = LAMBDA_POWER,
     minimum: float = LAMBDA_MIN,
     *,

@@ -8,7 +8,10 @@ Learning", NIPS 2017, Sec. 2.2), ``a_softmax`` (SphereFace), ``cosface`` and ``a
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
+from .._validation import check_choice
+from ..errors import InvalidArgumentTypeError
 from .additive_margin import ArcFaceLoss, CosFaceLoss
 from .angular_softmax import ASoftmaxLoss, GASoftmaxLoss, WeightNormalizedSoftmaxLoss
 from .base import ClassifierLoss
@@ -37,15 +40,11 @@ def loss_options(name: str) -> list[str]:
 
 
 def _loss_class(name: str) -> type[ClassifierLoss]:
-    if not isinstance(name, str):
-        raise TypeError(f"loss name must be a string, one of {', '.join(LOSSES)}; got {type(name).__name__} {name!r}")
-    key = name.strip().lower().replace("-", "_")
-    if key not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(LOSSES)}")
-    return LOSSES[key]
+    key = name.replace("-", "_") if isinstance(name, str) else name
+    return LOSSES[check_choice("loss", key, list(LOSSES))]
 
 
-def build_loss(name: str, in_features: int, num_classes: int, **kwargs) -> ClassifierLoss:
+def build_loss(name: str, in_features: int, num_classes: int, **kwargs: Any) -> ClassifierLoss:
     """Construct the loss registered as ``name`` (``softmax``, ``weight_normalized``, ``ga_softmax``,
     ``a_softmax``, ``cosface``, ``arcface``) with the given options.
 
@@ -56,7 +55,8 @@ def build_loss(name: str, in_features: int, num_classes: int, **kwargs) -> Class
     allowed = loss_options(name)
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise TypeError(f"loss {name!r} does not accept option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        raise InvalidArgumentTypeError(
+            f"loss {name!r} does not accept option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
     return cls(in_features, num_classes, **kwargs)
 
 

@@ -17,8 +17,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from .._validation import check_float
 from ..nn import SPHERE_CONV_TYPES, DecoupledConv2d, SphereLinear
-from .base import check_real
 
 # Reference weight of the orthogonality term (wy1iu/SphereNet: 2e-4 * l2_loss = 1e-4 * ||.||_F^2).
 ORTHOGONALITY_COEFFICIENT = 1e-4
@@ -56,8 +56,8 @@ def _default_device(module_or_params) -> torch.device:
     if isinstance(module_or_params, nn.Module):
         for tensor in module_or_params.parameters():
             return tensor.device
-        for tensor in module_or_params.buffers():
-            return tensor.device
+        for buffer in module_or_params.buffers():
+            return buffer.device
     return torch.device("cpu")
 
 
@@ -72,7 +72,7 @@ def orthogonality_penalty(module_or_params: nn.Module | Tensor | Iterable[Tensor
     on the weights' device, differentiable w.r.t. them; 0 when there is nothing to penalise.
     ``coefficient`` defaults to the reference 1e-4 and must be >= 0.
     """
-    coefficient = check_real("coefficient", coefficient, 0.0)
+    coefficient = check_float("coefficient", coefficient, low=0.0)
     if isinstance(module_or_params, nn.Module):
         weights = _sphere_conv_weights(module_or_params)
     elif isinstance(module_or_params, Tensor):

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validation import check_bool
+from ..nn.conv import Device
 from .base import ClassifierLoss
 
 
@@ -21,9 +23,8 @@ class SoftmaxLoss(ClassifierLoss):
     """
 
     def __init__(self, in_features: int, num_classes: int, *, bias: bool = False, label_smoothing: float = 0.0,
-                 device=None, dtype=None) -> None:
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be True or False; got {bias!r}")
+                 device: Device = None, dtype: torch.dtype | None = None) -> None:
+        check_bool("bias", bias)
         super().__init__(in_features, num_classes, label_smoothing=label_smoothing, device=device, dtype=dtype)
         if bias:
             self.bias = nn.Parameter(torch.zeros(num_classes, device=device, dtype=dtype))

@@ -4,12 +4,15 @@
 the plain SphereNet family ``spherenet9/18/36/69``, the wide CIFAR ``sphere_resnet32`` and the
 ImageNet-style ``sphere_resnet18/34``; ``operator="none"`` gives each one's CNN baseline.
 ``convert_model`` turns the convolutions of any existing network into SphereConv layers.
+A registered builder follows the model contract of :mod:`.contract` (:class:`ModelBuilder` building a
+:class:`ClassifierBackbone`).
 """
 
+from .contract import BuilderKwargs, ClassifierBackbone, ModelBuilder, ModelOptions
 from .convert import convert_model
-from .layers import BN_EPS, BN_MOMENTUM, PLAIN_OPERATOR, REFERENCE_BN_MOMENTUM, ConvUnit, conv_layer, init_weights
+from .layers import BN_MOMENTUM, REFERENCE_BN_MOMENTUM
 from .registry import create_model, list_models, register_model
-from .resnet import BasicBlock, SphereResNet
+from .resnet import SphereResNet
 from .spherenet import SphereNet
 
 __all__ = [
@@ -17,14 +20,12 @@ __all__ = [
     "list_models",
     "register_model",
     "convert_model",
-    "conv_layer",
-    "init_weights",
-    "ConvUnit",
+    "ModelBuilder",
+    "ClassifierBackbone",
+    "BuilderKwargs",
+    "ModelOptions",
     "SphereNet",
     "SphereResNet",
-    "BasicBlock",
-    "BN_EPS",
     "BN_MOMENTUM",
     "REFERENCE_BN_MOMENTUM",
-    "PLAIN_OPERATOR",
 ]

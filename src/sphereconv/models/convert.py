@@ -24,14 +24,15 @@ Which layers are converted:
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Iterable, Union
+from collections.abc import Callable, Iterable
 
-from torch import nn
+from torch import Tensor, nn
 
+from .._validation import check_bool, fail
 from ..nn.angular import DEFAULT_EPS, DEFAULT_SIGMOID_K, SPHERE_OPERATORS, canonical_operator, check_positive
 from ..nn.conv import SphereConv1d, SphereConv2d, SphereConv3d, SphereLinear
 
-LayerSelector = Union[str, Iterable[str], Callable[[str, nn.Module], bool], None]
+LayerSelector = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
 
 _CONV_TO_SPHERE: dict[type, type] = {nn.Conv1d: SphereConv1d, nn.Conv2d: SphereConv2d, nn.Conv3d: SphereConv3d}
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -45,27 +46,28 @@ def _selector(value: LayerSelector, argument: str, names: list[str]) -> Callable
         return value
     patterns = [value] if isinstance(value, str) else list(value) if isinstance(value, Iterable) else None
     if patterns is None or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{argument} must be None, a glob pattern, a list of glob patterns or a predicate "
-                        f"f(name, module) -> bool; got {value!r}")
+        raise fail(argument, value, "None, a glob pattern, a list of glob patterns or a predicate "
+                                    "f(name, module) -> bool", wrong_type=True)
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-            raise ValueError(f"{argument} pattern {pattern!r} matches no module of the model; module names look like: {sample}")
+            raise fail(f"{argument} pattern", pattern, f"a pattern matching a module of the model, such as: {sample}")
     return lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _sphere_copy(layer: nn.Module, operator: str, sigmoid_k: float, eps: float) -> nn.Module:
     """A Sphere layer with ``layer``'s geometry that adopts its ``weight``/``bias`` Parameters."""
     weight = layer.weight
-    factory = {"device": weight.device, "dtype": weight.dtype}
+    assert isinstance(weight, Tensor)  # a candidate layer: nn.Linear or nn.ConvNd
+    device, dtype = weight.device, weight.dtype
     sphere: nn.Module
     if isinstance(layer, nn.Linear):
-        sphere = SphereLinear(layer.in_features, layer.out_features, bias=layer.bias is not None, **factory,
-                              operator=operator, sigmoid_k=sigmoid_k, eps=eps)
+        sphere = SphereLinear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=device,
+                              dtype=dtype, operator=operator, sigmoid_k=sigmoid_k, eps=eps)
     else:
         sphere = _CONV_TO_SPHERE[type(layer)](
             layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-            layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, **factory,
+            layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device=device, dtype=dtype,
             operator=operator, sigmoid_k=sigmoid_k, eps=eps,
         )
     # Adopt the very Parameter objects: values, requires_grad and optimizer references carry over.
@@ -101,13 +103,12 @@ def convert_model(
     Forward hooks registered on replaced layers are not carried over.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        raise fail("model", model, "a torch.nn.Module", wrong_type=True)
     operator = canonical_operator(operator, SPHERE_OPERATORS)
-    check_positive("sigmoid_k", sigmoid_k)
-    check_positive("eps", eps)
-    for flag, value in (("skip_classifier", skip_classifier), ("convert_linear", convert_linear)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{flag} must be True or False; got {value!r}")
+    sigmoid_k = check_positive("sigmoid_k", sigmoid_k)
+    eps = check_positive("eps", eps)
+    check_bool("skip_classifier", skip_classifier)
+    check_bool("convert_linear", convert_linear)
 
     named = list(model.named_modules())
     names = [name for name, _ in named]

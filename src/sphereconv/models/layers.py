@@ -16,12 +16,20 @@ One factory, :func:`conv_layer`, builds every convolution of every model, so tha
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Union
 
-from torch import nn
+from torch import Tensor, nn
 
-from ..nn.angular import DEFAULT_SIGMOID_K, PLAIN_OPERATOR, SPHERE_OPERATORS, canonical_operator, check_positive
+from .._validation import check_bool, check_float, check_int, fail
+from ..nn.angular import (
+    DEFAULT_SIGMOID_K,
+    MODEL_OPERATORS,
+    PLAIN_OPERATOR,
+    SPHERE_OPERATORS,
+    canonical_operator,
+    check_positive,
+)
 from ..nn.conv import SphereConv2d
+from ..nn.norm import SphereNorm2d
 
 # Reference BatchNorm epsilon: ``tf.nn.batch_normalization(x, mean, var, beta, gamma, 1e-3)`` in
 # ``SphereNet.batch_norm`` (wy1iu/SphereNet, spherenet.py and sphere_resnet_v1.py).
@@ -37,51 +45,16 @@ REFERENCE_BN_MOMENTUM = round(1.0 - REFERENCE_BN_DECAY, 12)
 # ~10-step memory follows the weights in short runs and costs nothing measurable in long ones.
 BN_MOMENTUM = 0.1
 
-ImageSize = Union[int, tuple[int, int]]
-
-
-def resolve_operator(value: str, name: str = "operator") -> str:
-    """Canonical operator name for a model layer: ``"none"`` (plain conv) or a SphereConv operator.
-
-    Accepts the aliases of :func:`sphereconv.nn.angular.canonical_operator` (``lr_sigmoid``).
-    Raises ``TypeError`` for a non-string and ``ValueError`` naming the allowed values otherwise.
-    """
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string, one of {(PLAIN_OPERATOR,) + SPHERE_OPERATORS}; got {type(value).__name__} {value!r}")
-    if value.lower() == PLAIN_OPERATOR:
-        return PLAIN_OPERATOR
-    try:
-        return canonical_operator(value, SPHERE_OPERATORS)
-    except ValueError:
-        raise ValueError(
-            f"unknown {name} {value!r}; allowed: {PLAIN_OPERATOR} (plain convolution), "
-            f"{', '.join(SPHERE_OPERATORS)} (alias lr_sigmoid)"
-        ) from None
-
-
-def check_positive_int(name: str, value) -> int:
-    """Return ``value`` if it is an int >= 1, else raise ``TypeError``/``ValueError`` naming it."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int; got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1; got {value}")
-    return value
-
-
-def check_bool(name: str, value) -> bool:
-    """Return ``value`` if it is a bool, else raise ``TypeError`` naming it."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False; got {type(value).__name__} {value!r}")
-    return value
+ImageSize = int | tuple[int, int]
 
 
 def check_image_size(value: ImageSize) -> tuple[int, int]:
     """``image_size`` as ``(height, width)``; an int means a square image."""
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
-            raise ValueError(f"image_size must be an int or a (height, width) pair; got {value!r}")
-        return (check_positive_int("image_size height", value[0]), check_positive_int("image_size width", value[1]))
-    size = check_positive_int("image_size", value)
+            raise fail("image_size", value, "a positive integer or a (height, width) pair of them")
+        return (check_int("image_size height", value[0], minimum=1), check_int("image_size width", value[1], minimum=1))
+    size = check_int("image_size", value, minimum=1)
     return (size, size)
 
 
@@ -90,29 +63,12 @@ def scaled_width(base: int, width_mult: float) -> int:
     return max(1, int(round(base * width_mult)))
 
 
-def check_width_mult(width_mult) -> float:
-    """Return ``width_mult`` as a float if it is a positive finite number."""
-    check_positive("width_mult", width_mult)
-    return float(width_mult)
-
-
-def check_sphere_norm(sphere_norm, operator: str) -> bool:
+def check_sphere_norm(sphere_norm: bool, operator: str) -> bool:
     """Validate ``sphere_norm``: SphereNorm is a hyperspherical layer, so it needs a sphere operator."""
-    check_bool("sphere_norm", sphere_norm)
-    if sphere_norm and operator == PLAIN_OPERATOR:
-        raise ValueError(
-            f"sphere_norm=True needs a SphereConv operator ({', '.join(SPHERE_OPERATORS)}); got operator={operator!r}"
-        )
+    if check_bool("sphere_norm", sphere_norm) and operator == PLAIN_OPERATOR:
+        raise fail("sphere_norm", sphere_norm, f"False with operator={operator!r} (SphereNorm needs a SphereConv "
+                                               f"operator: {', '.join(SPHERE_OPERATORS)})")
     return sphere_norm
-
-
-def _sphere_norm_class() -> type:
-    """``sphereconv.nn.SphereNorm2d``, imported on first use."""
-    try:
-        from ..nn import norm
-    except ImportError as exc:  # pragma: no cover - only when the layer is absent from the install
-        raise ImportError("sphere_norm=True needs sphereconv.nn.norm.SphereNorm2d, which cannot be imported") from exc
-    return norm.SphereNorm2d
 
 
 def conv_layer(
@@ -136,13 +92,12 @@ def conv_layer(
 
     Weights keep PyTorch's default initialisation; models call :func:`init_weights` once built.
     """
-    operator = resolve_operator(operator)
+    operator = canonical_operator(operator, MODEL_OPERATORS)
     if operator == PLAIN_OPERATOR:
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
     if sphere_norm:
-        return _sphere_norm_class()(
-            in_channels, out_channels, kernel_size, stride, padding, operator=operator, sigmoid_k=sigmoid_k
-        )
+        return SphereNorm2d(in_channels, out_channels, kernel_size, stride, padding, operator=operator,
+                            sigmoid_k=sigmoid_k)
     return SphereConv2d(in_channels, out_channels, kernel_size, stride, padding, operator=operator, sigmoid_k=sigmoid_k)
 
 
@@ -157,13 +112,9 @@ def batch_norm_layer(channels: int, enabled: bool, eps: float = BN_EPS, momentum
     return nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
 
 
-def check_bn_hyperparameters(bn_eps, bn_momentum) -> tuple[float, float]:
-    """Validate BatchNorm ``eps`` (> 0) and ``momentum`` (in (0, 1])."""
-    check_positive("bn_eps", bn_eps)
-    check_positive("bn_momentum", bn_momentum)
-    if bn_momentum > 1:
-        raise ValueError(f"bn_momentum must be in (0, 1] (PyTorch convention: 1 - decay); got {bn_momentum!r}")
-    return float(bn_eps), float(bn_momentum)
+def check_bn_hyperparameters(bn_eps: float, bn_momentum: float) -> tuple[float, float]:
+    """Validate BatchNorm ``eps`` (> 0) and ``momentum`` (in (0, 1], PyTorch's ``1 - decay``)."""
+    return check_positive("bn_eps", bn_eps), check_float("bn_momentum", bn_momentum, low=0.0, high=1.0, low_open=True)
 
 
 class ConvUnit(nn.Sequential):
@@ -179,7 +130,7 @@ class ConvUnit(nn.Sequential):
         super().__init__(OrderedDict(conv=conv, bn=bn, act=act))
 
 
-def he_normal_(weight) -> None:
+def he_normal_(weight: Tensor) -> None:
     """He-normal initialisation in place: ``N(0, std^2)``, ``std = sqrt(2 / fan_in)``.
 
     ``fan_in`` is the number of inputs of one output unit (``C_in/groups * kh * kw`` for a conv),

@@ -19,12 +19,14 @@ plain convolutions unless ``stem_operator`` / ``shortcut_operator`` say otherwis
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..nn.angular import DEFAULT_SIGMOID_K, check_positive
+from .._validation import check_bool, check_choice, check_int, fail
+from ..nn.angular import DEFAULT_SIGMOID_K, MODEL_OPERATORS, canonical_operator, check_positive
+from .contract import ModelOptions, Unpack
 from .layers import (
     BN_EPS,
     BN_MOMENTUM,
@@ -33,17 +35,13 @@ from .layers import (
     ImageSize,
     batch_norm_layer,
     check_bn_hyperparameters,
-    check_bool,
     check_image_size,
-    check_positive_int,
     check_sphere_norm,
-    check_width_mult,
     conv_layer,
     init_weights,
-    resolve_operator,
     scaled_width,
 )
-from .registry import register_variant
+from .registry import register_model
 
 # Reference SphereResNet-32 (sphere_resnet_v1.py): stem width 96, stages of 5 units, 96/192/384.
 RESNET32_STEM_WIDTH = 96
@@ -137,29 +135,32 @@ class SphereResNet(nn.Module):
         bn_momentum: float = BN_MOMENTUM,
     ) -> None:
         super().__init__()
-        if len(blocks_per_stage) != len(stage_widths) or not blocks_per_stage:
-            raise ValueError(f"blocks_per_stage {tuple(blocks_per_stage)} and stage_widths {tuple(stage_widths)} "
-                             "must be non-empty and of the same length")
-        for count, width in zip(blocks_per_stage, stage_widths):
-            check_positive_int("blocks_per_stage entry", count)
-            check_positive_int("stage_widths entry", width)
-        check_positive_int("stem_width", stem_width)
-        if stem not in STEM_STYLES:
-            raise ValueError(f"unknown stem {stem!r}; allowed: {', '.join(STEM_STYLES)}")
-        self.num_classes = check_positive_int("num_classes", num_classes)
-        self.in_channels = check_positive_int("in_channels", in_channels)
+        if not blocks_per_stage or len(stage_widths) != len(blocks_per_stage):
+            raise fail("stage_widths", tuple(stage_widths),
+                       f"one width per entry of blocks_per_stage={tuple(blocks_per_stage)}")
+        for index, (count, width) in enumerate(zip(blocks_per_stage, stage_widths)):
+            check_int(f"blocks_per_stage[{index}]", count, minimum=1)
+            check_int(f"stage_widths[{index}]", width, minimum=1)
+        check_int("stem_width", stem_width, minimum=1)
+        stem = check_choice("stem", stem, STEM_STYLES)
+        self.num_classes = check_int("num_classes", num_classes, minimum=1)
+        self.in_channels = check_int("in_channels", in_channels, minimum=1)
         self.image_size = check_image_size(image_size)
-        self.operator = resolve_operator(operator)
-        self.stem_operator = self.operator if stem_operator is None else resolve_operator(stem_operator, "stem_operator")
-        self.shortcut_operator = resolve_operator(shortcut_operator, "shortcut_operator")
-        self.fc_operator = self.operator if fc_operator is None else resolve_operator(fc_operator, "fc_operator")
-        check_positive("sigmoid_k", sigmoid_k)
-        width_mult = check_width_mult(width_mult)
+        self.operator = canonical_operator(operator, MODEL_OPERATORS)
+
+        def same_or_own(value: str | None, argument: str) -> str:  # None: the operator of the residual branches
+            return self.operator if value is None else canonical_operator(value, MODEL_OPERATORS, argument=argument)
+
+        self.stem_operator = same_or_own(stem_operator, "stem_operator")
+        self.shortcut_operator = canonical_operator(shortcut_operator, MODEL_OPERATORS, argument="shortcut_operator")
+        self.fc_operator = same_or_own(fc_operator, "fc_operator")
+        sigmoid_k = check_positive("sigmoid_k", sigmoid_k)
+        width_mult = check_positive("width_mult", width_mult)
         check_bool("batch_norm", batch_norm)
         check_sphere_norm(sphere_norm, self.operator)
         bn_eps, bn_momentum = check_bn_hyperparameters(bn_eps, bn_momentum)
         if feature_dim is not None:
-            check_positive_int("feature_dim", feature_dim)
+            check_int("feature_dim", feature_dim, minimum=1)
 
         def bn(channels: int) -> nn.Module:
             return batch_norm_layer(channels, batch_norm, bn_eps, bn_momentum)
@@ -218,30 +219,35 @@ class SphereResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-register_variant(
-    "sphere_resnet32",
-    SphereResNet,
-    "Wide SphereResNet-32 of the reference code (CIFAR-10+): 3x3 stem to 96, 3 stages x 5 units "
-    "(96, 192, 384), linear SphereConv by default, stem SphereConv, plain 1x1 shortcuts. "
-    "``operator='none'`` gives the wide ResNet-32 baseline. See :class:`SphereResNet`.",
-    fixed={"blocks_per_stage": RESNET32_BLOCKS, "stage_widths": RESNET32_STAGE_WIDTHS,
-           "stem_width": RESNET32_STEM_WIDTH, "stem": "cifar"},
-)
-register_variant(
-    "sphere_resnet18",
-    SphereResNet,
-    "ImageNet-style SphereResNet-18 ([2, 2, 2, 2] basic blocks, widths 64..512): SphereConv in the "
-    "residual branches, plain stem and shortcuts by default. See :class:`SphereResNet`.",
-    fixed={"blocks_per_stage": RESNET18_BLOCKS, "stage_widths": IMAGENET_STAGE_WIDTHS,
-           "stem_width": IMAGENET_STEM_WIDTH, "stem": "imagenet"},
-    defaults={"stem_operator": PLAIN_OPERATOR},
-)
-register_variant(
-    "sphere_resnet34",
-    SphereResNet,
-    "ImageNet-style SphereResNet-34 ([3, 4, 6, 3] basic blocks, widths 64..512): SphereConv in the "
-    "residual branches, plain stem and shortcuts by default. See :class:`SphereResNet`.",
-    fixed={"blocks_per_stage": RESNET34_BLOCKS, "stage_widths": IMAGENET_STAGE_WIDTHS,
-           "stem_width": IMAGENET_STEM_WIDTH, "stem": "imagenet"},
-    defaults={"stem_operator": PLAIN_OPERATOR},
-)
+class SphereResNetOptions(ModelOptions, total=False):
+    """Keyword arguments of the registered SphereResNets: :class:`SphereResNet`'s layer arguments."""
+
+    stem_operator: str | None
+    shortcut_operator: str
+
+
+@register_model("sphere_resnet32")
+def sphere_resnet32(**options: Unpack[SphereResNetOptions]) -> SphereResNet:
+    """Wide SphereResNet-32 of the reference code (CIFAR-10+): 3x3 stem to 96, 3 stages x 5 units
+    (96, 192, 384), linear SphereConv by default, stem SphereConv, plain 1x1 shortcuts.
+    ``operator='none'`` gives the wide ResNet-32 baseline; ``options`` as in :class:`SphereResNet`.
+    """
+    return SphereResNet(RESNET32_BLOCKS, RESNET32_STAGE_WIDTHS, RESNET32_STEM_WIDTH, "cifar", **options)
+
+
+@register_model("sphere_resnet18")
+def sphere_resnet18(**options: Unpack[SphereResNetOptions]) -> SphereResNet:
+    """ImageNet-style SphereResNet-18 ([2, 2, 2, 2] basic blocks, widths 64..512): SphereConv in the
+    residual branches, plain stem and shortcuts by default; ``options`` as in :class:`SphereResNet`.
+    """
+    options.setdefault("stem_operator", PLAIN_OPERATOR)
+    return SphereResNet(RESNET18_BLOCKS, IMAGENET_STAGE_WIDTHS, IMAGENET_STEM_WIDTH, "imagenet", **options)
+
+
+@register_model("sphere_resnet34")
+def sphere_resnet34(**options: Unpack[SphereResNetOptions]) -> SphereResNet:
+    """ImageNet-style SphereResNet-34 ([3, 4, 6, 3] basic blocks, widths 64..512): SphereConv in the
+    residual branches, plain stem and shortcuts by default; ``options`` as in :class:`SphereResNet`.
+    """
+    options.setdefault("stem_operator", PLAIN_OPERATOR)
+    return SphereResNet(RESNET34_BLOCKS, IMAGENET_STAGE_WIDTHS, IMAGENET_STEM_WIDTH, "imagenet", **options)

@@ -20,7 +20,9 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from ..nn.angular import DEFAULT_SIGMOID_K, check_positive
+from .._validation import check_bool, check_int
+from ..nn.angular import DEFAULT_SIGMOID_K, MODEL_OPERATORS, canonical_operator, check_positive
+from .contract import ModelOptions, Unpack
 from .layers import (
     BN_EPS,
     BN_MOMENTUM,
@@ -28,17 +30,13 @@ from .layers import (
     ImageSize,
     batch_norm_layer,
     check_bn_hyperparameters,
-    check_bool,
     check_image_size,
-    check_positive_int,
     check_sphere_norm,
-    check_width_mult,
     conv_layer,
     init_weights,
-    resolve_operator,
     scaled_width,
 )
-from .registry import register_variant
+from .registry import register_model
 
 # Stage widths of the reference SphereNet-9 (``n_out = 128, 192, 256`` in spherenet.py).
 SPHERENET_STAGE_WIDTHS = (128, 192, 256)
@@ -99,20 +97,21 @@ class SphereNet(nn.Module):
         bn_momentum: float = BN_MOMENTUM,
     ) -> None:
         super().__init__()
-        check_positive_int("layers_per_stage", layers_per_stage)
-        self.num_classes = check_positive_int("num_classes", num_classes)
-        self.in_channels = check_positive_int("in_channels", in_channels)
+        check_int("layers_per_stage", layers_per_stage, minimum=1)
+        self.num_classes = check_int("num_classes", num_classes, minimum=1)
+        self.in_channels = check_int("in_channels", in_channels, minimum=1)
         self.image_size = check_image_size(image_size)
-        self.operator = resolve_operator(operator)
-        self.fc_operator = self.operator if fc_operator is None else resolve_operator(fc_operator, "fc_operator")
-        check_positive("sigmoid_k", sigmoid_k)
-        width_mult = check_width_mult(width_mult)
+        self.operator = canonical_operator(operator, MODEL_OPERATORS)
+        self.fc_operator = self.operator if fc_operator is None else canonical_operator(
+            fc_operator, MODEL_OPERATORS, argument="fc_operator")
+        sigmoid_k = check_positive("sigmoid_k", sigmoid_k)
+        width_mult = check_positive("width_mult", width_mult)
         check_bool("batch_norm", batch_norm)
         check_sphere_norm(sphere_norm, self.operator)
         bn_eps, bn_momentum = check_bn_hyperparameters(bn_eps, bn_momentum)
         if feature_dim is None:
             feature_dim = scaled_width(SPHERENET_FEATURE_DIM, width_mult)
-        self.num_features = check_positive_int("feature_dim", feature_dim)
+        self.num_features = check_int("feature_dim", feature_dim, minimum=1)
 
         def unit(c_in: int, c_out: int, kernel: int | tuple[int, int], padding: int, op: str, relu: bool) -> ConvUnit:
             conv = conv_layer(c_in, c_out, kernel, padding=padding, operator=op, sigmoid_k=sigmoid_k,
@@ -139,7 +138,7 @@ class SphereNet(nn.Module):
     @property
     def depth(self) -> int:
         """Number of 3x3 conv layers (9, 18, 36 or 69 for the registered variants)."""
-        return sum(len(stage) for name, stage in self.features.named_children() if name.startswith("stage"))
+        return sum(len(stage) for stage in self.features.children() if isinstance(stage, nn.Sequential))
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``(N, in_channels, H, W)`` -> fc6 features ``(N, num_features)``."""
@@ -158,13 +157,25 @@ class SphereNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-for _depth, _per_stage in SPHERENET_DEPTHS.items():
-    register_variant(
-        f"spherenet{_depth}",
-        SphereNet,
-        f"SphereNet-{_depth} ({_per_stage} conv layers per stage; ``operator='none'`` gives CNN-{_depth}). "
-        "See :class:`SphereNet` for the arguments.",
-        fixed={"layers_per_stage": _per_stage},
-    )
+@register_model("spherenet9")
+def spherenet9(**options: Unpack[ModelOptions]) -> SphereNet:
+    """SphereNet-9, 3 conv layers per stage (``operator="none"``: CNN-9); ``options`` as in :class:`SphereNet`."""
+    return SphereNet(SPHERENET_DEPTHS[9], **options)
 
-del _depth, _per_stage
+
+@register_model("spherenet18")
+def spherenet18(**options: Unpack[ModelOptions]) -> SphereNet:
+    """SphereNet-18, 6 conv layers per stage (``operator="none"``: CNN-18); ``options`` as in :class:`SphereNet`."""
+    return SphereNet(SPHERENET_DEPTHS[18], **options)
+
+
+@register_model("spherenet36")
+def spherenet36(**options: Unpack[ModelOptions]) -> SphereNet:
+    """SphereNet-36, 12 conv layers per stage (``operator="none"``: CNN-36); ``options`` as in :class:`SphereNet`."""
+    return SphereNet(SPHERENET_DEPTHS[36], **options)
+
+
+@register_model("spherenet69")
+def spherenet69(**options: Unpack[ModelOptions]) -> SphereNet:
+    """SphereNet-69, 23 conv layers per stage (``operator="none"``: CNN-69); ``options`` as in :class:`SphereNet`."""
+    return SphereNet(SPHERENET_DEPTHS[69], **options)

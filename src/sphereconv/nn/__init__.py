@@ -11,47 +11,13 @@ fused epilogue's kernels on CUDA, and :func:`kernel_status` reports which ones e
 
 from . import functional
 from ._fused import KERNEL_BACKENDS, kernel_backend, kernel_status, set_kernel_backend
-from .angular import ANGULAR_OPERATORS, SPHERE_OPERATORS, angular_function, safe_acos
+from .angular import SPHERE_OPERATORS
 from .conv import SPHERE_CONV_TYPES, SphereConv1d, SphereConv2d, SphereConv3d, SphereLinear
-from .decoupled import (
-    MAGNITUDES,
-    DecoupledConv2d,
-    decoupled_conv2d,
-    decoupled_from_cosine,
-    magnitude_function,
-)
-from .functional import (
-    sphere_conv1d,
-    sphere_conv2d,
-    sphere_conv3d,
-    sphere_convnd,
-    sphere_cosine,
-    sphere_linear,
-)
+from .decoupled import MAGNITUDES, DecoupledConv2d, decoupled_conv2d, magnitude_function
+from .functional import sphere_conv1d, sphere_conv2d, sphere_conv3d, sphere_cosine, sphere_linear
 from .norm import SPHERE_NORM_TYPES, SphereNorm1d, SphereNorm2d, SphereNorm3d
 
 __all__ = [
-    "functional",
-    "KERNEL_BACKENDS",
-    "kernel_backend",
-    "kernel_status",
-    "set_kernel_backend",
-    "ANGULAR_OPERATORS",
-    "SPHERE_OPERATORS",
-    "MAGNITUDES",
-    "angular_function",
-    "safe_acos",
-    "sphere_conv1d",
-    "sphere_conv2d",
-    "sphere_conv3d",
-    "sphere_convnd",
-    "sphere_cosine",
-    "sphere_linear",
-    "decoupled_conv2d",
-    "decoupled_from_cosine",
-    "magnitude_function",
-    "SPHERE_CONV_TYPES",
-    "SPHERE_NORM_TYPES",
     "SphereConv1d",
     "SphereConv2d",
     "SphereConv3d",
@@ -60,4 +26,20 @@ __all__ = [
     "SphereNorm2d",
     "SphereNorm3d",
     "DecoupledConv2d",
+    "SPHERE_CONV_TYPES",
+    "SPHERE_NORM_TYPES",
+    "SPHERE_OPERATORS",
+    "MAGNITUDES",
+    "functional",
+    "sphere_conv1d",
+    "sphere_conv2d",
+    "sphere_conv3d",
+    "sphere_linear",
+    "sphere_cosine",
+    "decoupled_conv2d",
+    "magnitude_function",
+    "KERNEL_BACKENDS",
+    "kernel_backend",
+    "kernel_status",
+    "set_kernel_backend",
 ]

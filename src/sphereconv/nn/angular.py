@@ -13,9 +13,12 @@ square-cosine) never need the angle itself; the others call :func:`safe_acos`.
 from __future__ import annotations
 
 import math
+from typing import overload
 
 import torch
 from torch import Tensor
+
+from .._validation import check_choice, check_float, fail
 
 # The one set of operator names shared by layers, models, losses, the config and the CLI:
 # every angular function g (decoupled layers and the functional API accept all of them) ...
@@ -43,29 +46,33 @@ LEARNABLE_K_INIT = 0.7
 LEARNABLE_K_FLOOR = 0.05
 
 
-def canonical_operator(name: str, allowed: tuple[str, ...] = ANGULAR_OPERATORS) -> str:
-    """Return the canonical spelling of an operator name, or raise ``ValueError`` naming it."""
-    if not isinstance(name, str):
-        raise TypeError(f"operator must be a string, one of {allowed}; got {type(name).__name__} {name!r}")
-    key = OPERATOR_ALIASES.get(name.lower(), name.lower())
-    if key not in allowed:
-        aliases = [a for a, target in OPERATOR_ALIASES.items() if target in allowed]
-        raise ValueError(f"unknown operator {name!r}; allowed: {', '.join(allowed)} (aliases: {', '.join(aliases)})")
-    return key
+def canonical_operator(name: str, allowed: tuple[str, ...] = ANGULAR_OPERATORS, *, argument: str = "operator") -> str:
+    """The canonical spelling of the operator ``name``, one of ``allowed`` (aliases accepted).
+
+    ``argument`` names the setting in the error: ``TypeError`` for a non-string, ``ValueError``
+    listing ``allowed`` otherwise.
+    """
+    aliases = {alias: target for alias, target in OPERATOR_ALIASES.items() if target in allowed}
+    return check_choice(argument, name, allowed, aliases=aliases)
 
 
-def check_positive(name: str, value) -> None:
-    """Raise ``ValueError`` unless ``value`` is a positive finite number (or tensor of them)."""
+@overload
+def check_positive(name: str, value: Tensor) -> Tensor: ...
+@overload
+def check_positive(name: str, value: float) -> float: ...
+def check_positive(name: str, value: float | Tensor) -> float | Tensor:
+    """``value`` if it is a positive finite number (or a tensor of them), else ``ValueError``/``TypeError``.
+
+    Numbers come back as ``float``; a tensor is returned as is, checked on the host unless it is
+    positive by construction (:func:`learnable_k`).
+    """
     if isinstance(value, Tensor):
         if getattr(value, _POSITIVE_MARK, False):
-            return  # |raw| + floor: positive by construction, no device-to-host read needed
+            return value  # |raw| + floor: positive by construction, no device-to-host read needed
         if value.numel() == 0 or not bool(torch.isfinite(value).all()) or not bool((value > 0).all()):
-            raise ValueError(f"{name} must be positive and finite everywhere; got {value.detach().flatten()[:8].tolist()}")
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive number; got {type(value).__name__} {value!r}")
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
+            raise fail(name, value.detach().flatten()[:8].tolist(), "positive finite values everywhere")
+        return value
+    return check_float(name, value, low=0.0, low_open=True)
 
 
 def acos_derivative_bound(dtype: torch.dtype) -> float:
@@ -82,7 +89,7 @@ class _SafeAcos(torch.autograd.Function):
     """arccos with its input clamped to [-1, 1] and a bounded, finite derivative."""
 
     @staticmethod
-    def forward(cos_theta: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(cos_theta: Tensor) -> Tensor:
         return torch.acos(cos_theta.clamp(-1.0, 1.0))
 
     @staticmethod
@@ -90,7 +97,7 @@ class _SafeAcos(torch.autograd.Function):
         ctx.save_for_backward(inputs[0])
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx, grad_output: Tensor) -> Tensor:
         (cos_theta,) = ctx.saved_tensors
         floor = torch.finfo(cos_theta.dtype).eps
         one_minus_sq = (1.0 - cos_theta.clamp(-1.0, 1.0).square()).clamp_min(floor)

@@ -9,8 +9,11 @@ the reference code); it is optional when loading a state dict.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Literal
+
 import torch
 from torch import Tensor, nn
+from torch.nn.common_types import _size_1_t, _size_2_t, _size_3_t
 
 from . import functional as SF
 from .angular import (
@@ -23,22 +26,35 @@ from .angular import (
     learnable_k,
 )
 
+# Where a layer's parameters live, as ``torch.nn`` layers accept it.
+Device = torch.device | str | int | None
+# How a convolution pads its input, as ``torch.nn`` layers accept it.
+PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 
-class _SphereMixin:
+if TYPE_CHECKING:  # the mixins are mixed into torch layers, whose attributes they use
+    from torch.nn.modules.conv import _ConvNd
+
+    _LayerMixinBase = nn.Module
+    _ConvMixinBase = _ConvNd
+else:
+    _LayerMixinBase = _ConvMixinBase = object
+
+
+class _SphereMixin(_LayerMixinBase):
     """Operator bookkeeping shared by every SphereConv layer."""
 
     operator: str
     sigmoid_k: float
     eps: float
+    weight: Tensor
+    sigmoid_k_raw: nn.Parameter | None
 
     def _init_sphere(self, operator: str, sigmoid_k: float, eps: float, out_channels: int) -> None:
         self.operator = canonical_operator(operator, SPHERE_OPERATORS)
-        check_positive("eps", eps)
-        check_positive("sigmoid_k", sigmoid_k)
-        self.sigmoid_k = float(sigmoid_k)
-        self.eps = float(eps)
+        self.eps = check_positive("eps", eps)
+        self.sigmoid_k = check_positive("sigmoid_k", sigmoid_k)
         if self.operator == "learnable_sigmoid":
-            weight = getattr(self, "weight")
+            weight = self.weight
             self.sigmoid_k_raw = nn.Parameter(
                 torch.full((out_channels,), LEARNABLE_K_INIT, dtype=weight.dtype, device=weight.device)
             )
@@ -58,16 +74,17 @@ class _SphereMixin:
         return s + (f", eps={self.eps}" if self.eps != DEFAULT_EPS else "")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)  # type: ignore[misc]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         # A plain convolution's state dict has no learnable k: keep the initial value.
         key = prefix + "sigmoid_k_raw"
         if key in missing_keys:
             missing_keys.remove(key)
 
 
-class _SphereConvNd(_SphereMixin):
+class _SphereConvNd(_SphereMixin, _ConvMixinBase):
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        padding = self.padding
+        padding: str | tuple[int, ...] | int = self.padding
         if self.padding_mode != "zeros":
             # Check the input first: F.pad's error for a wrong-rank input does not say what is allowed.
             SF._check_conv_args(input, weight, self.groups, weight.dim() - 2)
@@ -80,15 +97,16 @@ class _SphereConvNd(_SphereMixin):
         )
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + self._sphere_extra_repr()  # type: ignore[misc]
+        return super().extra_repr() + self._sphere_extra_repr()
 
 
 class SphereConv1d(_SphereConvNd, nn.Conv1d):
     """1-d SphereConv: ``g(theta) (+ bias)``, theta the angle between filter and input window."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=False, padding_mode="zeros", device=None, dtype=None, *,
-                 operator="cosine", sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_1_t, stride: _size_1_t = 1,
+                 padding: _size_1_t | str = 0, dilation: _size_1_t = 1, groups: int = 1, bias: bool = False,
+                 padding_mode: PaddingMode = "zeros", device: Device = None, dtype: torch.dtype | None = None, *,
+                 operator: str = "cosine", sigmoid_k: float = DEFAULT_SIGMOID_K, eps: float = DEFAULT_EPS) -> None:
         nn.Conv1d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                            bias, padding_mode, device, dtype)
         self._init_sphere(operator, sigmoid_k, eps, out_channels)
@@ -103,9 +121,10 @@ class SphereConv2d(_SphereConvNd, nn.Conv2d):
     channel, learnt). The output is invariant to positive rescaling of w and x (up to eps).
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=False, padding_mode="zeros", device=None, dtype=None, *,
-                 operator="cosine", sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_2_t, stride: _size_2_t = 1,
+                 padding: _size_2_t | str = 0, dilation: _size_2_t = 1, groups: int = 1, bias: bool = False,
+                 padding_mode: PaddingMode = "zeros", device: Device = None, dtype: torch.dtype | None = None, *,
+                 operator: str = "cosine", sigmoid_k: float = DEFAULT_SIGMOID_K, eps: float = DEFAULT_EPS) -> None:
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                            bias, padding_mode, device, dtype)
         self._init_sphere(operator, sigmoid_k, eps, out_channels)
@@ -114,9 +133,10 @@ class SphereConv2d(_SphereConvNd, nn.Conv2d):
 class SphereConv3d(_SphereConvNd, nn.Conv3d):
     """3-d SphereConv: ``g(theta) (+ bias)``, theta the angle between filter and input volume patch."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=False, padding_mode="zeros", device=None, dtype=None, *,
-                 operator="cosine", sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_3_t, stride: _size_3_t = 1,
+                 padding: _size_3_t | str = 0, dilation: _size_3_t = 1, groups: int = 1, bias: bool = False,
+                 padding_mode: PaddingMode = "zeros", device: Device = None, dtype: torch.dtype | None = None, *,
+                 operator: str = "cosine", sigmoid_k: float = DEFAULT_SIGMOID_K, eps: float = DEFAULT_EPS) -> None:
         nn.Conv3d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                            bias, padding_mode, device, dtype)
         self._init_sphere(operator, sigmoid_k, eps, out_channels)
@@ -127,8 +147,9 @@ class SphereLinear(_SphereMixin, nn.Linear):
     between the input vector and weight row j (Liu et al. 2017, Sec. 2.1). Subclass of ``nn.Linear``.
     """
 
-    def __init__(self, in_features, out_features, bias=False, device=None, dtype=None, *,
-                 operator="cosine", sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device: Device = None,
+                 dtype: torch.dtype | None = None, *, operator: str = "cosine", sigmoid_k: float = DEFAULT_SIGMOID_K,
+                 eps: float = DEFAULT_EPS) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
         self._init_sphere(operator, sigmoid_k, eps, out_features)
 

@@ -27,12 +27,14 @@ running average at evaluation.
 
 from __future__ import annotations
 
-import math
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.common_types import _size_2_t
 
+from .._validation import check_bool, check_choice, check_float, fail
 from . import functional as SF
 from .angular import (
     ANGULAR_OPERATORS,
@@ -44,6 +46,7 @@ from .angular import (
     check_positive,
     learnable_k,
 )
+from .conv import Device, PaddingMode
 
 MAGNITUDES = ("sphere", "ball", "tanh", "linear", "seg", "log", "mix")
 """Names of the magnitude functions h (Decoupled Networks Sec. 3.1)."""
@@ -64,28 +67,18 @@ DEFAULT_MOMENTUM = 1e-3
 
 
 def canonical_magnitude(name: str) -> str:
-    """Return the magnitude name in canonical form, or raise naming the value and the allowed set."""
-    if not isinstance(name, str):
-        raise TypeError(f"magnitude must be a string, one of {MAGNITUDES}; got {type(name).__name__} {name!r}")
-    key = name.lower()
-    if key not in MAGNITUDES:
-        raise ValueError(f"unknown magnitude {name!r}; allowed: {', '.join(MAGNITUDES)}")
-    return key
+    """The canonical spelling of the magnitude ``name``, one of :data:`MAGNITUDES`."""
+    return check_choice("magnitude", name, MAGNITUDES)
 
 
-def _check_coefficient(name: str, value, *, positive: bool) -> None:
+def _check_coefficient(name: str, value: float | Tensor, *, positive: bool) -> None:
     """Validate alpha / beta / rho given as a number or a tensor of per-channel values."""
     if positive:
         check_positive(name, value)
-        return
-    if isinstance(value, Tensor):
-        if value.numel() == 0 or not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{name} must be finite everywhere; got {value.detach().flatten()[:8].tolist()}")
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number or a tensor; got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number; got {value!r}")
+    elif not isinstance(value, Tensor):
+        check_float(name, value)
+    elif value.numel() == 0 or not bool(torch.isfinite(value).all()):
+        raise fail(name, value.detach().flatten()[:8].tolist(), "finite values everywhere")
 
 
 def _per_channel(value, name: str, out_channels: int, dims: int):
@@ -174,11 +167,11 @@ def _decoupled_forward(input: Tensor, weight: Tensor, bias: Tensor | None, strid
     return out.squeeze(0) if unbatched else out
 
 
-def decoupled_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
-                     dilation=1, groups: int = 1, *, magnitude: str = "sphere", operator: str = "cosine",
-                     weighted: bool = False, alpha: float | Tensor = 1.0, beta: float | Tensor | None = None,
-                     rho: float | Tensor = 1.0, sigmoid_k: float | Tensor = DEFAULT_SIGMOID_K,
-                     eps: float = DEFAULT_EPS) -> Tensor:
+def decoupled_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride: _size_2_t = 1,
+                     padding: _size_2_t | str = 0, dilation: _size_2_t = 1, groups: int = 1, *,
+                     magnitude: str = "sphere", operator: str = "cosine", weighted: bool = False,
+                     alpha: float | Tensor = 1.0, beta: float | Tensor | None = None, rho: float | Tensor = 1.0,
+                     sigmoid_k: float | Tensor = DEFAULT_SIGMOID_K, eps: float = DEFAULT_EPS) -> Tensor:
     """2-d decoupled convolution (Decoupled Networks Sec. 3).
 
     ``out[n, o, i, j] = [|w_o|_e] * h(|x|_e) * g(theta) (+ bias[o])`` with ``cos(theta) = <w_o, x> /
@@ -191,8 +184,7 @@ def decoupled_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     """
     magnitude = canonical_magnitude(magnitude)
     operator = canonical_operator(operator, ANGULAR_OPERATORS)
-    if not isinstance(weighted, bool):
-        raise TypeError(f"weighted must be True or False; got {weighted!r}")
+    check_bool("weighted", weighted)
     check_positive("eps", eps)
     if operator in ("sigmoid", "learnable_sigmoid"):
         check_positive("sigmoid_k", sigmoid_k)
@@ -232,42 +224,40 @@ class DecoupledConv2d(nn.Conv2d):
     (k = |raw| + 0.05, raw initialised to 0.7, as for SphereConv).
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=False, padding_mode="zeros", device=None, dtype=None, *, magnitude="sphere",
-                 operator="cosine", weighted=False, learnable=False, alpha=1.0, beta=None, rho=1.0,
-                 sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS, momentum=DEFAULT_MOMENTUM):
+    radius: nn.Parameter | None
+    running_x_norm: Tensor | None
+    num_batches_tracked: Tensor | None
+    sigmoid_k_raw: nn.Parameter | None
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_2_t, stride: _size_2_t = 1,
+                 padding: _size_2_t | str = 0, dilation: _size_2_t = 1, groups: int = 1, bias: bool = False,
+                 padding_mode: PaddingMode = "zeros", device: Device = None, dtype: torch.dtype | None = None, *,
+                 magnitude: str = "sphere", operator: str = "cosine", weighted: bool = False,
+                 learnable: bool = False, alpha: float = 1.0, beta: float | None = None, rho: float = 1.0,
+                 sigmoid_k: float = DEFAULT_SIGMOID_K, eps: float = DEFAULT_EPS,
+                 momentum: float = DEFAULT_MOMENTUM) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          bias, padding_mode, device, dtype)
         self.magnitude = canonical_magnitude(magnitude)
         self.operator = canonical_operator(operator, ANGULAR_OPERATORS)
-        for name, flag in (("weighted", weighted), ("learnable", learnable)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False; got {flag!r}")
-        check_positive("eps", eps)
-        check_positive("sigmoid_k", sigmoid_k)
-        check_positive("rho", rho)
-        if not (isinstance(momentum, (int, float)) and 0.0 < momentum <= 1.0):
-            raise ValueError(f"momentum must be a number in (0, 1]; got {momentum!r}")
-        if beta is None:
-            beta = DEFAULT_BETA.get(self.magnitude, 0.0)
-        _check_coefficient("alpha", alpha, positive=False)
-        _check_coefficient("beta", beta, positive=False)
-        self.weighted = weighted
-        self.learnable = learnable
-        self.sigmoid_k = float(sigmoid_k)
-        self.eps = float(eps)
-        self.momentum = float(momentum)
-        self.rho = float(rho)
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.weighted = check_bool("weighted", weighted)
+        self.learnable = check_bool("learnable", learnable)
+        self.eps = check_positive("eps", eps)
+        self.sigmoid_k = check_positive("sigmoid_k", sigmoid_k)
+        self.rho = check_positive("rho", rho)
+        self.momentum = check_float("momentum", momentum, low=0.0, high=1.0, low_open=True)
+        alpha = check_float("alpha", alpha)
+        beta = check_float("beta", DEFAULT_BETA.get(self.magnitude, 0.0) if beta is None else beta)
+        factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
         if learnable:
-            self.alpha = nn.Parameter(torch.full((out_channels,), float(alpha), **factory))
+            self.alpha: Tensor | float = nn.Parameter(torch.full((out_channels,), alpha, **factory))
             if self.magnitude in BETA_MAGNITUDES:
-                self.beta = nn.Parameter(torch.full((out_channels,), float(beta), **factory))
+                self.beta: Tensor | float = nn.Parameter(torch.full((out_channels,), beta, **factory))
             else:
-                self.beta = float(beta)
+                self.beta = beta
         else:
-            self.alpha = float(alpha)
-            self.beta = float(beta)
+            self.alpha = alpha
+            self.beta = beta
         if learnable and self.magnitude in RADIUS_MAGNITUDES:
             self.radius = nn.Parameter(torch.full((out_channels,), RADIUS_INIT, **factory))
             self.register_buffer("running_x_norm", torch.zeros(out_channels, **factory))
@@ -290,10 +280,11 @@ class DecoupledConv2d(nn.Conv2d):
         if self.running_x_norm is None:
             raise RuntimeError("this layer keeps no running mean of |x| (it needs learnable=True and a "
                                f"magnitude with a radius, one of {RADIUS_MAGNITUDES})")
-        steps = self.num_batches_tracked.to(self.running_x_norm.dtype)
-        correction = 1.0 - (1.0 - self.momentum) ** steps
-        estimate = self.running_x_norm / correction.clamp_min(torch.finfo(self.running_x_norm.dtype).tiny)
-        return torch.where(self.num_batches_tracked > 0, estimate, torch.ones_like(estimate))
+        running, tracked = self.running_x_norm, self.num_batches_tracked
+        assert tracked is not None  # registered together with running_x_norm
+        correction = 1.0 - (1.0 - self.momentum) ** tracked.to(running.dtype)
+        estimate = running / correction.clamp_min(torch.finfo(running.dtype).tiny)
+        return torch.where(tracked > 0, estimate, torch.ones_like(estimate))
 
     def _radius(self, x_norm: Tensor) -> Tensor | float:
         """rho: the fixed number, or (r^2 + 1e-4) * mean|x| per output channel when learnable."""
@@ -301,15 +292,17 @@ class DecoupledConv2d(nn.Conv2d):
             return self.rho
         if self.training:
             mean = x_norm.mean(dim=[d for d in range(x_norm.dim()) if d != 1])
+            running, tracked = self.running_x_norm, self.num_batches_tracked
+            assert running is not None and tracked is not None  # registered together with the radius
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                self.running_x_norm.lerp_(mean.detach().to(self.running_x_norm.dtype), self.momentum)
+                tracked.add_(1)
+                running.lerp_(mean.detach().to(running.dtype), self.momentum)
         else:
             mean = self.x_norm_estimate().to(x_norm.dtype)
         return (self.radius.to(x_norm.dtype).square() + RADIUS_FLOOR) * mean
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        padding = self.padding
+        padding: str | tuple[int, ...] | int = self.padding
         if self.padding_mode != "zeros":
             SF._check_conv_args(input, weight, self.groups, 2)  # before F.pad, whose errors say less
             # Pad once: the inner product and the patch norm must see the same padded tensor.

@@ -18,13 +18,16 @@ convolution ``<w, x>``, since ``|w|_e |x|_e cos(theta) = <w, x>``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.common_types import _size_1_t, _size_2_t, _size_3_t
 
+from .._validation import check_bool, check_float
 from . import functional as SF
 from .angular import DEFAULT_EPS, DEFAULT_SIGMOID_K, angular_function
-from .conv import SphereConv1d, SphereConv2d, SphereConv3d
+from .conv import Device, PaddingMode, SphereConv1d, SphereConv2d, SphereConv3d, _SphereConvNd
 
 # Initial magnitude mix s (not given in the paper; a choice of this library): small, so that a new
 # layer starts close to the pure hyperspherical normalisation gamma * g + beta, while the sigmoid
@@ -32,38 +35,27 @@ from .conv import SphereConv1d, SphereConv2d, SphereConv3d
 DEFAULT_MAGNITUDE_INIT = 0.02
 
 
-class _SphereNormMixin:
+class _SphereNormMixin(_SphereConvNd):
     """SphereNorm parameters and forward pass shared by the 1-d, 2-d and 3-d layers.
 
-    Mixed in before a ``SphereConvNd`` class, whose attributes (declared here) it reads.
+    Mixed in before a ``SphereConvNd`` class, whose attributes it reads.
     """
 
-    weight: Tensor
-    stride: tuple[int, ...]
-    padding: tuple[int, ...] | str
-    dilation: tuple[int, ...]
-    groups: int
-    padding_mode: str
-    _reversed_padding_repeated_twice: list[int]
-    operator: str
-    eps: float
     gamma: nn.Parameter
     beta: nn.Parameter
     magnitude_logit: nn.Parameter | None
 
     def _init_norm(self, out_channels: int, learn_magnitude: bool, magnitude_init: float) -> None:
-        if not isinstance(learn_magnitude, bool):
-            raise TypeError(f"learn_magnitude must be True or False; got {learn_magnitude!r}")
-        if isinstance(magnitude_init, bool) or not isinstance(magnitude_init, (int, float)) or not 0.0 < magnitude_init < 1.0:
-            raise ValueError(f"magnitude_init must be a number strictly between 0 and 1; got {magnitude_init!r}")
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        check_bool("learn_magnitude", learn_magnitude)
+        magnitude_init = check_float("magnitude_init", magnitude_init, low=0.0, high=1.0, low_open=True, high_open=True)
+        factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.gamma = nn.Parameter(torch.ones(out_channels, **factory))
         self.beta = nn.Parameter(torch.zeros(out_channels, **factory))
         if learn_magnitude:
             logit = math.log(magnitude_init / (1.0 - magnitude_init))
             self.magnitude_logit = nn.Parameter(torch.full((out_channels,), logit, **factory))
         else:
-            self.register_parameter("magnitude_logit", None)  # type: ignore[attr-defined]
+            self.register_parameter("magnitude_logit", None)
 
     def magnitude_mix(self) -> Tensor | None:
         """The per-channel mix s = sigmoid(magnitude_logit), or None when the magnitude is not learnt."""
@@ -72,7 +64,7 @@ class _SphereNormMixin:
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         dims = weight.dim() - 2
         SF._check_conv_args(input, weight, self.groups, dims)
-        padding = self.padding
+        padding: str | tuple[int, ...] | int = self.padding
         if self.padding_mode != "zeros":
             # Pad once: the inner product and the patch norm must see the same padded tensor.
             input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
@@ -83,7 +75,7 @@ class _SphereNormMixin:
         out_dtype = None if torch.is_autocast_enabled(input.device.type) else torch.promote_types(input.dtype, weight.dtype)
         cos_theta, x_norm, w_norm = SF.sphere_cosine(input, weight, self.stride, padding, self.dilation, self.groups, self.eps)
         channel_shape = (-1, *([1] * dims))
-        k = self.effective_k()  # type: ignore[attr-defined]
+        k = self.effective_k()
         g = angular_function(cos_theta, self.operator, k.reshape(channel_shape) if isinstance(k, Tensor) else k)
         scale = self.gamma.to(g.dtype).reshape(channel_shape)
         mix = self.magnitude_mix()
@@ -98,14 +90,15 @@ class _SphereNormMixin:
         return out.squeeze(0) if unbatched else out
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)  # type: ignore[misc]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         # A plain convolution's state dict has no rescaling factors: they keep their initial values.
         for name in ("gamma", "beta", "magnitude_logit"):
             if prefix + name in missing_keys:
                 missing_keys.remove(prefix + name)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", learn_magnitude={self.magnitude_logit is not None}"  # type: ignore[misc]
+        return super().extra_repr() + f", learn_magnitude={self.magnitude_logit is not None}"
 
 
 _NORM_DOC = """{dims}-d SphereNorm (Liu et al. 2017, SphereConv Sec. 2.1 used as a normalisation), a subclass of ``SphereConv{dims}d``.
@@ -124,10 +117,11 @@ _NORM_DOC = """{dims}-d SphereNorm (Liu et al. 2017, SphereConv Sec. 2.1 used as
 class SphereNorm1d(_SphereNormMixin, SphereConv1d):
     __doc__ = _NORM_DOC.format(dims=1)
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=False, padding_mode="zeros", device=None, dtype=None, *, operator="cosine",
-                 sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS, learn_magnitude=True,
-                 magnitude_init=DEFAULT_MAGNITUDE_INIT):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_1_t, stride: _size_1_t = 1,
+                 padding: _size_1_t | str = 0, dilation: _size_1_t = 1, groups: int = 1, bias: bool = False,
+                 padding_mode: PaddingMode = "zeros", device: Device = None, dtype: torch.dtype | None = None, *,
+                 operator: str = "cosine", sigmoid_k: float = DEFAULT_SIGMOID_K, eps: float = DEFAULT_EPS,
+                 learn_magnitude: bool = True, magnitude_init: float = DEFAULT_MAGNITUDE_INIT) -> None:
         SphereConv1d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                               bias, padding_mode, device, dtype, operator=operator, sigmoid_k=sigmoid_k, eps=eps)
         self._init_norm(out_channels, learn_magnitude, magnitude_init)
@@ -136,10 +130,11 @@ class SphereNorm1d(_SphereNormMixin, SphereConv1d):
 class SphereNorm2d(_SphereNormMixin, SphereConv2d):
     __doc__ = _NORM_DOC.format(dims=2)
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=False, padding_mode="zeros", device=None, dtype=None, *, operator="cosine",
-                 sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS, learn_magnitude=True,
-                 magnitude_init=DEFAULT_MAGNITUDE_INIT):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_2_t, stride: _size_2_t = 1,
+                 padding: _size_2_t | str = 0, dilation: _size_2_t = 1, groups: int = 1, bias: bool = False,
+                 padding_mode: PaddingMode = "zeros", device: Device = None, dtype: torch.dtype | None = None, *,
+                 operator: str = "cosine", sigmoid_k: float = DEFAULT_SIGMOID_K, eps: float = DEFAULT_EPS,
+                 learn_magnitude: bool = True, magnitude_init: float = DEFAULT_MAGNITUDE_INIT) -> None:
         SphereConv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                               bias, padding_mode, device, dtype, operator=operator, sigmoid_k=sigmoid_k, eps=eps)
         self._init_norm(out_channels, learn_magnitude, magnitude_init)
@@ -148,10 +143,11 @@ class SphereNorm2d(_SphereNormMixin, SphereConv2d):
 class SphereNorm3d(_SphereNormMixin, SphereConv3d):
     __doc__ = _NORM_DOC.format(dims=3)
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=False, padding_mode="zeros", device=None, dtype=None, *, operator="cosine",
-                 sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS, learn_magnitude=True,
-                 magnitude_init=DEFAULT_MAGNITUDE_INIT):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_3_t, stride: _size_3_t = 1,
+                 padding: _size_3_t | str = 0, dilation: _size_3_t = 1, groups: int = 1, bias: bool = False,
+                 padding_mode: PaddingMode = "zeros", device: Device = None, dtype: torch.dtype | None = None, *,
+                 operator: str = "cosine", sigmoid_k: float = DEFAULT_SIGMOID_K, eps: float = DEFAULT_EPS,
+                 learn_magnitude: bool = True, magnitude_init: float = DEFAULT_MAGNITUDE_INIT) -> None:
         SphereConv3d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                               bias, padding_mode, device, dtype, operator=operator, sigmoid_k=sigmoid_k, eps=eps)
         self._init_norm(out_channels, learn_magnitude, magnitude_init)

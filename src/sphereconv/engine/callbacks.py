@@ -1,0 +1,40 @@
+"""Hooks into a training run: subclass :class:`Callback` and pass instances to :func:`~sphereconv.engine.train`.
+
+The run follows Liu et al., "Deep Hyperspherical Learning" (NIPS 2017, Sec. 5); callbacks observe it
+(metrics, layer statistics) or inject faults in tests, and may replace a batch before its step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+class Callback:
+    """Hooks into :func:`train`; override any subset of the methods (all no-ops here).
+
+    ``on_batch`` may return a replacement ``(images, labels)`` for the step about to run.
+    """
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Called once the model, optimizer and data are ready (and state is resumed)."""
+
+    def on_batch(self, step: int, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Called before step ``step`` (1-based) with its batch."""
+        return None
+
+    def on_step_end(self, step: int, info: dict[str, Any]) -> None:
+        """Called after step ``step`` with ``loss``, ``skipped`` and ``lr``."""
+
+    def on_evaluate(self, step: int, record: dict[str, Any]) -> None:
+        """Called after each evaluation with the record written to ``metrics.jsonl``."""
+
+    def on_checkpoint(self, step: int, path: Any) -> None:
+        """Called after a checkpoint was written (rank 0) or would have been (other ranks: ``None``)."""
+
+    def on_train_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        """Called with the summary when the run ends (completed or interrupted)."""
