@@ -10,8 +10,19 @@ from sphereconv.cli.main import main
 
 # Tiny training flags (width 1/16, 256 training and 128 test images of real Fashion-MNIST, CPU):
 # enough to write checkpoints and summaries in a second or two.
-TINY = ["--width-mult", "0.0625", "--train-subset", "256", "--test-subset", "128", "--batch-size", "16",
-        "--device", "cpu", "--no-progress"]
+TINY = [
+    "--width-mult",
+    "0.0625",
+    "--train-subset",
+    "256",
+    "--test-subset",
+    "128",
+    "--batch-size",
+    "16",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 
 
 def run_cli(*argv) -> tuple[int, str, str]:

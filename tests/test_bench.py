@@ -24,8 +24,9 @@ def _parser() -> OneLineArgumentParser:
 
 
 def test_layer_records_cover_every_operator_and_dtype():
-    config = bench.BenchConfig(device="cpu", dtypes=["fp32", "bf16"], shapes=[TINY], repeats=2, warmup=1,
-                               reference=True)
+    config = bench.BenchConfig(
+        device="cpu", dtypes=["fp32", "bf16"], shapes=[TINY], repeats=2, warmup=1, reference=True
+    )
     records = bench.run(config)
     assert [(r["operator"], r["dtype"]) for r in records] == [
         (op, dtype) for dtype in ("fp32", "bf16") for op in ("linear", "cosine", "sigmoid", "learnable_sigmoid")
@@ -62,9 +63,31 @@ def test_wall_and_cpu_clocks():
 
 def test_cli_writes_valid_json_and_prints_the_table(tmp_path, capsys):
     out = tmp_path / "out.json"
-    args = _parser().parse_args(["bench", "--device", "cpu", "--shape", "2x4x6x6", "--shape", "1x3x5x7",
-                                 "--operators", "cosine,lr_sigmoid", "--dtypes", "fp32", "--repeats", "2",
-                                 "--warmup", "0", "--threads", "1", "--timer", "cpu", "--json", str(out)])
+    args = _parser().parse_args(
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--shape",
+            "2x4x6x6",
+            "--shape",
+            "1x3x5x7",
+            "--operators",
+            "cosine,lr_sigmoid",
+            "--dtypes",
+            "fp32",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--timer",
+            "cpu",
+            "--json",
+            str(out),
+        ]
+    )
     assert args.func(args) == 0
     records = json.loads(out.read_text())
     assert len(records) == 4
@@ -78,9 +101,28 @@ def test_cli_writes_valid_json_and_prints_the_table(tmp_path, capsys):
 
 def test_cli_models_only_times_training_steps(tmp_path):
     out = tmp_path / "models.json"
-    args = _parser().parse_args(["bench", "--device", "cpu", "--models-only", "--model-batch", "2",
-                                 "--model-width-mult", "0.0625", "--operators", "linear", "--dtypes", "bf16",
-                                 "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    args = _parser().parse_args(
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--models-only",
+            "--model-batch",
+            "2",
+            "--model-width-mult",
+            "0.0625",
+            "--operators",
+            "linear",
+            "--dtypes",
+            "bf16",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            str(out),
+        ]
+    )
     assert args.func(args) == 0
     (record,) = json.loads(out.read_text())
     assert REQUIRED_KEYS <= record.keys()
@@ -90,14 +132,17 @@ def test_cli_models_only_times_training_steps(tmp_path):
     assert record["images_per_s_ratio"] == pytest.approx(record["conv_ms"] / record["sphere_ms"], rel=1e-3)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--shape", "2x4x6"], "shape must be NxCinxCoutxHW"),
-    (["--shape", "0x4x6x6"], "four positive integers"),
-    (["--operators", "cosine,tanh"], "unknown operator tanh"),
-    (["--dtypes", "fp16"], "unknown dtype fp16"),
-    (["--repeats", "0"], "positive integer"),
-    (["--timer", "gpu"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--shape", "2x4x6"], "shape must be NxCinxCoutxHW"),
+        (["--shape", "0x4x6x6"], "four positive integers"),
+        (["--operators", "cosine,tanh"], "unknown operator tanh"),
+        (["--dtypes", "fp16"], "unknown dtype fp16"),
+        (["--repeats", "0"], "positive integer"),
+        (["--timer", "gpu"], "invalid choice"),
+    ],
+)
 def test_cli_rejects_bad_flags_in_one_line(argv, message):
     with pytest.raises(CommandLineError, match=message):
         _parser().parse_args(["bench", *argv])
@@ -118,17 +163,33 @@ def test_library_config_validation():
     with pytest.raises(ValueError, match="nothing to measure"):
         bench.run(bench.BenchConfig(device="cpu", layers=False, models=False))
     assert bench.parse_shape("16x128x128x32") == bench.LayerShape("16x128x128x32", 16, 128, 128, 32)
-    assert [s.label for s in bench.CPU_LAYER_SHAPES] == ["16x128x128x32", "16x192x192x16", "16x256x256x8", "2x256x256x56"]
-    assert [s.label for s in bench.CUDA_LAYER_SHAPES] == ["128x128x128x32", "128x192x192x16", "128x256x256x8", "64x256x256x56"]
+    assert [s.label for s in bench.CPU_LAYER_SHAPES] == [
+        "16x128x128x32",
+        "16x192x192x16",
+        "16x256x256x8",
+        "2x256x256x56",
+    ]
+    assert [s.label for s in bench.CUDA_LAYER_SHAPES] == [
+        "128x128x128x32",
+        "128x192x192x16",
+        "128x256x256x8",
+        "64x256x256x56",
+    ]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--shape", "100000x3x4x100000"], "shape 100000x3x4x100000 needs about .* GB, more than the limit of"),
-    (["--models-only", "--model-batch", "100000000"], "--model-batch 100000000 at --model-width-mult 1 needs about"),
-    (["--threads", "100000"], "--threads must be at most"),
-    (["--seed", str(2**64)], "seed must be between 0 and 18446744073709551615"),
-    (["--device", "cuda:99"], "--device: "),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--shape", "100000x3x4x100000"], "shape 100000x3x4x100000 needs about .* GB, more than the limit of"),
+        (
+            ["--models-only", "--model-batch", "100000000"],
+            "--model-batch 100000000 at --model-width-mult 1 needs about",
+        ),
+        (["--threads", "100000"], "--threads must be at most"),
+        (["--seed", str(2**64)], "seed must be between 0 and 18446744073709551615"),
+        (["--device", "cuda:99"], "--device: "),
+    ],
+)
 def test_cli_rejects_impossible_workloads_before_allocating(argv, message, tmp_path, monkeypatch):
     allocated = []
     monkeypatch.setattr(bench, "bench_layers", lambda *a, **k: allocated.append(a) or [])
@@ -160,8 +221,9 @@ def test_json_path_is_checked_before_the_run(tmp_path):
 def test_cpu_without_fast_bf16_times_fp32_only_and_says_so(monkeypatch):
     monkeypatch.setattr(bench, "cpu_has_fast_bf16", lambda: False)
     notes: list[str] = []
-    records = bench.run(bench.BenchConfig(device="cpu", shapes=[TINY], operators=["cosine"], repeats=1, warmup=0),
-                        notes=notes)
+    records = bench.run(
+        bench.BenchConfig(device="cpu", shapes=[TINY], operators=["cosine"], repeats=1, warmup=0), notes=notes
+    )
     assert [r["dtype"] for r in records] == ["fp32"]
     assert len(notes) == 1 and "bf16 skipped" in notes[0] and "--dtypes fp32,bf16" in notes[0]
     monkeypatch.setattr(bench, "cpu_has_fast_bf16", lambda: True)
@@ -174,13 +236,18 @@ def test_default_rounds_shrink_to_the_time_budget(monkeypatch):
     samples = bench.interleaved_samples(steps, torch.device("cpu"), repeats=20, warmup=1, budget_s=0.05)
     assert bench.MIN_REPEATS <= len(samples["slow"]) < 20
     notes: list[str] = []
-    records = bench.run(bench.BenchConfig(device="cpu", shapes=[bench.parse_shape("2x8x8x16")], dtypes=["fp32"],
-                                          operators=["cosine"], warmup=1), notes=notes)
+    records = bench.run(
+        bench.BenchConfig(
+            device="cpu", shapes=[bench.parse_shape("2x8x8x16")], dtypes=["fp32"], operators=["cosine"], warmup=1
+        ),
+        notes=notes,
+    )
     assert records[0]["repeats"] == bench.MIN_REPEATS < bench.CPU_REPEATS
     assert "rounds, to stay within the CPU time budget" in notes[0]
     # an explicit --repeats is honoured in full
-    records = bench.run(bench.BenchConfig(device="cpu", shapes=[TINY], dtypes=["fp32"], operators=["cosine"],
-                                          repeats=5, warmup=0))
+    records = bench.run(
+        bench.BenchConfig(device="cpu", shapes=[TINY], dtypes=["fp32"], operators=["cosine"], repeats=5, warmup=0)
+    )
     assert records[0]["repeats"] == 5
 
 

@@ -30,8 +30,18 @@ def test_selftest_passes_on_cpu_and_covers_every_operator_layer_and_dtype(capsys
     rows = _rows(out)
     layer_names = {case for case, _ in rows if not case.startswith("spherenet9")}
     for op in ("linear", "cosine", "sigmoid", "learnable_sigmoid"):
-        for layer in ("conv1d", "conv2d", "conv3d", "linear", "conv2d-groups2", "conv2d-stride2", "conv2d-dilation2",
-                      "conv2d-reflect", "conv2d-replicate", "conv2d-circular"):
+        for layer in (
+            "conv1d",
+            "conv2d",
+            "conv3d",
+            "linear",
+            "conv2d-groups2",
+            "conv2d-stride2",
+            "conv2d-dilation2",
+            "conv2d-reflect",
+            "conv2d-replicate",
+            "conv2d-circular",
+        ):
             assert f"{layer}/{op}" in layer_names
     dtypes = {dtype for _, dtype in rows}
     assert {"float64", "float32", "autocast-bfloat16"} <= dtypes
@@ -130,8 +140,9 @@ def test_kernel_path_names_triton_and_a_fallen_back_case(monkeypatch):
     monkeypatch.setattr(selftest, "kernel_status", lambda: {"backend": "auto", "triton_installed": True, "cases": []})
     assert selftest.kernel_path(layer, x, out) == "fused-triton"
     fallen = {"operator": "cosine", "dtype": "float32", "device": "cpu", "kernels": "aten", "note": "launch failed"}
-    monkeypatch.setattr(selftest, "kernel_status", lambda: {"backend": "auto", "triton_installed": True,
-                                                             "cases": [fallen]})
+    monkeypatch.setattr(
+        selftest, "kernel_status", lambda: {"backend": "auto", "triton_installed": True, "cases": [fallen]}
+    )
     assert selftest.kernel_path(layer, x, out) == "fused-aten*"
     assert selftest.kernel_summary()[1] == "  fell back: cosine float32 cpu: launch failed"
     monkeypatch.setattr(selftest, "kernel_status", lambda: {"backend": "aten", "triton_installed": True, "cases": []})

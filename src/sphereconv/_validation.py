@@ -22,8 +22,9 @@ from .errors import InvalidArgumentError, InvalidArgumentTypeError, short_repr
 __all__ = ["fail", "check_bool", "check_int", "check_float", "check_choice"]
 
 
-def fail(name: str, value: Any, allowed: str, *, wrong_type: bool = False,
-         error: type[Exception] | None = None) -> Exception:
+def fail(
+    name: str, value: Any, allowed: str, *, wrong_type: bool = False, error: type[Exception] | None = None
+) -> Exception:
     """The error for argument ``name`` holding ``value`` where ``allowed`` describes the valid values."""
     cls = error or (InvalidArgumentTypeError if wrong_type else InvalidArgumentError)
     return cls(f"invalid {name}={short_repr(value)}: expected {allowed}")
@@ -56,9 +57,16 @@ def _describe_int_range(minimum: int | None, maximum: int | None) -> str:
     return "an integer"
 
 
-def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None,
-              allowed: str | None = None, parse_strings: bool = False,
-              error: type[Exception] | None = None) -> int:
+def check_int(
+    name: str,
+    value: Any,
+    *,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    allowed: str | None = None,
+    parse_strings: bool = False,
+    error: type[Exception] | None = None,
+) -> int:
     """``value`` as an ``int`` in ``[minimum, maximum]``.
 
     Integral floats (``3.0``) and numpy integers are accepted; with ``parse_strings`` so are numeric
@@ -94,9 +102,18 @@ def _describe_float_range(low: float, high: float, low_open: bool, high_open: bo
     return f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
 
-def check_float(name: str, value: Any, *, low: float = -math.inf, high: float = math.inf,
-                low_open: bool = False, high_open: bool = False, allowed: str | None = None,
-                parse_strings: bool = False, error: type[Exception] | None = None) -> float:
+def check_float(
+    name: str,
+    value: Any,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    allowed: str | None = None,
+    parse_strings: bool = False,
+    error: type[Exception] | None = None,
+) -> float:
     """``value`` as a finite ``float`` in the interval from ``low`` to ``high``.
 
     ``low_open``/``high_open`` exclude the end points. Any real number is accepted (ints, numpy
@@ -119,8 +136,14 @@ def check_float(name: str, value: Any, *, low: float = -math.inf, high: float = 
     return number
 
 
-def check_choice(name: str, value: Any, choices: Sequence[str], *, aliases: Mapping[str, str] | None = None,
-                 error: type[Exception] | None = None) -> str:
+def check_choice(
+    name: str,
+    value: Any,
+    choices: Sequence[str],
+    *,
+    aliases: Mapping[str, str] | None = None,
+    error: type[Exception] | None = None,
+) -> str:
     """The canonical spelling of ``value``, one of ``choices`` (case-insensitive; ``aliases`` map
     other spellings to a choice). The error suggests the closest choices."""
     allowed = "one of " + ", ".join(choices)

@@ -29,7 +29,8 @@ import math
 import platform
 import statistics
 import time
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -144,8 +145,10 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but no CUDA device is available; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
-                         f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        raise ValueError(
+            f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+            f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
     return device
 
 
@@ -164,8 +167,10 @@ def cpu_has_fast_bf16() -> bool:
 def default_dtypes(device: torch.device) -> tuple[tuple[str, ...], str | None]:
     """The dtypes timed by default on ``device`` and, when one is left out, a note saying why."""
     if device.type == "cpu" and not cpu_has_fast_bf16():
-        return ("fp32",), (f"bf16 skipped to keep the run short: this CPU has no AMX bfloat16 units "
-                           f"({FAST_BF16_CPU_FLAG}); pass --dtypes fp32,bf16 to time it too")
+        return ("fp32",), (
+            f"bf16 skipped to keep the run short: this CPU has no AMX bfloat16 units "
+            f"({FAST_BF16_CPU_FLAG}); pass --dtypes fp32,bf16 to time it too"
+        )
     return ("fp32", "bf16"), None
 
 
@@ -253,8 +258,11 @@ def _check_config(config: BenchConfig) -> None:
             raise ValueError(f"unknown dtype {d!r}; allowed: {', '.join(DTYPES)}")
     if config.dtypes is not None and not config.dtypes:
         raise ValueError(f"dtypes must name at least one of {', '.join(DTYPES)}")
-    if not isinstance(config.model_width_mult, (int, float)) or not math.isfinite(config.model_width_mult) \
-            or config.model_width_mult <= 0:
+    if (
+        not isinstance(config.model_width_mult, (int, float))
+        or not math.isfinite(config.model_width_mult)
+        or config.model_width_mult <= 0
+    ):
         raise ValueError(f"model_width_mult must be a positive finite number; got {config.model_width_mult!r}")
     if config.model_batch is not None and config.model_batch < 1:
         raise ValueError(f"model_batch must be at least 1; got {config.model_batch}")
@@ -313,8 +321,14 @@ class _Timer:
         self.pending.clear()
 
 
-def interleaved_medians(steps: dict[str, Callable[[], None]], device: torch.device, repeats: int,
-                        warmup: int, timer: str = "wall", budget_s: float | None = None) -> dict[str, float]:
+def interleaved_medians(
+    steps: dict[str, Callable[[], None]],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    timer: str = "wall",
+    budget_s: float | None = None,
+) -> dict[str, float]:
     """Median milliseconds per step of every candidate, run round-robin in a rotating order.
 
     With ``budget_s``, measured rounds stop early (after at least :data:`MIN_REPEATS`) when the
@@ -324,8 +338,14 @@ def interleaved_medians(steps: dict[str, Callable[[], None]], device: torch.devi
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def interleaved_samples(steps: dict[str, Callable[[], None]], device: torch.device, repeats: int,
-                        warmup: int, timer: str = "wall", budget_s: float | None = None) -> dict[str, list[float]]:
+def interleaved_samples(
+    steps: dict[str, Callable[[], None]],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    timer: str = "wall",
+    budget_s: float | None = None,
+) -> dict[str, list[float]]:
     """The milliseconds of every measured round of every candidate (see :func:`interleaved_medians`)."""
     clock = _Timer(device, timer)
     names = list(steps)
@@ -349,10 +369,10 @@ def interleaved_samples(steps: dict[str, Callable[[], None]], device: torch.devi
     return samples
 
 
-def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float | None:
-    """Peak CUDA memory of one step above what was allocated before it (None on CPU)."""
+def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float:
+    """Peak CUDA memory of one step above what was allocated before it (``device`` must be CUDA)."""
     if device.type != "cuda":
-        return None
+        raise ValueError(f"peak memory is measured on CUDA devices only; got {device}")
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -372,8 +392,9 @@ def _autocast(device: torch.device, dtype: str):
 # ----------------------------------------------------------------------------------------------
 
 
-def _layer_step(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, device: torch.device, dtype: str,
-                impl: str | None = None) -> Callable[[], None]:
+def _layer_step(
+    layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, device: torch.device, dtype: str, impl: str | None = None
+) -> Callable[[], None]:
     params = [p for p in layer.parameters() if p.requires_grad]
     grads_by_dtype: dict[torch.dtype, torch.Tensor] = {}  # cast once, outside the timed region
 
@@ -393,19 +414,34 @@ def _layer_step(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, devic
     return step
 
 
-def _medians(steps: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int, timer: str,
-             budget_s: float | None) -> tuple[dict[str, float], int]:
+def _medians(
+    steps: dict[str, Callable[[], None]],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    timer: str,
+    budget_s: float | None,
+) -> tuple[dict[str, float], int]:
     samples = interleaved_samples(steps, device, repeats, warmup, timer, budget_s)
     return {name: statistics.median(values) for name, values in samples.items()}, len(next(iter(samples.values())))
 
 
-def bench_layers(shape: LayerShape, dtype: str, operators: Sequence[str], device: torch.device, repeats: int,
-                 warmup: int, reference: bool = False, seed: int = 0, timer: str = "wall",
-                 budget_s: float | None = None) -> list[dict]:
+def bench_layers(
+    shape: LayerShape,
+    dtype: str,
+    operators: Sequence[str],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    reference: bool = False,
+    seed: int = 0,
+    timer: str = "wall",
+    budget_s: float | None = None,
+) -> list[dict]:
     """Records for one shape and dtype: every operator against ``nn.Conv2d``, interleaved (rounds
     shrunk to ``budget_s`` seconds, see :func:`interleaved_medians`)."""
     torch.manual_seed(seed)
-    kwargs = dict(kernel_size=shape.kernel, padding=shape.padding, bias=False, device=device)
+    kwargs: dict[str, Any] = dict(kernel_size=shape.kernel, padding=shape.padding, bias=False, device=device)
     conv = nn.Conv2d(shape.in_channels, shape.out_channels, **kwargs)
     x = torch.randn(shape.batch, shape.in_channels, shape.size, shape.size, device=device, requires_grad=True)
     out_size = shape.size + 2 * shape.padding - shape.kernel + 1
@@ -422,11 +458,21 @@ def bench_layers(shape: LayerShape, dtype: str, operators: Sequence[str], device
     records = []
     for op in operators:
         record = {
-            "kind": "layer", "operator": op, "shape": shape.label, "shape_name": shape.name,
-            "batch": shape.batch, "in_channels": shape.in_channels, "out_channels": shape.out_channels,
-            "size": shape.size, "kernel": shape.kernel, "dtype": dtype, "device": device.type,
-            "conv_ms": round(medians["conv"], 4), "sphere_ms": round(medians[op], 4),
-            "ratio": round(medians[op] / medians["conv"], 4), "repeats": repeats,
+            "kind": "layer",
+            "operator": op,
+            "shape": shape.label,
+            "shape_name": shape.name,
+            "batch": shape.batch,
+            "in_channels": shape.in_channels,
+            "out_channels": shape.out_channels,
+            "size": shape.size,
+            "kernel": shape.kernel,
+            "dtype": dtype,
+            "device": device.type,
+            "conv_ms": round(medians["conv"], 4),
+            "sphere_ms": round(medians[op], 4),
+            "ratio": round(medians[op] / medians["conv"], 4),
+            "repeats": repeats,
             "timer": "cuda_events" if device.type == "cuda" else timer,
         }
         if reference:
@@ -446,8 +492,9 @@ def bench_layers(shape: LayerShape, dtype: str, operators: Sequence[str], device
 # ----------------------------------------------------------------------------------------------
 
 
-def _train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-                dtype: str) -> Callable[[], None]:
+def _train_step(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, dtype: str
+) -> Callable[[], None]:
     # Adam, as in the reference recipe (paper Sec. 5, wy1iu/SphereNet).
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
@@ -462,9 +509,19 @@ def _train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, de
     return step
 
 
-def bench_models(dtype: str, operators: Sequence[str], device: torch.device, batch: int, repeats: int, warmup: int,
-                 width_mult: float = 1.0, seed: int = 0, model: str = "spherenet9", timer: str = "wall",
-                 budget_s: float | None = None) -> list[dict]:
+def bench_models(
+    dtype: str,
+    operators: Sequence[str],
+    device: torch.device,
+    batch: int,
+    repeats: int,
+    warmup: int,
+    width_mult: float = 1.0,
+    seed: int = 0,
+    model: str = "spherenet9",
+    timer: str = "wall",
+    budget_s: float | None = None,
+) -> list[dict]:
     """Records of one training step of ``model`` per operator against its CNN baseline, interleaved."""
     from .models import create_model
 
@@ -480,14 +537,21 @@ def bench_models(dtype: str, operators: Sequence[str], device: torch.device, bat
     records = []
     for op in operators:
         record = {
-            "kind": "model", "model": model, "operator": op, "shape": "x".join(map(str, (batch, *MODEL_IMAGE_SHAPE))),
+            "kind": "model",
+            "model": model,
+            "operator": op,
+            "shape": "x".join(map(str, (batch, *MODEL_IMAGE_SHAPE))),
             "batch": batch,
-            "width_mult": width_mult, "dtype": dtype, "device": device.type,
-            "conv_ms": round(medians["none"], 4), "sphere_ms": round(medians[op], 4),
+            "width_mult": width_mult,
+            "dtype": dtype,
+            "device": device.type,
+            "conv_ms": round(medians["none"], 4),
+            "sphere_ms": round(medians[op], 4),
             "ratio": round(medians[op] / medians["none"], 4),
             "conv_images_per_s": round(batch / medians["none"] * 1e3, 2),
             "sphere_images_per_s": round(batch / medians[op] * 1e3, 2),
-            "images_per_s_ratio": round(medians["none"] / medians[op], 4), "repeats": repeats,
+            "images_per_s_ratio": round(medians["none"] / medians[op], 4),
+            "repeats": repeats,
             "timer": "cuda_events" if device.type == "cuda" else timer,
         }
         if peaks:
@@ -505,8 +569,11 @@ def bench_models(dtype: str, operators: Sequence[str], device: torch.device, bat
 def machine_description(device: torch.device) -> dict:
     """Where the numbers come from: CPU model and threads, GPU name, library versions."""
     info = {
-        "device": device.type, "torch": torch.__version__, "python": platform.python_version(),
-        "cpu": _cpu_model(), "threads": torch.get_num_threads(),
+        "device": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -537,7 +604,9 @@ def validate(config: BenchConfig) -> tuple[torch.device, Sequence[LayerShape], i
     return device, shapes, model_batch
 
 
-def run(config: BenchConfig, progress: Callable[[str], None] | None = None, notes: list[str] | None = None) -> list[dict]:
+def run(
+    config: BenchConfig, progress: Callable[[str], None] | None = None, notes: list[str] | None = None
+) -> list[dict]:
     """Run the benchmarks of ``config``; returns one record (dict) per measurement.
 
     Everything is validated (including the memory each workload needs) before anything is
@@ -571,17 +640,39 @@ def run(config: BenchConfig, progress: Callable[[str], None] | None = None, note
         if shape is not None:
             if progress:
                 progress(f"layer {shape.label} {dtype}")
-            block = bench_layers(shape, dtype, config.operators, device, repeats, config.warmup,
-                                 config.reference, config.seed, config.timer, share)
+            block = bench_layers(
+                shape,
+                dtype,
+                config.operators,
+                device,
+                repeats,
+                config.warmup,
+                config.reference,
+                config.seed,
+                config.timer,
+                share,
+            )
         else:
             if progress:
                 progress(f"model spherenet9 batch {model_batch} {dtype}")
-            block = bench_models(dtype, config.operators, device, model_batch, repeats, config.warmup,
-                                 config.model_width_mult, config.seed, timer=config.timer, budget_s=share)
+            block = bench_models(
+                dtype,
+                config.operators,
+                device,
+                model_batch,
+                repeats,
+                config.warmup,
+                config.model_width_mult,
+                config.seed,
+                timer=config.timer,
+                budget_s=share,
+            )
         if block and block[0]["repeats"] < repeats:
             what = f"layer {shape.label}" if shape is not None else f"model batch {model_batch}"
-            notes.append(f"{what} {dtype}: {block[0]['repeats']} of {repeats} rounds, to stay within the CPU time "
-                         f"budget of {CPU_TIME_BUDGET_S:.0f} s (pass --repeats to measure them all)")
+            notes.append(
+                f"{what} {dtype}: {block[0]['repeats']} of {repeats} rounds, to stay within the CPU time "
+                f"budget of {CPU_TIME_BUDGET_S:.0f} s (pass --repeats to measure them all)"
+            )
         records += block
     return [{**record, **stamp} for record in records]
 
@@ -598,17 +689,28 @@ def format_table(records: Iterable[dict]) -> str:
         header += ["conv MB", "sphere MB"]
     rows = [header]
     for r in records:
-        row = [r["kind"], r["shape"], r["dtype"], r["operator"], f"{r['conv_ms']:.2f}", f"{r['sphere_ms']:.2f}",
-               f"{r['ratio']:.2f}x"]
+        row = [
+            r["kind"],
+            r["shape"],
+            r["dtype"],
+            r["operator"],
+            f"{r['conv_ms']:.2f}",
+            f"{r['sphere_ms']:.2f}",
+            f"{r['ratio']:.2f}x",
+        ]
         if has_ref:
-            row += [f"{r['reference_ms']:.2f}" if "reference_ms" in r else "-",
-                    f"{r['reference_ratio']:.2f}x" if "reference_ratio" in r else "-"]
+            row += [
+                f"{r['reference_ms']:.2f}" if "reference_ms" in r else "-",
+                f"{r['reference_ratio']:.2f}x" if "reference_ratio" in r else "-",
+            ]
         if has_peak:
             row += [f"{r.get('conv_peak_mb', math.nan):.1f}", f"{r.get('sphere_peak_mb', math.nan):.1f}"]
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) if i >= 4 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
+    lines = [
+        "  ".join(cell.rjust(w) if i >= 4 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -621,7 +723,23 @@ def write_json(records: list[dict], path: str) -> None:
 
 
 __all__ = [
-    "BenchConfig", "LayerShape", "CPU_LAYER_SHAPES", "CUDA_LAYER_SHAPES", "run", "bench_layers", "bench_models",
-    "interleaved_medians", "interleaved_samples", "peak_memory_mb", "format_table", "write_json", "parse_shape",
-    "resolve_device", "machine_description", "default_dtypes", "cpu_has_fast_bf16", "check_memory", "validate",
+    "BenchConfig",
+    "LayerShape",
+    "CPU_LAYER_SHAPES",
+    "CUDA_LAYER_SHAPES",
+    "run",
+    "bench_layers",
+    "bench_models",
+    "interleaved_medians",
+    "interleaved_samples",
+    "peak_memory_mb",
+    "format_table",
+    "write_json",
+    "parse_shape",
+    "resolve_device",
+    "machine_description",
+    "default_dtypes",
+    "cpu_has_fast_bf16",
+    "check_memory",
+    "validate",
 ]

@@ -42,7 +42,17 @@ def test_version_and_help_exit_zero(capsys):
     assert capsys.readouterr().out.strip() == f"sphereconv {__version__}"
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
-    for flag in ("--config", "--model", "--operator", "--epochs", "--iterations", "--amp", "--resume", "--dry-run", "--margin"):
+    for flag in (
+        "--config",
+        "--model",
+        "--operator",
+        "--epochs",
+        "--iterations",
+        "--amp",
+        "--resume",
+        "--dry-run",
+        "--margin",
+    ):
         assert flag in out
 
 
@@ -76,17 +86,38 @@ def test_user_errors_are_one_line(argv, fragments, capsys):
 def test_bad_yaml_and_unknown_config_key_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [spherenet9\nlr: 1e-3\n")
-    assert_one_line_error(main(["train", "--config", str(bad), "--dry-run"]), capsys.readouterr().err, "not valid YAML", "bad.yaml")
+    assert_one_line_error(
+        main(["train", "--config", str(bad), "--dry-run"]), capsys.readouterr().err, "not valid YAML", "bad.yaml"
+    )
     typo = tmp_path / "typo.yaml"
     typo.write_text("modle: spherenet9\n")
-    assert_one_line_error(main(["train", "--config", str(typo), "--dry-run"]), capsys.readouterr().err, "unknown key 'modle'", "model")
+    assert_one_line_error(
+        main(["train", "--config", str(typo), "--dry-run"]), capsys.readouterr().err, "unknown key 'modle'", "model"
+    )
     missing = tmp_path / "missing.yaml"
-    assert_one_line_error(main(["train", "--config", str(missing), "--dry-run"]), capsys.readouterr().err, "missing.yaml", "does not exist")
+    assert_one_line_error(
+        main(["train", "--config", str(missing), "--dry-run"]),
+        capsys.readouterr().err,
+        "missing.yaml",
+        "does not exist",
+    )
 
 
 def test_missing_data_without_download_is_one_line_with_the_fix(no_datasets, tmp_path, capsys):
-    argv = ["train", "--dataset", "mnist", "--data-dir", str(no_datasets), "--iterations", "1", "--device", "cpu",
-            "--no-progress", "--out", str(tmp_path / "run")]
+    argv = [
+        "train",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(no_datasets),
+        "--iterations",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     line = assert_one_line_error(main(argv), capsys.readouterr().err, "mnist")
     assert "download" in line.lower()
 
@@ -94,12 +125,29 @@ def test_missing_data_without_download_is_one_line_with_the_fix(no_datasets, tmp
 def test_dry_run_prints_the_resolved_config_with_overrides(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("model: spherenet18\niterations: 500\nlr: 0.01\n")
-    rc = main(["train", "--config", str(config), "--epochs", "2", "--lr", "0.003", "--margin", "1.5", "--loss", "ga_softmax",
-               "--no-progress", "--dry-run"])
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--epochs",
+            "2",
+            "--lr",
+            "0.003",
+            "--margin",
+            "1.5",
+            "--loss",
+            "ga_softmax",
+            "--no-progress",
+            "--dry-run",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "model: spherenet18" in captured.out and "lr: 0.003" in captured.out
-    assert "epochs: 2.0" in captured.out and "iterations: null" in captured.out  # --epochs replaces the file's iterations
+    assert (
+        "epochs: 2.0" in captured.out and "iterations: null" in captured.out
+    )  # --epochs replaces the file's iterations
     assert "margin: 1.5" in captured.out and "progress: false" in captured.out
 
 
@@ -138,7 +186,11 @@ def test_real_process_prints_no_traceback(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "SPHERECONV_DEBUG"}
     proc = subprocess.run(
         [sys.executable, "-m", "sphereconv.cli.main", "train", "--config", str(bad), "--dry-run"],
-        capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert_one_line_error(proc.returncode, proc.stderr, "not valid YAML")
     assert proc.stdout == ""

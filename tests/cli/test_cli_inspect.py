@@ -11,9 +11,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from cli_helpers import run_cli  # noqa: E402
 from png_checks import assert_png  # noqa: E402
 
+from cli_helpers import run_cli  # noqa: E402
 from sphereconv.engine.layer_stats import COS_BINS, LAYER_STATS_FILE, read_layer_stats  # noqa: E402
 
 # Pixel size of the inspect plots (10 x 4.5 inches at 100 dpi, cli/inspect.py).
@@ -24,10 +24,36 @@ SPHERENET9_CONVS = 10
 
 
 def tiny_run(out: Path, operator: str, layer_stats_every: int | None) -> Path:
-    argv = ["train", "--model", "spherenet9", "--operator", operator, "--width-mult", "0.0625",
-            "--dataset", "fashion-mnist", "--train-subset", "256", "--test-subset", "100", "--iterations", "4",
-            "--batch-size", "32", "--eval-every", "4", "--checkpoint-every", "4", "--device", "cpu", "--seed", "1",
-            "--no-progress", "--out", str(out)]
+    argv = [
+        "train",
+        "--model",
+        "spherenet9",
+        "--operator",
+        operator,
+        "--width-mult",
+        "0.0625",
+        "--dataset",
+        "fashion-mnist",
+        "--train-subset",
+        "256",
+        "--test-subset",
+        "100",
+        "--iterations",
+        "4",
+        "--batch-size",
+        "32",
+        "--eval-every",
+        "4",
+        "--checkpoint-every",
+        "4",
+        "--device",
+        "cpu",
+        "--seed",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     if layer_stats_every is not None:
         argv += ["--layer-stats-every", str(layer_stats_every)]
     rc, _, stderr = run_cli(*argv)
@@ -94,11 +120,14 @@ def test_inspect_leaves_the_weights_unchanged(sphere_run, tmp_path):
     assert checkpoint.read_bytes() == before
 
 
-@pytest.mark.parametrize("make_target, message", [
-    (lambda tmp: tmp / "missing_run", "does not exist"),
-    (lambda tmp: tmp / "missing.pt", "does not exist"),
-    (lambda tmp: tmp, "holds no checkpoint"),
-])
+@pytest.mark.parametrize(
+    "make_target, message",
+    [
+        (lambda tmp: tmp / "missing_run", "does not exist"),
+        (lambda tmp: tmp / "missing.pt", "does not exist"),
+        (lambda tmp: tmp, "holds no checkpoint"),
+    ],
+)
 def test_inspect_missing_run_or_checkpoint_is_one_line_error(tmp_path, make_target, message):
     target = make_target(tmp_path)
     rc, stdout, stderr = run_cli("inspect", str(target))

@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import TINY, folder_snapshot, run_cli
 
+from cli_helpers import TINY, folder_snapshot, run_cli
 from sphereconv.engine.checkpoint import (
     HEADER_BYTES,
     checkpoint_dir,
     list_checkpoints,
     load_checkpoint,
 )
-
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +38,19 @@ def run(finished_run, tmp_path) -> Path:
     return copy
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["--iterations", 8, "--optimizer", "sgd"], "optimizer='adam' there but 'sgd' here"),       # was KeyError 'momentum'
-    (["--iterations", 8, "--schedule", "onecycle"], "schedule='step' there but 'onecycle' here"),  # was KeyError 'max_lr'
-    (["--lr", 0.5], "lr=0.001 there but 0.5 here"),  # was recorded but not applied
-    (["--seed", 5], "seed=0 there but 5 here"),      # was recorded but not applied
-], ids=["optimizer", "schedule", "lr", "seed"])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--iterations", 8, "--optimizer", "sgd"], "optimizer='adam' there but 'sgd' here"),  # was KeyError 'momentum'
+        (
+            ["--iterations", 8, "--schedule", "onecycle"],
+            "schedule='step' there but 'onecycle' here",
+        ),  # was KeyError 'max_lr'
+        (["--lr", 0.5], "lr=0.001 there but 0.5 here"),  # was recorded but not applied
+        (["--seed", 5], "seed=0 there but 5 here"),  # was recorded but not applied
+    ],
+    ids=["optimizer", "schedule", "lr", "seed"],
+)
 def test_changing_what_the_run_computes_on_resume_is_refused_and_changes_nothing(run, flags, named):
     before = folder_snapshot(run)
     code, out, err = run_cli("train", *TINY, *flags, "--resume", "--out", run)

@@ -19,8 +19,27 @@ from png_checks import CURVE_PLOT_SIZE, assert_png  # noqa: E402
 from sphereconv.cli.main import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-METRIC_KEYS = {"step", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "images_per_second"}
-SUMMARY_KEYS = {"final_test_acc", "best_test_acc", "best_step", "steps", "images_per_second", "model", "operator", "dataset"}
+METRIC_KEYS = {
+    "step",
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "lr",
+    "seconds",
+    "images_per_second",
+}
+SUMMARY_KEYS = {
+    "final_test_acc",
+    "best_test_acc",
+    "best_step",
+    "steps",
+    "images_per_second",
+    "model",
+    "operator",
+    "dataset",
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +49,30 @@ def trained_run(tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("train") / "run"
     argv = [
-        "train", "--config", str(ROOT / "configs" / "fashion_mnist_quick.yaml"), "--operator", "cosine", "--width-mult", "0.125",
-        "--train-subset", "512", "--test-subset", "256", "--iterations", "30", "--batch-size", "32", "--eval-every", "10",
-        "--device", "cpu", "--seed", "3", "--no-progress", "--out", str(out),
+        "train",
+        "--config",
+        str(ROOT / "configs" / "fashion_mnist_quick.yaml"),
+        "--operator",
+        "cosine",
+        "--width-mult",
+        "0.125",
+        "--train-subset",
+        "512",
+        "--test-subset",
+        "256",
+        "--iterations",
+        "30",
+        "--batch-size",
+        "32",
+        "--eval-every",
+        "10",
+        "--device",
+        "cpu",
+        "--seed",
+        "3",
+        "--no-progress",
+        "--out",
+        str(out),
     ]
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -45,7 +85,13 @@ def trained_run(tmp_path_factory):
 def test_train_writes_config_metrics_and_summary(trained_run):
     out, stdout = trained_run
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert (config["model"], config["operator"], config["width_mult"], config["iterations"], config["seed"]) == ("spherenet9", "cosine", 0.125, 30, 3)
+    assert (config["model"], config["operator"], config["width_mult"], config["iterations"], config["seed"]) == (
+        "spherenet9",
+        "cosine",
+        0.125,
+        30,
+        3,
+    )
     assert config["dataset"] == "fashion-mnist" and config["epochs"] is None  # --iterations replaced nothing else
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [10, 20, 30]
@@ -83,7 +129,18 @@ def test_plot_overlays_a_finished_run(trained_run, tmp_path, capsys):
 
 def test_train_refuses_to_overwrite_an_existing_run(trained_run, capsys):
     out, _ = trained_run
-    rc = main(["train", "--config", str(ROOT / "configs" / "fashion_mnist_quick.yaml"), "--out", str(out), "--device", "cpu", "--no-progress"])
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(ROOT / "configs" / "fashion_mnist_quick.yaml"),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and "already holds a training run" in err and "--resume" in err
 
@@ -108,7 +165,13 @@ def test_every_preset_config_validates(capsys):
         assert config.model in list_models(), path
         assert main(["train", "--config", str(path), "--dry-run"]) == 0, capsys.readouterr().err
     names = {p.stem for p in presets}
-    assert {"spherenet9_cifar10", "cnn9_cifar10", "sphere_resnet32_cifar10plus", "spherenet9_cifar100", "fashion_mnist_quick"} <= names
+    assert {
+        "spherenet9_cifar10",
+        "cnn9_cifar10",
+        "sphere_resnet32_cifar10plus",
+        "spherenet9_cifar100",
+        "fashion_mnist_quick",
+    } <= names
     reference = load_config(ROOT / "configs" / "spherenet9_cifar10.yaml", {})
     assert (reference.optimizer, reference.lr, reference.iterations, reference.batch_size) == ("adam", 1e-3, 64000, 128)
     assert [round(f * 64000) for f in reference.lr_milestones] == [34000, 54000]

@@ -21,8 +21,19 @@ Image = pytest.importorskip("PIL.Image")
 # Seconds within which each hostile config is refused (the alias cases hung before).
 FAST_SECONDS = 10.0
 # Flags of a tiny, quick run: 2 iterations of a 1/16-width SphereNet-9 on the CPU.
-TINY_RUN = ["--width-mult", "0.0625", "--batch-size", "4", "--iterations", "2", "--eval-every", "2", "--device", "cpu",
-            "--no-progress"]
+TINY_RUN = [
+    "--width-mult",
+    "0.0625",
+    "--batch-size",
+    "4",
+    "--iterations",
+    "2",
+    "--eval-every",
+    "2",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 # Photo sizes (height, width) of the folder below: two large ones and a small one, JPEG and PNG.
 PHOTO_SIZES = ((400, 600), (300, 500), (48, 64))
 
@@ -83,8 +94,9 @@ def png_declaring(path, width: int, height: int) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1000)))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1000))) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -135,11 +147,28 @@ def test_a_folder_of_large_mixed_photos_trains_and_evaluates(photo_folder, photo
 
 
 def test_image_size_flag_resizes_and_is_recorded(photo_folder, tmp_path, capsys):
-    assert main(["train", "--dataset", "folder", "--data-dir", str(photo_folder), "--image-size", "24", "--dry-run"]) == 0
+    assert (
+        main(["train", "--dataset", "folder", "--data-dir", str(photo_folder), "--image-size", "24", "--dry-run"]) == 0
+    )
     assert yaml.safe_load(capsys.readouterr().out.split("config is valid")[0])["image_size"] == 24
     out = tmp_path / "run24"
-    assert main(["train", "--dataset", "folder", "--data-dir", str(photo_folder), "--image-size", "24", *TINY_RUN,
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "folder",
+                "--data-dir",
+                str(photo_folder),
+                "--image-size",
+                "24",
+                *TINY_RUN,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert yaml.safe_load((out / "config.yaml").read_text())["image_size"] == 24
     assert main(["eval", str(out), "--device", "cpu", "--batch-size", "3"]) == 0
     assert "(4 folder test images" in capsys.readouterr().out
@@ -147,8 +176,13 @@ def test_image_size_flag_resizes_and_is_recorded(photo_folder, tmp_path, capsys)
 
 def test_image_size_errors_name_the_flag(capsys):
     one_line_error(capsys, ["train", "--image-size", "0"], "--image-size", "image_size=0", "[1, 512]")
-    one_line_error(capsys, ["train", "--image-size", "32", "--dry-run"], "image_size=32 applies to image folders",
-                   "fashion-mnist images are 28x28", "--image-size")
+    one_line_error(
+        capsys,
+        ["train", "--image-size", "32", "--dry-run"],
+        "image_size=32 applies to image folders",
+        "fashion-mnist images are 28x28",
+        "--image-size",
+    )
     one_line_error(capsys, ["train", "--image-size", "100000", "--dry-run"], "image_size=100000", "[1, 512]")
 
 
@@ -158,19 +192,42 @@ def test_decompression_bomb_in_a_folder_is_one_line_in_train_and_eval(photo_fold
     png_declaring(bomb, 20000, 20000)
     try:
         one_line_error(capsys, ["eval", str(run), "--device", "cpu"], "bomb.png declares more than", "pixels")
-        one_line_error(capsys, ["train", "--dataset", "folder", "--data-dir", str(photo_folder), *TINY_RUN,
-                                "--out", str(tmp_path / "bombed")], "bomb.png declares more than")
+        one_line_error(
+            capsys,
+            [
+                "train",
+                "--dataset",
+                "folder",
+                "--data-dir",
+                str(photo_folder),
+                *TINY_RUN,
+                "--out",
+                str(tmp_path / "bombed"),
+            ],
+            "bomb.png declares more than",
+        )
     finally:
         bomb.unlink()
 
 
 def test_eval_arguments_are_checked_like_train(photo_run, tmp_path, capsys):
     run, _ = photo_run
-    one_line_error(capsys, ["eval", str(run), "--device", "tpu"],
-                   "--device", "invalid device='tpu'", "auto, cpu, cuda, cuda:N or mps")
-    one_line_error(capsys, ["train", "--device", "tpu", "--dry-run"], "invalid device='tpu'", "auto, cpu, cuda, cuda:N or mps")
-    one_line_error(capsys, ["eval", str(run), "--data-dir", str(tmp_path / "missing")], "--data-dir",
-                   "expected an existing directory")
+    one_line_error(
+        capsys,
+        ["eval", str(run), "--device", "tpu"],
+        "--device",
+        "invalid device='tpu'",
+        "auto, cpu, cuda, cuda:N or mps",
+    )
+    one_line_error(
+        capsys, ["train", "--device", "tpu", "--dry-run"], "invalid device='tpu'", "auto, cpu, cuda, cuda:N or mps"
+    )
+    one_line_error(
+        capsys,
+        ["eval", str(run), "--data-dir", str(tmp_path / "missing")],
+        "--data-dir",
+        "expected an existing directory",
+    )
     one_line_error(capsys, ["eval", ""], "CHECKPOINT is empty")
     one_line_error(capsys, ["eval", str(run), "--batch-size", "0"], "--batch-size", "positive integer")
     one_line_error(capsys, ["eval", str(run), "--test-subset", "many"], "--test-subset", "'many'")

@@ -54,8 +54,9 @@ def write_mnist_split(directory: Path, split: str, images: np.ndarray, labels: n
     write_idx(directory / f"{prefix}-labels-idx1-ubyte{suffix}", labels.astype(np.uint8), compress=compress)
 
 
-def write_cifar_batch(path: Path, images: np.ndarray, labels: np.ndarray, *, label_key: bytes = b"labels",
-                      protocol: int = 2) -> Path:
+def write_cifar_batch(
+    path: Path, images: np.ndarray, labels: np.ndarray, *, label_key: bytes = b"labels", protocol: int = 2
+) -> Path:
     """Write a CIFAR batch pickle: rows of 3072 bytes (R, G, B planes of 32x32) plus labels."""
     batch = {
         b"batch_label": b"generated batch",
@@ -77,6 +78,7 @@ def random_images(n: int, channels: int, side: int, seed: int) -> np.ndarray:
 @pytest.fixture
 def formats():
     """The writers above, for tests."""
+
     class Formats:
         pass
 

@@ -89,7 +89,7 @@ def test_corrupted_cifar_contents_are_rejected(tmp_path, small_cifar):
         "label range": ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10]}, r"range over \[0, 10\]"),
         "not a dict": ([1, 2, 3], r"holds a list, not a CIFAR batch dict"),
     }
-    for name, (content, message) in cases.items():
+    for content, message in cases.values():
         (directory / "test_batch").write_bytes(pickle.dumps(content, protocol=2))
         with pytest.raises(DatasetError, match=message):
             load_dataset("cifar10", "test", data_dir=tmp_path)

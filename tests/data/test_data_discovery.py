@@ -23,7 +23,9 @@ def test_registry_names_infos_and_unknown_names():
         assert len(info.class_names) == classes == len(set(info.class_names))
     assert dataset_info("CIFAR-10").class_names[0] == "airplane"
     assert canonical_name("FashionMNIST") == "fashion-mnist" and canonical_name("ImageFolder") == "folder"
-    with pytest.raises(DatasetError, match=r"unknown dataset 'imagenet'; allowed: cifar10, cifar100, fashion-mnist, folder, mnist"):
+    with pytest.raises(
+        DatasetError, match=r"unknown dataset 'imagenet'; allowed: cifar10, cifar100, fashion-mnist, folder, mnist"
+    ):
         dataset_info("imagenet")
     with pytest.raises(SphereconvError, match="unknown dataset"):
         load_dataset("svhn", "train")
@@ -53,13 +55,21 @@ def test_search_order_data_dir_env_cache_system(tmp_path, isolated_roots, format
     monkeypatch.setitem(DATASETS, "mnist", dataclasses.replace(DATASETS["mnist"], split_counts={"train": 2, "test": 2}))
     monkeypatch.setenv("SPHERECONV_DATA", str(isolated_roots["env"]))
     given = tmp_path / "given"
-    roots = {"system": isolated_roots["system"], "cache": isolated_roots["cache"],
-             "env": isolated_roots["env"], "given": given}
+    roots = {
+        "system": isolated_roots["system"],
+        "cache": isolated_roots["cache"],
+        "env": isolated_roots["env"],
+        "given": given,
+    }
     images = formats.random_images(2, 1, 28, seed=0)[:, 0]
     for label, root in enumerate(roots.values()):  # each root's copy has its own label
         formats.write_mnist_split(root / "mnist", "test", images, np.full(2, label, np.uint8))
-    assert [p for _, p in search_roots(given)] == [given, isolated_roots["env"], isolated_roots["cache"],
-                                                   isolated_roots["system"]]
+    assert [p for _, p in search_roots(given)] == [
+        given,
+        isolated_roots["env"],
+        isolated_roots["cache"],
+        isolated_roots["system"],
+    ]
     for name in ["given", "env", "cache", "system"]:  # remove the winner each time: the next root wins
         _, y = load_dataset("mnist", "test", data_dir=given if (given / "mnist").exists() else None)
         assert y.tolist() == [list(roots).index(name)] * 2

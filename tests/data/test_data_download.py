@@ -85,8 +85,9 @@ def served_mnist(http_root, formats, monkeypatch):
     data = _serve_mnist(served, formats)
     spec = DATASETS["mnist"]
     downloads = tuple(RemoteFile(r.filename, md5((served / r.filename).read_bytes())) for r in spec.downloads)
-    monkeypatch.setitem(DATASETS, "mnist", dataclasses.replace(
-        spec, downloads=downloads, split_counts={"train": 8, "test": 4}))
+    monkeypatch.setitem(
+        DATASETS, "mnist", dataclasses.replace(spec, downloads=downloads, split_counts={"train": 8, "test": 4})
+    )
     return served, url, data
 
 
@@ -128,8 +129,11 @@ def test_fashion_mnist_download_is_verified_by_content(http_root, formats, monke
         r.filename[:-3]: hashlib.sha256(gzip.decompress((served / r.filename).read_bytes())).hexdigest()
         for r in spec.downloads
     }
-    monkeypatch.setitem(DATASETS, "fashion-mnist", dataclasses.replace(
-        spec, content_sha256=content_sha256, split_counts={"train": 8, "test": 4}))
+    monkeypatch.setitem(
+        DATASETS,
+        "fashion-mnist",
+        dataclasses.replace(spec, content_sha256=content_sha256, split_counts={"train": 8, "test": 4}),
+    )
     _, y = load_dataset("fashion-mnist", "train", data_dir=tmp_path / "ok", download=True, mirror=url, progress=False)
     assert y.tolist() == data["train"][1].tolist()
     # Same structure, one pixel changed: only the content checksum notices.
@@ -156,15 +160,22 @@ def test_cifar_archive_download_and_extraction(http_root, formats, monkeypatch, 
     batches = {}
     rng = np.random.default_rng(5)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        path = formats.write_cifar_batch(tmp_path / "src" / name, formats.random_images(2, 3, 32, len(batches)),
-                                         rng.integers(0, 10, 2))
+        path = formats.write_cifar_batch(
+            tmp_path / "src" / name, formats.random_images(2, 3, 32, len(batches)), rng.integers(0, 10, 2)
+        )
         batches[f"cifar-10-batches-py/{name}"] = path.read_bytes()
     archive = _tar_gz(batches)
     (served / "cifar-10-python.tar.gz").write_bytes(archive)
     spec = DATASETS["cifar10"]
-    monkeypatch.setitem(DATASETS, "cifar10", dataclasses.replace(
-        spec, downloads=(RemoteFile("cifar-10-python.tar.gz", md5(archive), extract=True),),
-        split_counts={"train": 10, "test": 2}))
+    monkeypatch.setitem(
+        DATASETS,
+        "cifar10",
+        dataclasses.replace(
+            spec,
+            downloads=(RemoteFile("cifar-10-python.tar.gz", md5(archive), extract=True),),
+            split_counts={"train": 10, "test": 2},
+        ),
+    )
     x, y = load_dataset("cifar10", "train", data_dir=tmp_path / "data", download=True, mirror=url, progress=False)
     assert x.shape == (10, 3, 32, 32) and y.shape == (10,)
     assert leftovers(tmp_path / "data" / "cifar-10-batches-py") == sorted(n.split("/")[1] for n in batches)

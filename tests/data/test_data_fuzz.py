@@ -27,7 +27,7 @@ def test_random_bytes_never_crash_the_idx_parser(data):
         return
     # Accepted only if the header describes exactly the bytes that follow.
     ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     assert array.shape == dims and 4 + 4 * ndim + array.nbytes == len(data)
 
 

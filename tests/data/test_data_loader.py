@@ -35,7 +35,9 @@ def test_batches_are_scaled_like_the_reference():
     assert torch.equal(x, (images[:16].float() - 127.5) / 128)
     assert x[0].eq(-127.5 / 128).all() and x[1].eq(127.5 / 128).all()
     assert float(x.min()) >= -0.9961 and float(x.max()) <= 0.9961
-    assert torch.equal(normalize_pixels(torch.tensor([0, 255], dtype=torch.uint8)), torch.tensor([-0.99609375, 0.99609375]))
+    assert torch.equal(
+        normalize_pixels(torch.tensor([0, 255], dtype=torch.uint8)), torch.tensor([-0.99609375, 0.99609375])
+    )
 
 
 def test_length_drop_last_and_last_batch():
@@ -85,7 +87,9 @@ def test_ddp_shards_are_disjoint_equal_and_cover(world_size):
         single = DeviceLoader(images, labels, N, seed=7)
         single.set_epoch(epoch)
         assert sum(shards, []) == next(iter(single))[1].tolist()[: len(union)]
-    uneven = [DeviceLoader(images, labels, 4, rank=r, world_size=world_size, even_shards=False) for r in range(world_size)]
+    uneven = [
+        DeviceLoader(images, labels, 4, rank=r, world_size=world_size, even_shards=False) for r in range(world_size)
+    ]
     ids = [torch.cat([y for _, y in loader]).tolist() for loader in uneven]
     assert sorted(sum(ids, [])) == list(range(N))
 
@@ -154,7 +158,7 @@ def test_crop_flip_outputs_are_flipped_crops_of_the_padded_image(pad_mode):
             for dy in range(2 * pad + 1)
             for dx in range(2 * pad + 1)
             for flip in (False, True)
-            if np.array_equal(out, (lambda c: c[:, :, ::-1] if flip else c)(padded[:, dy:dy + 6, dx:dx + 6]))
+            if np.array_equal(out, (lambda c: c[:, :, ::-1] if flip else c)(padded[:, dy : dy + 6, dx : dx + 6]))
         ]
         assert matches, f"sample {index} is not a crop of its padded image"
         seen.add(matches[0])
@@ -197,7 +201,9 @@ def test_invalid_arguments_name_the_value():
 
 
 def test_subset_is_stratified_seeded_and_ordered():
-    labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)[torch.randperm(100, generator=torch.Generator().manual_seed(0))]
+    labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)[
+        torch.randperm(100, generator=torch.Generator().manual_seed(0))
+    ]
     images = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1).expand(100, 1, 2, 2).contiguous()
     sub_x, sub_y = subset(images, labels, 20, seed=1)
     assert sub_y.bincount().tolist() == [12, 6, 2]

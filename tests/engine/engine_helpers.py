@@ -14,9 +14,19 @@ PYTHON = sys.executable
 def tiny_overrides(out: Path, **extra) -> dict:
     """A SphereNet-9 at 1/16 width on 256 real Fashion-MNIST training and 200 test images."""
     values = dict(
-        model="spherenet9", width_mult=0.0625, dataset="fashion-mnist", train_subset=256, test_subset=200,
-        batch_size=32, iterations=12, eval_every=6, checkpoint_every=6, eval_batch_size=200,
-        progress=False, out=str(out), device="cpu",
+        model="spherenet9",
+        width_mult=0.0625,
+        dataset="fashion-mnist",
+        train_subset=256,
+        test_subset=200,
+        batch_size=32,
+        iterations=12,
+        eval_every=6,
+        checkpoint_every=6,
+        eval_batch_size=200,
+        progress=False,
+        out=str(out),
+        device="cpu",
     )
     values.update(extra)
     return values
@@ -32,4 +42,3 @@ def subprocess_env() -> dict:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
-

@@ -21,8 +21,17 @@ class InitialAccuracy(Callback):
 
 def test_narrow_spherenet9_learns_fashion_mnist(tmp_path):
     overrides = tiny_overrides(
-        tmp_path / "run", width_mult=0.125, train_subset=4000, test_subset=1000, batch_size=64, iterations=160,
-        eval_every=0, checkpoint_every=0, eval_batch_size=500, lr_milestones=[0.75])
+        tmp_path / "run",
+        width_mult=0.125,
+        train_subset=4000,
+        test_subset=1000,
+        batch_size=64,
+        iterations=160,
+        eval_every=0,
+        checkpoint_every=0,
+        eval_batch_size=500,
+        lr_milestones=[0.75],
+    )
     initial = InitialAccuracy()
     summary = train(load_config(None, overrides), [initial])
     assert initial.accuracy < 0.3

@@ -104,8 +104,14 @@ class _RunsCode:
 def test_pickle_carrying_code_is_refused(tmp_path, legacy):
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.pt"
-    payload = {"format": ckpt.FORMAT_NAME, "format_version": ckpt.FORMAT_VERSION, "step": 1,
-               "model": {}, "config": {}, "extra": _RunsCode(marker)}
+    payload = {
+        "format": ckpt.FORMAT_NAME,
+        "format_version": ckpt.FORMAT_VERSION,
+        "step": 1,
+        "model": {},
+        "config": {},
+        "extra": _RunsCode(marker),
+    }
     if legacy:
         with open(path, "wb") as handle:  # a plain pickle, not torch's zip container
             pickle.dump(payload, handle, protocol=2)
@@ -129,14 +135,15 @@ def test_rng_state_round_trip():
 
 
 def _tiny(operator="cosine", width=0.0625):
-    return create_model("spherenet9", num_classes=10, in_channels=1, image_size=28, operator=operator,
-                        width_mult=width)
+    return create_model("spherenet9", num_classes=10, in_channels=1, image_size=28, operator=operator, width_mult=width)
 
 
 def test_different_model_is_a_one_line_error():
     saved = {"model": "spherenet9", "operator": "cosine", "width_mult": 0.5}
     with pytest.raises(CheckpointError) as info:
-        ckpt.check_config_compatible(saved, {**saved, "model": "spherenet18", "operator": "linear"}, "checkpoint 'x.pt'")
+        ckpt.check_config_compatible(
+            saved, {**saved, "model": "spherenet18", "operator": "linear"}, "checkpoint 'x.pt'"
+        )
     message = str(info.value)
     assert "\n" not in message
     assert "model 'spherenet9' with operator 'cosine', not model 'spherenet18' with operator 'linear'" in message
@@ -212,7 +219,10 @@ def test_header_and_version_must_agree(tmp_path, caplog):
     assert "no integrity digest" in caplog.text
     # A version-2 payload whose header was stripped is not taken for an unverified old file.
     stripped = tmp_path / "stripped.pt"
-    stripped.write_bytes(ckpt.atomic_save({**payload, "format_version": ckpt.FORMAT_VERSION},
-                                          tmp_path / "full.pt").read_bytes()[ckpt.HEADER_BYTES:])
+    stripped.write_bytes(
+        ckpt.atomic_save({**payload, "format_version": ckpt.FORMAT_VERSION}, tmp_path / "full.pt").read_bytes()[
+            ckpt.HEADER_BYTES :
+        ]
+    )
     with pytest.raises(CheckpointError, match="corrupt: format version 2 without its integrity header"):
         ckpt.load_checkpoint(stripped)

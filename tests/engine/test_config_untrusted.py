@@ -104,8 +104,14 @@ def test_deep_nesting_and_unreadable_numbers_are_one_line_errors(tmp_path):
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("lr", shared_nesting()), ("lr", "9" * 1_000_000), ("seed", 10**5000), ("optimizer", "x" * 1_000_000),
-     ("device", "cuda:" + "1" * 100_000), ("lr_milestones", shared_nesting())],
+    [
+        ("lr", shared_nesting()),
+        ("lr", "9" * 1_000_000),
+        ("seed", 10**5000),
+        ("optimizer", "x" * 1_000_000),
+        ("device", "cuda:" + "1" * 100_000),
+        ("lr_milestones", shared_nesting()),
+    ],
     ids=["shared-list", "long-string", "huge-int", "long-choice", "long-device", "milestones"],
 )
 def test_error_messages_never_print_unbounded_values(key, value):

@@ -1,8 +1,8 @@
 """A user's first short run learns with default flags (no YAML file, no BatchNorm or loss options).
 
-The library's defaults serve short runs (README, 'Defaults vs the reference recipe'): BatchNorm momentum 0.1 instead of the
-reference's 0.001, which leaves a run of a few hundred steps evaluating at chance. Both tests train
-on real images: a PNG folder written from Fashion-MNIST test images, and Fashion-MNIST itself.
+The library's defaults serve short runs (README, 'Defaults vs the reference recipe'): BatchNorm
+momentum 0.1 instead of the reference's 0.001, which leaves a run of a few hundred steps
+evaluating at chance. Both tests train on real images: a PNG folder written from Fashion-MNIST test images, and Fashion-MNIST itself.
 """
 
 from __future__ import annotations
@@ -22,8 +22,14 @@ from sphereconv.data.idx import read_idx
 ROOT = Path(__file__).resolve().parents[2]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # The paper-recipe configs: they, not the defaults, carry the reference's BatchNorm decay 0.999.
-PAPER_CONFIGS = ("spherenet9_cifar10", "spherenet9_cifar100", "cnn9_cifar10", "cnn9_cifar100",
-                 "resnet32_cifar10plus", "sphere_resnet32_cifar10plus")
+PAPER_CONFIGS = (
+    "spherenet9_cifar10",
+    "spherenet9_cifar100",
+    "cnn9_cifar10",
+    "cnn9_cifar100",
+    "resnet32_cifar10plus",
+    "sphere_resnet32_cifar10plus",
+)
 # Images per class written to the folder (the flat layout holds 20% of them out as the test split).
 IMAGES_PER_CLASS = 1000
 # What the defaults must reach. With the reference's BatchNorm momentum 0.001 as the default these
@@ -76,17 +82,46 @@ def test_png_folder_round_trips_the_images(fashion_png_folder):
 @pytest.mark.slow
 @pytest.mark.parametrize("operator", ["none", "cosine"])
 def test_default_flags_learn_on_an_image_folder(fashion_png_folder, tmp_path, operator):
-    summary = _train(["--model", "spherenet9", "--operator", operator, "--dataset", "folder",
-                      "--data-dir", str(fashion_png_folder), "--width-mult", "0.25", "--epochs", "2",
-                      "--out", str(tmp_path / "run")])
+    summary = _train(
+        [
+            "--model",
+            "spherenet9",
+            "--operator",
+            operator,
+            "--dataset",
+            "folder",
+            "--data-dir",
+            str(fashion_png_folder),
+            "--width-mult",
+            "0.25",
+            "--epochs",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert summary["final_test_acc"] > FOLDER_THRESHOLD, summary
     assert summary["epochs"] == 2
 
 
 @pytest.mark.slow
 def test_default_flags_learn_fashion_mnist_in_one_epoch_of_5000(tmp_path):
-    summary = _train(["--model", "spherenet9", "--width-mult", "0.25", "--dataset", "fashion-mnist",
-                      "--train-subset", "5000", "--epochs", "1", "--out", str(tmp_path / "run")])
+    summary = _train(
+        [
+            "--model",
+            "spherenet9",
+            "--width-mult",
+            "0.25",
+            "--dataset",
+            "fashion-mnist",
+            "--train-subset",
+            "5000",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert summary["final_test_acc"] > FASHION_MNIST_THRESHOLD, summary
     assert summary["steps"] == 5000 // 128  # 39 steps of the default batch 128
 
@@ -109,7 +144,9 @@ def test_short_run_defaults_and_reference_configs():
 def test_train_flags_set_bn_momentum_weight_decay_and_label_smoothing(capsys):
     import yaml
 
-    assert main(["train", "--bn-momentum", "0.001", "--weight-decay", "0", "--label-smoothing", "0.01", "--dry-run"]) == 0
+    assert (
+        main(["train", "--bn-momentum", "0.001", "--weight-decay", "0", "--label-smoothing", "0.01", "--dry-run"]) == 0
+    )
     resolved = yaml.safe_load(capsys.readouterr().out.split("config is valid")[0])
     assert (resolved["bn_momentum"], resolved["weight_decay"], resolved["label_smoothing"]) == (0.001, 0.0, 0.01)
     assert main(["train", "--bn-momentum", "2", "--dry-run"]) != 0

@@ -35,16 +35,32 @@ def _env() -> dict:
 
 
 def _torchrun(overrides: dict, *options) -> list[str]:
-    return [PYTHON, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "--max_restarts", "0",
-            str(TRAIN_SCRIPT), json.dumps(overrides), *map(str, options)]
+    return [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "--max_restarts",
+        "0",
+        str(TRAIN_SCRIPT),
+        json.dumps(overrides),
+        *map(str, options),
+    ]
 
 
 def test_two_ranks_hold_identical_weights(tmp_path):
     out = tmp_path / "run"
     overrides = tiny_overrides(out, iterations=6, eval_every=3, checkpoint_every=3, augment="crop_flip")
-    result = subprocess.run(_torchrun(overrides, "--dump-dir", tmp_path), env=_env(), capture_output=True,
-                            text=True, timeout=RUN_TIMEOUT_S)
+    result = subprocess.run(
+        _torchrun(overrides, "--dump-dir", tmp_path), env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = [json.loads((tmp_path / f"summary_rank{rank}.json").read_text()) for rank in (0, 1)]
     assert len(summaries) == 2 and all(s["world_size"] == 2 for s in summaries)
@@ -65,8 +81,13 @@ def test_two_ranks_hold_identical_weights(tmp_path):
 def test_dead_rank_makes_the_others_exit(tmp_path):
     overrides = tiny_overrides(tmp_path / "run", iterations=200, eval_every=0, checkpoint_every=0)
     started = time.monotonic()
-    result = subprocess.run(_torchrun(overrides, "--exit-rank", 1, "--exit-at-step", 3), env=_env(),
-                            capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    result = subprocess.run(
+        _torchrun(overrides, "--exit-rank", 1, "--exit-at-step", 3),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert "rank 1 exiting at step 3" in result.stdout
     assert result.returncode != 0
     assert "SUMMARY" not in result.stdout  # rank 0 did not carry on alone

@@ -42,8 +42,15 @@ def real_batch():
 
 def tiny_model(operator: str, batch_norm: bool) -> nn.Module:
     torch.manual_seed(0)
-    return create_model("spherenet9", num_classes=10, in_channels=1, image_size=28, operator=operator,
-                        width_mult=0.0625, batch_norm=batch_norm)
+    return create_model(
+        "spherenet9",
+        num_classes=10,
+        in_channels=1,
+        image_size=28,
+        operator=operator,
+        width_mult=0.0625,
+        batch_norm=batch_norm,
+    )
 
 
 def test_cosine_map_matches_explicit_patches_and_sphereconv():
@@ -55,8 +62,9 @@ def test_cosine_map_matches_explicit_patches_and_sphereconv():
     patches = nn.functional.unfold(x, 3, padding=1).transpose(1, 2)  # (N, H*W, 27)
     w = conv.weight.detach().flatten(1)  # (4, 27)
     eps = 1e-4
-    expected = (patches @ w.T) / ((patches.square().sum(-1, keepdim=True) + eps).sqrt()
-                                  * (w.square().sum(-1) + eps).sqrt())
+    expected = (patches @ w.T) / (
+        (patches.square().sum(-1, keepdim=True) + eps).sqrt() * (w.square().sum(-1) + eps).sqrt()
+    )
     assert cos.shape == (2, 4, 6, 5)
     # Equal up to where the small epsilon inside the norms enters (the layer's own convention).
     torch.testing.assert_close(cos.flatten(2).transpose(1, 2), expected, rtol=0, atol=1e-3)

@@ -12,20 +12,20 @@ from sphereconv.losses import build_loss, list_losses
 from sphereconv.models import create_model, list_models
 from sphereconv.nn import DecoupledConv2d, SphereLinear
 
-
 # The weight-decay group of every parameter, by the type of the layer that owns it and the
-# parameter's name (optim's module docstring gives the reasons; the paper's Sec. 5 / wy1iu/SphereNet the reference recipe).
+# parameter's name (optim's module docstring gives the reasons; the paper's Sec. 5 and
+# wy1iu/SphereNet give the reference recipe).
 GROUP_TABLE = {
-    ("Conv2d", "weight"): "default",            # CNN filters, stems and projection shortcuts
+    ("Conv2d", "weight"): "default",  # CNN filters, stems and projection shortcuts
     ("BatchNorm2d", "weight"): "default",
     ("BatchNorm2d", "bias"): "default",
-    ("Linear", "weight"): "default",            # the model's own classifier
+    ("Linear", "weight"): "default",  # the model's own classifier
     ("SphereConv2d", "weight"): "sphere",
     ("SphereConv2d", "sigmoid_k_raw"): "no_decay",
     ("SphereNorm2d", "weight"): "sphere",
     ("SphereNorm2d", "sigmoid_k_raw"): "no_decay",
     ("SphereNorm2d", "magnitude_logit"): "no_decay",
-    ("SphereNorm2d", "gamma"): "default",       # rescaling factors, decayed like BatchNorm's
+    ("SphereNorm2d", "gamma"): "default",  # rescaling factors, decayed like BatchNorm's
     ("SphereNorm2d", "beta"): "default",
     ("SphereLinear", "weight"): "sphere",
     ("SphereLinear", "sigmoid_k_raw"): "no_decay",
@@ -70,8 +70,11 @@ def _assert_groups_match_table(modules: list[nn.Module]) -> set[tuple[str, str]]
 @pytest.mark.parametrize("model_name", list_models())
 def test_every_parameter_of_every_model_and_loss_is_in_its_table_group(model_name):
     used = set()
-    for kwargs in ({"operator": "none"}, {"operator": "learnable_sigmoid"},
-                   {"operator": "learnable_sigmoid", "sphere_norm": True, "batch_norm": False}):
+    for kwargs in (
+        {"operator": "none"},
+        {"operator": "learnable_sigmoid"},
+        {"operator": "learnable_sigmoid", "sphere_norm": True, "batch_norm": False},
+    ):
         model = _model(model_name, feature_dim=8, **kwargs)
         for loss_name in list_losses():
             loss = build_loss(loss_name, model.num_features, 10)

@@ -13,9 +13,18 @@ from sphereconv.engine.step import StepResult
 
 # The progress dictionary as checkpoints store it (written by the trainer before RunProgress).
 OLD_FORMAT = {
-    "skipped_steps": 1, "consecutive_nonfinite": 0, "window_loss": 12.5, "window_correct": 20.0,
-    "window_images": 32.0, "window_seconds": 0.75, "window_steps_images": 64.0, "seconds": 9.5,
-    "train_seconds": 4.25, "images_seen": 384.0, "best_test_acc": 0.625, "best_step": 6,
+    "skipped_steps": 1,
+    "consecutive_nonfinite": 0,
+    "window_loss": 12.5,
+    "window_correct": 20.0,
+    "window_images": 32.0,
+    "window_seconds": 0.75,
+    "window_steps_images": 64.0,
+    "seconds": 9.5,
+    "train_seconds": 4.25,
+    "images_seen": 384.0,
+    "best_test_acc": 0.625,
+    "best_step": 6,
     "last_eval": {"step": 6, "test_acc": 0.625, "test_loss": 1.1, "train_loss": 1.3, "train_acc": 0.5},
 }
 

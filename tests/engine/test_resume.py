@@ -13,9 +13,9 @@ import time
 
 import pytest
 import torch
-from cli_helpers import folder_snapshot
 from engine_helpers import PYTHON, TRAIN_SCRIPT, subprocess_env, tiny_overrides
 
+from cli_helpers import folder_snapshot
 from sphereconv.engine import load_config, train
 from sphereconv.engine.atomic import TEMP_PREFIX
 from sphereconv.engine.checkpoint import (
@@ -35,9 +35,19 @@ PROCESS_TIMEOUT_S = 120
 
 
 def _overrides(out, **extra):
-    settings = dict(iterations=TOTAL_STEPS, train_subset=288, test_subset=100, eval_batch_size=100,
-                    eval_every=10, checkpoint_every=10, keep_checkpoints=3, augment="crop_flip",
-                    loss="ga_softmax", loss_kwargs={"margin": 2.0}, lr_milestones=[0.5, 0.8])
+    settings = dict(
+        iterations=TOTAL_STEPS,
+        train_subset=288,
+        test_subset=100,
+        eval_batch_size=100,
+        eval_every=10,
+        checkpoint_every=10,
+        keep_checkpoints=3,
+        augment="crop_flip",
+        loss="ga_softmax",
+        loss_kwargs={"margin": 2.0},
+        lr_milestones=[0.5, 0.8],
+    )
     return tiny_overrides(out, **{**settings, **extra})
 
 
@@ -46,14 +56,16 @@ def _command(overrides, *options):
 
 
 def _run(overrides, *options):
-    return subprocess.run(_command(overrides, *options), env=subprocess_env(), capture_output=True, text=True,
-                          timeout=PROCESS_TIMEOUT_S)
+    return subprocess.run(
+        _command(overrides, *options), env=subprocess_env(), capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S
+    )
 
 
 def _run_and_signal(overrides, signum, delay_s):
     """Start a run, wait until its loop has started, wait ``delay_s`` more, send ``signum``."""
-    process = subprocess.Popen(_command(overrides), env=subprocess_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        _command(overrides), env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         line = process.stdout.readline()
         assert line.startswith("STARTED"), (line, process.stderr.read())
@@ -168,7 +180,9 @@ def test_resume_may_not_stretch_a_schedule_defined_by_the_run_length(tmp_path):
     with pytest.raises(ConfigError, match=r"iterations=8 gives 8 steps, but schedule='cosine' spans the run's 6 steps"):
         train(load_config(None, tiny_overrides(out, **{**settings, "iterations": 8, "resume": True})))
     with pytest.raises(ConfigError, match=r"epochs=0.25 gives 2 steps, .* already at step 6"):
-        train(load_config(None, tiny_overrides(out, **{**settings, "iterations": None, "epochs": 0.25, "resume": True})))
+        train(
+            load_config(None, tiny_overrides(out, **{**settings, "iterations": None, "epochs": 0.25, "resume": True}))
+        )
     assert folder_snapshot(out) == before
     # Changing only how often it checkpoints is allowed, and recorded with the step it applies from.
     summary = train(load_config(None, tiny_overrides(out, **{**settings, "checkpoint_every": 2, "resume": True})))

@@ -9,9 +9,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from cli_helpers import TINY, folder_snapshot, run_cli
 from engine_helpers import PYTHON, subprocess_env
 
+from cli_helpers import TINY, folder_snapshot, run_cli
 from sphereconv.engine.atomic import TEMP_PREFIX
 from sphereconv.engine.checkpoint import (
     checkpoint_dir,
@@ -53,7 +53,9 @@ def test_a_folder_that_is_not_a_run_is_never_overwritten(tmp_path):
     assert code == 2 and err.count("\n") == 1 and "holds config.yaml, which no sphereconv run wrote" in err
     # The user's commented config used as --config inside --out.
     for extra in ([], ["--overwrite"]):
-        code, _, err = run_cli("train", "--config", folder / "config.yaml", *TINY, "--iterations", 2, "--out", folder, *extra)
+        code, _, err = run_cli(
+            "train", "--config", folder / "config.yaml", *TINY, "--iterations", 2, "--out", folder, *extra
+        )
         assert code == 2 and err.count("\n") == 1, err
     assert folder_snapshot(folder) == before
 
@@ -81,8 +83,19 @@ def test_only_temporaries_of_checkpoint_writes_are_removed(tmp_path):
 
 def test_second_trainer_on_the_same_folder_fails_at_once(tmp_path):
     out = tmp_path / "run"
-    command = [PYTHON, "-m", "sphereconv.cli.main", "train", *TINY, "--iterations", str(HOLDER_STEPS),
-               "--eval-every", "15", "--out", str(out)]
+    command = [
+        PYTHON,
+        "-m",
+        "sphereconv.cli.main",
+        "train",
+        *TINY,
+        "--iterations",
+        str(HOLDER_STEPS),
+        "--eval-every",
+        "15",
+        "--out",
+        str(out),
+    ]
     holder = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # The marker is written under the lock, once the run is set up: from then on it is held.
@@ -94,7 +107,9 @@ def test_second_trainer_on_the_same_folder_fails_at_once(tmp_path):
         code, _, err = run_cli("train", *TINY, "--iterations", HOLDER_STEPS, "--out", out, "--overwrite")
         refused_after = time.monotonic() - started
         assert holder.poll() is None, "the first trainer finished before the second one tried"
-        assert code == 2 and err.count("\n") == 1 and "is in use: another sphereconv train process holds its lock" in err
+        assert (
+            code == 2 and err.count("\n") == 1 and "is in use: another sphereconv train process holds its lock" in err
+        )
         assert refused_after < REFUSAL_BOUND_S
         stdout, stderr = holder.communicate(timeout=PROCESS_TIMEOUT_S)
     finally:

@@ -19,8 +19,14 @@ CLASSES = 3
 
 def _module() -> TrainingModule:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(4, CLASSES))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, CLASSES),
+    )
     return TrainingModule(model).train()
 
 
@@ -90,10 +96,12 @@ def test_step_totals_go_through_the_reduction_and_channels_last_and_bf16_apply()
         return tensor * 2  # as if a second rank had the same totals
 
     seen = []
-    module.model[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(
-        memory_format=torch.channels_last)))
-    step = TrainStep(module, optimizer, amp="bf16", channels_last=True, orthogonality=1e-4,
-                     all_reduce_sum=all_reduce_sum)
+    module.model[0].register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    step = TrainStep(
+        module, optimizer, amp="bf16", channels_last=True, orthogonality=1e-4, all_reduce_sum=all_reduce_sum
+    )
     result = step(*_batch())
     assert len(reduced) == 1 and reduced[0].dtype == torch.float64
     assert result.images == 2 * BATCH and math.isfinite(result.loss) and not result.skipped

@@ -19,16 +19,38 @@ from sphereconv.engine import loaders as loaders_module
 from sphereconv.engine.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from sphereconv.errors import CheckpointError, ConfigError, SphereconvError, TrainingDivergedError
 
-METRIC_KEYS = {"step", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds",
-               "images_per_second"}
-SUMMARY_KEYS = {"final_test_acc", "best_test_acc", "best_step", "steps", "images_per_second", "model", "operator",
-                "dataset", "loss", "seed", "seconds", "skipped_steps"}
+METRIC_KEYS = {
+    "step",
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "lr",
+    "seconds",
+    "images_per_second",
+}
+SUMMARY_KEYS = {
+    "final_test_acc",
+    "best_test_acc",
+    "best_step",
+    "steps",
+    "images_per_second",
+    "model",
+    "operator",
+    "dataset",
+    "loss",
+    "seed",
+    "seconds",
+    "skipped_steps",
+}
 _CACHE: dict = {}
 
 
 @pytest.fixture(autouse=True)
 def cached_dataset(monkeypatch):
     """Read each real Fashion-MNIST split once per test session (the files are verified each read)."""
+
     def cached(name, split, data_dir=None, download=False, **kwargs):
         key = (name, split, data_dir)
         if key not in _CACHE:
@@ -103,15 +125,19 @@ class PoisonBatches(Callback):
 
     def on_batch(self, step, images, labels):
         if step in self.steps:
-            self.before[step] = {**_state_copy(self.trainer.model),
-                                 **{f"opt.{k}": v for k, v in _optimizer_tensors(self.trainer.optimizer).items()}}
+            self.before[step] = {
+                **_state_copy(self.trainer.model),
+                **{f"opt.{k}": v for k, v in _optimizer_tensors(self.trainer.optimizer).items()},
+            }
             return torch.full_like(images, float("nan")), labels
         return None
 
     def on_step_end(self, step, info):
         if step in self.steps:
-            self.after[step] = {**_state_copy(self.trainer.model),
-                                **{f"opt.{k}": v for k, v in _optimizer_tensors(self.trainer.optimizer).items()}}
+            self.after[step] = {
+                **_state_copy(self.trainer.model),
+                **{f"opt.{k}": v for k, v in _optimizer_tensors(self.trainer.optimizer).items()},
+            }
             assert info["skipped"]
 
 
@@ -193,6 +219,7 @@ def test_out_of_memory_names_the_batch_size(tmp_path):
         def on_train_start(self, trainer):
             def forward(images):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
             trainer.model.forward = forward
 
     with pytest.raises(SphereconvError) as info:
@@ -203,11 +230,22 @@ def test_out_of_memory_names_the_batch_size(tmp_path):
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
 
 
-@pytest.mark.parametrize("overrides", [
-    {"amp": "bf16", "channels_last": True, "loss": "cosface", "optimizer": "adamw", "schedule": "cosine"},
-    {"operator": "none", "loss": "a_softmax", "optimizer": "sgd", "lr": 0.01, "schedule": "onecycle",
-     "augment": "flip", "grad_clip": 1.0, "label_smoothing": 0.1},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"amp": "bf16", "channels_last": True, "loss": "cosface", "optimizer": "adamw", "schedule": "cosine"},
+        {
+            "operator": "none",
+            "loss": "a_softmax",
+            "optimizer": "sgd",
+            "lr": 0.01,
+            "schedule": "onecycle",
+            "augment": "flip",
+            "grad_clip": 1.0,
+            "label_smoothing": 0.1,
+        },
+    ],
+)
 def test_options_train_to_finite_results(tmp_path, overrides):
     summary = train(_config(tmp_path, iterations=4, eval_every=0, **overrides))
     assert summary["steps"] == 4 and summary["skipped_steps"] == 0

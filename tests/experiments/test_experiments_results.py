@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from png_checks import CURVE_PLOT_SIZE, assert_png
+
+from sphereconv.errors import ConfigError, SphereconvError
 from sphereconv.experiments import paper
 from sphereconv.experiments.definitions import EXPERIMENTS, Variant, get_experiment
 from sphereconv.experiments.overlay import collect_curves, overlay_runs, run_label
@@ -22,7 +23,6 @@ from sphereconv.experiments.results import (
     read_metrics,
     summarise_runs,
 )
-from sphereconv.errors import ConfigError, SphereconvError
 
 
 def write_run(run_dir: Path, accs: list[float], losses: list[float] | None = None, every: int = 10, **summary) -> Path:
@@ -31,15 +31,30 @@ def write_run(run_dir: Path, accs: list[float], losses: list[float] | None = Non
     losses = losses or [2.0 / (i + 1) for i in range(len(accs))]
     with (run_dir / "metrics.jsonl").open("w") as handle:
         for i, (acc, loss) in enumerate(zip(accs, losses), start=1):
-            handle.write(json.dumps({"step": i * every, "epoch": i, "train_loss": loss, "test_acc": acc, "lr": 1e-3, "seconds": i}) + "\n")
-    document = {"final_test_acc": accs[-1], "best_test_acc": max(accs), "steps": len(accs) * every, "images_per_second": 100.0}
+            handle.write(
+                json.dumps(
+                    {"step": i * every, "epoch": i, "train_loss": loss, "test_acc": acc, "lr": 1e-3, "seconds": i}
+                )
+                + "\n"
+            )
+    document = {
+        "final_test_acc": accs[-1],
+        "best_test_acc": max(accs),
+        "steps": len(accs) * every,
+        "images_per_second": 100.0,
+    }
     document.update(summary)
     (run_dir / "summary.json").write_text(json.dumps(document))
     return run_dir
 
 
 def test_iterations_to_reach_is_the_first_evaluation_at_or_above_the_threshold():
-    metrics = [{"step": 10, "test_acc": 0.5}, {"step": 20, "test_acc": 0.8}, {"step": 30, "test_acc": 0.79}, {"step": 40, "test_acc": 0.9}]
+    metrics = [
+        {"step": 10, "test_acc": 0.5},
+        {"step": 20, "test_acc": 0.8},
+        {"step": 30, "test_acc": 0.79},
+        {"step": 40, "test_acc": 0.9},
+    ]
     assert iterations_to_reach(metrics, 0.8) == 20
     assert iterations_to_reach(metrics, 0.85) == 40
     assert iterations_to_reach(metrics, 0.95) is None
@@ -82,8 +97,13 @@ def test_report_table_shows_mean_std_thresholds_and_paper_values():
     variant = Variant("cnn", "CNN-9", {"operator": "none"}, paper.CNN9_SOFTMAX)
     other = Variant("cosine", "SphereNet-9 cosine", {"operator": "cosine"})
     summary = {
-        "seeds": 3, "final_test_acc_mean": 0.8512, "final_test_acc_std": 0.0031, "best_test_acc_mean": 0.86,
-        "best_test_acc_std": 0.002, "images_per_second": 1234.0, "iterations_to": {"0.8": 300.0, "0.9": None},
+        "seeds": 3,
+        "final_test_acc_mean": 0.8512,
+        "final_test_acc_std": 0.0031,
+        "best_test_acc_mean": 0.86,
+        "best_test_acc_std": 0.002,
+        "images_per_second": 1234.0,
+        "iterations_to": {"0.8": 300.0, "0.9": None},
         "reached": {"0.8": 2, "0.9": 0},
     }
     table = render_table([(variant, summary), (other, summary)], (0.8, 0.9), seeds=3)
@@ -99,7 +119,14 @@ def test_report_table_shows_mean_std_thresholds_and_paper_values():
 def test_write_report_creates_markdown_and_json(tmp_path):
     experiment = get_experiment("convergence")
     runs = [RunResult.load(write_run(tmp_path / "r" / "seed0", [0.5, 0.9]), 0)]
-    context = ReportContext(command="sphereconv reproduce convergence", scale="smoke", dataset="fashion-mnist", device="cpu", seeds=1, thresholds=(0.8,))
+    context = ReportContext(
+        command="sphereconv reproduce convergence",
+        scale="smoke",
+        dataset="fashion-mnist",
+        device="cpu",
+        seeds=1,
+        thresholds=(0.8,),
+    )
     collected = [(v, runs, summarise_runs(runs, (0.8,))) for v in experiment.variants]
     report = write_report(tmp_path / "out", experiment, context, collected, ["test_acc.png"])
     text = report.read_text()
@@ -113,7 +140,15 @@ def test_write_report_creates_markdown_and_json(tmp_path):
 
 def test_every_experiment_has_unique_filesystem_safe_variant_names():
     assert set(EXPERIMENTS) == {
-        "operators", "orthogonality", "width", "depth", "spherenorm", "learnable", "resnet", "features2d", "convergence",
+        "operators",
+        "orthogonality",
+        "width",
+        "depth",
+        "spherenorm",
+        "learnable",
+        "resnet",
+        "features2d",
+        "convergence",
     }
     for experiment in EXPERIMENTS.values():
         names = experiment.variant_names()
@@ -148,14 +183,22 @@ def test_aggregate_curves_takes_mean_min_max_over_seeds():
 
 
 def test_curve_sweep_and_feature_plots_are_real_images(tmp_path):
-    groups = {"cnn": [([10, 20, 30], [0.3, 0.5, 0.6]), ([10, 20, 30], [0.35, 0.55, 0.62])], "sphere": [([10, 20, 30], [0.4, 0.6, 0.7])]}
+    groups = {
+        "cnn": [([10, 20, 30], [0.3, 0.5, 0.6]), ([10, 20, 30], [0.35, 0.55, 0.62])],
+        "sphere": [([10, 20, 30], [0.4, 0.6, 0.7])],
+    }
     assert_png(plot_curves(groups, tmp_path / "curves.png", metric="test_acc", title="t"))
-    sweep = {"BatchNorm": [(2, [0.5, 0.55]), (8, [0.7]), (32, [0.8])], "SphereNorm": [(2, [0.6]), (8, [0.72]), (32, [0.79])]}
+    sweep = {
+        "BatchNorm": [(2, [0.5, 0.55]), (8, [0.7]), (32, [0.8])],
+        "SphereNorm": [(2, [0.6]), (8, [0.72]), (32, [0.79])],
+    }
     assert_png(plot_sweep(sweep, tmp_path / "sweep.png", xlabel="batch", log_x=True))
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 500)
     features = np.stack([np.cos(labels), np.sin(labels)], 1) * rng.uniform(1, 3, (500, 1))
-    pixels = assert_png(plot_features2d([("cnn", features, labels), ("sphere", features / 3, labels)], tmp_path / "f.png"), size=None)
+    pixels = assert_png(
+        plot_features2d([("cnn", features, labels), ("sphere", features / 3, labels)], tmp_path / "f.png"), size=None
+    )
     assert pixels.shape[1] == 800 and pixels.shape[0] == 460
 
 

@@ -6,8 +6,8 @@ import json
 import re
 
 import pytest
-
 from png_checks import CURVE_PLOT_SIZE, assert_png
+
 from sphereconv.cli.main import main
 from sphereconv.experiments.definitions import EXPERIMENTS, get_experiment
 from sphereconv.experiments.plots import DPI, FEATURE_PANEL_INCHES

@@ -70,8 +70,17 @@ def test_features2d_ga_row_states_and_trains_its_margin():
 
 
 def test_every_margin_row_of_every_experiment_states_its_margin():
-    for name in ("operators", "orthogonality", "width", "depth", "spherenorm", "learnable", "resnet",
-                 "features2d", "convergence"):
+    for name in (
+        "operators",
+        "orthogonality",
+        "width",
+        "depth",
+        "spherenorm",
+        "learnable",
+        "resnet",
+        "features2d",
+        "convergence",
+    ):
         for variant in get_experiment(name).variants:
             if variant.overrides.get("loss") in ("ga_softmax", "a_softmax", "cosface", "arcface"):
                 assert "margin" in variant.overrides.get("loss_kwargs", {}), (name, variant.name)
@@ -97,8 +106,15 @@ def test_head_inherits_the_model_operator_unless_loss_kwargs_override():
         assert head_operator(config) == expected
         _, loss = _model_and_loss(config)
         assert loss.operator == expected and loss.sigmoid_k == 0.5
-    config = load_config(None, {"operator": "linear", "loss": "weight_normalized",
-                                "loss_kwargs": {"operator": "square_cosine"}, "width_mult": 0.0625})
+    config = load_config(
+        None,
+        {
+            "operator": "linear",
+            "loss": "weight_normalized",
+            "loss_kwargs": {"operator": "square_cosine"},
+            "width_mult": 0.0625,
+        },
+    )
     assert _model_and_loss(config)[1].operator == "square_cosine"
 
 
@@ -126,10 +142,22 @@ class _LossProbe(Callback):
 def test_trainer_anneals_over_its_run_and_logs_lambda(tmp_path):
     import json
 
-    overrides = dict(model="spherenet9", width_mult=0.0625, dataset="fashion-mnist", train_subset=256,
-                     test_subset=100, batch_size=32, iterations=8, eval_every=4, checkpoint_every=0,
-                     eval_batch_size=100, progress=False, out=str(tmp_path / "run"), device="cpu",
-                     loss="ga_softmax")
+    overrides = dict(
+        model="spherenet9",
+        width_mult=0.0625,
+        dataset="fashion-mnist",
+        train_subset=256,
+        test_subset=100,
+        batch_size=32,
+        iterations=8,
+        eval_every=4,
+        checkpoint_every=0,
+        eval_batch_size=100,
+        progress=False,
+        out=str(tmp_path / "run"),
+        device="cpu",
+        loss="ga_softmax",
+    )
     probe = _LossProbe()
     train(load_config(None, overrides), [probe])
     assert probe.anneal_iterations == probe.total_steps == 8

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from png_checks import CURVE_PLOT_SIZE, assert_png
+
 from sphereconv.cli.main import main
 from sphereconv.errors import ConfigError
 from sphereconv.experiments.sweep import load_grid, plan_grid
@@ -22,7 +22,10 @@ TINY_GRID = {
     "seeds": [0, 1],
     "baseline": "cnn",
     "base": {"model": "spherenet9", "model_kwargs": {"bn_momentum": 0.1}, "dataset": "fashion-mnist"},
-    "models": {"cnn": {"label": "CNN-9", "operator": "none"}, "cosine": {"label": "SphereNet-9 cosine", "operator": "cosine"}},
+    "models": {
+        "cnn": {"label": "CNN-9", "operator": "none"},
+        "cosine": {"label": "SphereNet-9 cosine", "operator": "cosine"},
+    },
     "regimes": {"A": {"label": "regime A", "width_mult": 0.25}},
     "stages": [{"regime": "A", "models": ["cnn", "cosine"]}],
 }
@@ -34,17 +37,44 @@ def write_grid(path: Path, **changes) -> Path:
 
 
 def grid_main(grid: Path, out: Path, *extra: str) -> int:
-    return main(["reproduce", "--grid", str(grid), "--scale", "smoke", "--device", "cpu", "--no-progress", "--out", str(out), *extra])
+    return main(
+        [
+            "reproduce",
+            "--grid",
+            str(grid),
+            "--scale",
+            "smoke",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def test_claims_grid_is_the_registered_protocol(tmp_path):
     plan = plan_grid(load_grid(CLAIMS), out=tmp_path, progress=False)
     assert len(plan.runs) == 60 and plan.results_dir == Path("docs/results/sweep")
     # Paired order: CNN and cosine alternate seed by seed before anything else runs.
-    assert [r.run_id for r in plan.runs[:6]] == ["S-cnn-s0", "S-cosine-s0", "S-cnn-s1", "S-cosine-s1", "S-cnn-s2", "S-cosine-s2"]
+    assert [r.run_id for r in plan.runs[:6]] == [
+        "S-cnn-s0",
+        "S-cosine-s0",
+        "S-cnn-s1",
+        "S-cosine-s1",
+        "S-cnn-s2",
+        "S-cosine-s2",
+    ]
     assert [r.run_id for r in plan.runs[6:8]] == ["S-linear-s0", "S-sigmoid-s0"]
     first = plan.runs[0].planned.config
-    assert (first.width_mult, first.batch_size, first.augment, first.iterations, first.eval_every) == (0.25, 128, "crop_flip", 600, 100)
+    assert (first.width_mult, first.batch_size, first.augment, first.iterations, first.eval_every) == (
+        0.25,
+        128,
+        "crop_flip",
+        600,
+        100,
+    )
     assert first.test_subset is None and first.train_subset is None  # full 10k test set, all 60k images
     for run in plan.runs:
         config = run.planned.config
@@ -66,7 +96,11 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
     assert grid_main(grid, out, "--results", str(results)) == 0
     log = capsys.readouterr().out
     assert [line.split(":")[0] for line in log.splitlines() if line.startswith("[")] == [
-        "[1/4] A-cnn-s0", "[2/4] A-cosine-s0", "[3/4] A-cnn-s1", "[4/4] A-cosine-s1"]
+        "[1/4] A-cnn-s0",
+        "[2/4] A-cosine-s0",
+        "[3/4] A-cnn-s1",
+        "[4/4] A-cosine-s1",
+    ]
     files = sorted(p.name for p in (results / "runs").iterdir())
     assert files == ["A-cnn-s0.json", "A-cnn-s1.json", "A-cosine-s0.json", "A-cosine-s1.json"]
     document = json.loads((results / "runs" / "A-cosine-s1.json").read_text())
@@ -102,11 +136,28 @@ def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
 @pytest.mark.slow  # six tiny trainings: the effect plot needs two regimes with a SphereNet and a CNN each
 def test_report_has_paired_effect_plots_and_the_other_grids_summary(tmp_path, capsys):
     # A sweep sized by its own file (no --scale smoke), as the committed one is.
-    tiny = {**TINY_GRID["base"], "train_subset": 256, "test_subset": 128, "iterations": 8, "batch_size": 16, "eval_every": 4, "schedule": "constant"}
-    sweep = write_grid(tmp_path / "sweep.yaml", name="sweep", seeds=[0], results=str(tmp_path / "committed"), base=tiny,
-                       regimes={"A": {"label": "narrow", "width_mult": 0.0625}, "B": {"label": "wide", "width_mult": 0.125}},
-                       stages=[{"regime": "A", "models": ["cnn", "cosine"]}, {"regime": "B", "models": ["cnn", "cosine"]}])
-    assert main(["reproduce", "--grid", str(sweep), "--device", "cpu", "--no-progress", "--out", str(tmp_path / "out")]) == 0
+    tiny = {
+        **TINY_GRID["base"],
+        "train_subset": 256,
+        "test_subset": 128,
+        "iterations": 8,
+        "batch_size": 16,
+        "eval_every": 4,
+        "schedule": "constant",
+    }
+    sweep = write_grid(
+        tmp_path / "sweep.yaml",
+        name="sweep",
+        seeds=[0],
+        results=str(tmp_path / "committed"),
+        base=tiny,
+        regimes={"A": {"label": "narrow", "width_mult": 0.0625}, "B": {"label": "wide", "width_mult": 0.125}},
+        stages=[{"regime": "A", "models": ["cnn", "cosine"]}, {"regime": "B", "models": ["cnn", "cosine"]}],
+    )
+    assert (
+        main(["reproduce", "--grid", str(sweep), "--device", "cpu", "--no-progress", "--out", str(tmp_path / "out")])
+        == 0
+    )
     report = (tmp_path / "committed" / "report.md").read_text()
     assert "![effect against width multiplier](effect_width.png)" in report
     assert_png(tmp_path / "committed" / "effect_width.png", CURVE_PLOT_SIZE)

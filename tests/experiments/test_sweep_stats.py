@@ -34,7 +34,9 @@ def test_t_quantiles_match_closed_forms_and_the_printed_table():
     for df, table in ((3, 3.182), (4, 2.776), (10, 2.228)):
         assert student_t_quantile(0.975, df) == pytest.approx(table, abs=5e-4)
     assert student_t_quantile(0.025, 4) == pytest.approx(-student_t_quantile(0.975, 4))
-    assert regularized_incomplete_beta(2.0, 3.0, 0.4) == pytest.approx(0.5248, abs=1e-12)  # polynomial: 1 - 0.6^4 - 4*0.4*0.6^3
+    assert regularized_incomplete_beta(2.0, 3.0, 0.4) == pytest.approx(
+        0.5248, abs=1e-12
+    )  # polynomial: 1 - 0.6^4 - 4*0.4*0.6^3
 
 
 def test_paired_difference_interval_and_p_value_by_hand():

@@ -25,7 +25,9 @@ def test_cosface_equals_direct_formula(scale, margin):
     assert float(loss(features, labels).detach()) == pytest.approx(expected, rel=1e-10)
     # Prediction logits: s cos(theta), no margin, independent of the feature norm.
     with torch.no_grad():
-        torch.testing.assert_close(loss.logits(features), loss.logits(7.0 * features), rtol=1e-4, atol=1e-4)  # up to eps
+        torch.testing.assert_close(
+            loss.logits(features), loss.logits(7.0 * features), rtol=1e-4, atol=1e-4
+        )  # up to eps
 
 
 @pytest.mark.parametrize("scale,margin", [(64.0, 0.5), (16.0, 0.1), (8.0, 1.5)])

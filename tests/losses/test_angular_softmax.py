@@ -65,8 +65,9 @@ def test_ga_softmax_with_cosine_equals_a_softmax_for_integer_margin(m, anneal):
         torch.testing.assert_close(value_ga, value_a, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(gx_ga, gx_a, rtol=1e-7, atol=1e-9)
         torch.testing.assert_close(gw_ga, gw_a, rtol=1e-7, atol=1e-9)
-    expected = ga_softmax_loss(features, labels, a.weight.detach(), m, "cosine",
-                               lam=max(5.0, 1000.0 / (1.0 + 0.12 * 3)) if anneal else 0.0)
+    expected = ga_softmax_loss(
+        features, labels, a.weight.detach(), m, "cosine", lam=max(5.0, 1000.0 / (1.0 + 0.12 * 3)) if anneal else 0.0
+    )
     assert float(a(features, labels).detach()) == pytest.approx(expected, rel=1e-10)
 
 
@@ -77,7 +78,7 @@ def test_margin_one_is_the_weight_normalized_softmax(operator):
     wn = WeightNormalizedSoftmaxLoss(5, 4, operator=operator).double()
     ga = GASoftmaxLoss(5, 4, margin=1.0, operator=operator).double()
     ga.load_state_dict({**wn.state_dict(), "iteration": torch.tensor(0), "anneal_iterations": torch.tensor(500)})
-    for (a, b) in zip(_loss_and_grads(wn, features, labels), _loss_and_grads(ga, features, labels)):
+    for a, b in zip(_loss_and_grads(wn, features, labels), _loss_and_grads(ga, features, labels)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     expected = ga_softmax_loss(features, labels, wn.weight.detach(), 1.0, operator)
     assert float(wn(features, labels).detach()) == pytest.approx(expected, rel=1e-10)
@@ -91,7 +92,9 @@ def test_weight_normalized_cosine_logits_are_inner_products_with_unit_rows():
     torch.testing.assert_close(loss.logits(features), features @ unit_rows.t(), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("cls,kwargs", [(GASoftmaxLoss, {"margin": 2.7, "operator": "linear"}), (ASoftmaxLoss, {"margin": 4})])
+@pytest.mark.parametrize(
+    "cls,kwargs", [(GASoftmaxLoss, {"margin": 2.7, "operator": "linear"}), (ASoftmaxLoss, {"margin": 4})]
+)
 def test_prediction_logits_carry_no_margin(cls, kwargs):
     torch.manual_seed(6)
     features, labels = _data()
@@ -128,9 +131,14 @@ def test_margin_loss_is_never_below_margin_free_loss(seed, n, c, m, feature_scal
         assert float(margin_loss(features, labels).detach()) >= float(plain(features, labels).detach()) - 1e-12
 
 
-@pytest.mark.parametrize("cls,kwargs", [(GASoftmaxLoss, {"margin": 2.7, "operator": "sigmoid"}),
-                                        (ASoftmaxLoss, {"margin": 4}),
-                                        (WeightNormalizedSoftmaxLoss, {"operator": "linear"})])
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (GASoftmaxLoss, {"margin": 2.7, "operator": "sigmoid"}),
+        (ASoftmaxLoss, {"margin": 4}),
+        (WeightNormalizedSoftmaxLoss, {"operator": "linear"}),
+    ],
+)
 def test_autocast_bfloat16_computes_in_float32(cls, kwargs):
     torch.manual_seed(7)
     loss = cls(16, 5, **kwargs)
@@ -148,14 +156,21 @@ def test_autocast_bfloat16_computes_in_float32(cls, kwargs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("cls,kwargs", [(GASoftmaxLoss, {"margin": 2.7, "operator": "linear", "anneal": False}),
-                                        (GASoftmaxLoss, {"margin": 1.5, "operator": "sigmoid", "anneal": False}),
-                                        (ASoftmaxLoss, {"margin": 4, "anneal": False})])
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (GASoftmaxLoss, {"margin": 2.7, "operator": "linear", "anneal": False}),
+        (GASoftmaxLoss, {"margin": 1.5, "operator": "sigmoid", "anneal": False}),
+        (ASoftmaxLoss, {"margin": 4, "anneal": False}),
+    ],
+)
 def test_zero_and_collinear_features_give_finite_gradients(cls, kwargs, dtype):
     torch.manual_seed(8)
     loss = cls(4, 3, **kwargs).to(dtype)
     w = loss.weight.detach()
-    features = torch.stack([torch.zeros(4, dtype=dtype), 2.5 * w[1], -3.0 * w[2], w[0] * (1 + 1e-7)]).requires_grad_(True)
+    features = torch.stack([torch.zeros(4, dtype=dtype), 2.5 * w[1], -3.0 * w[2], w[0] * (1 + 1e-7)]).requires_grad_(
+        True
+    )
     labels = torch.tensor([0, 1, 2, 0])
     value = loss(features, labels)
     value.backward()

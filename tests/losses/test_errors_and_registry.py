@@ -45,42 +45,54 @@ def test_build_loss_rejects_unknown_names_and_options():
         build_loss("cosface", 8, 3, operator="linear")
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: GASoftmaxLoss(4, 3, margin=0.5), r"invalid margin=0.5: expected a number >= 1"),
-    (lambda: GASoftmaxLoss(4, 3, margin=float("nan")), r"margin.*nan"),
-    (lambda: GASoftmaxLoss(4, 3, operator="tanh"), rf"invalid operator='tanh': {CLASSIFIER_G}"),
-    (lambda: WeightNormalizedSoftmaxLoss(4, 3, operator="learnable_sigmoid"),
-     rf"invalid operator='learnable_sigmoid': {CLASSIFIER_G}"),
-    (lambda: WeightNormalizedSoftmaxLoss(4, 3, operator="sigmoid", sigmoid_k=0.0),
-     r"invalid sigmoid_k=0.0: expected a number > 0"),
-    (lambda: GASoftmaxLoss(4, 3, sigmoid_k=-1.0), r"sigmoid_k.*-1.0"),
-    (lambda: GASoftmaxLoss(4, 3, lambda_min=-1.0), r"invalid lambda_min=-1.0: expected a number >= 0"),
-    (lambda: GASoftmaxLoss(4, 3, anneal_iterations=0), r"invalid anneal_iterations=0: expected a positive integer"),
-    (lambda: ASoftmaxLoss(4, 3, margin=2.5),
-     r"invalid margin=2.5: expected an integer >= 1 \(GASoftmaxLoss takes a real-valued margin\)"),
-    (lambda: ASoftmaxLoss(4, 3, margin=0), r"invalid margin=0: expected an integer >= 1"),
-    (lambda: CosFaceLoss(4, 3, scale=0.0), r"invalid scale=0.0: expected a number > 0"),
-    (lambda: CosFaceLoss(4, 3, margin=-0.1), r"invalid margin=-0.1: expected a number in \[0, 2\]"),
-    (lambda: ArcFaceLoss(4, 3, scale=-2.0), r"scale.*-2.0"),
-    (lambda: ArcFaceLoss(4, 3, margin=2.0), r"invalid margin=2.0: expected a number in \[0, 1.5708\]"),
-    (lambda: SoftmaxLoss(4, 3, label_smoothing=1.5), r"invalid label_smoothing=1.5: expected a number in \[0, 1\]"),
-    (lambda: SoftmaxLoss(4, 1), r"invalid num_classes=1: expected an integer >= 2"),
-    (lambda: SoftmaxLoss(0, 3), r"invalid in_features=0: expected a positive integer"),
-    (lambda: WeightNormalizedSoftmaxLoss(4, 3, eps=0.0), r"invalid eps=0.0: expected a number > 0"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: GASoftmaxLoss(4, 3, margin=0.5), r"invalid margin=0.5: expected a number >= 1"),
+        (lambda: GASoftmaxLoss(4, 3, margin=float("nan")), r"margin.*nan"),
+        (lambda: GASoftmaxLoss(4, 3, operator="tanh"), rf"invalid operator='tanh': {CLASSIFIER_G}"),
+        (
+            lambda: WeightNormalizedSoftmaxLoss(4, 3, operator="learnable_sigmoid"),
+            rf"invalid operator='learnable_sigmoid': {CLASSIFIER_G}",
+        ),
+        (
+            lambda: WeightNormalizedSoftmaxLoss(4, 3, operator="sigmoid", sigmoid_k=0.0),
+            r"invalid sigmoid_k=0.0: expected a number > 0",
+        ),
+        (lambda: GASoftmaxLoss(4, 3, sigmoid_k=-1.0), r"sigmoid_k.*-1.0"),
+        (lambda: GASoftmaxLoss(4, 3, lambda_min=-1.0), r"invalid lambda_min=-1.0: expected a number >= 0"),
+        (lambda: GASoftmaxLoss(4, 3, anneal_iterations=0), r"invalid anneal_iterations=0: expected a positive integer"),
+        (
+            lambda: ASoftmaxLoss(4, 3, margin=2.5),
+            r"invalid margin=2.5: expected an integer >= 1 \(GASoftmaxLoss takes a real-valued margin\)",
+        ),
+        (lambda: ASoftmaxLoss(4, 3, margin=0), r"invalid margin=0: expected an integer >= 1"),
+        (lambda: CosFaceLoss(4, 3, scale=0.0), r"invalid scale=0.0: expected a number > 0"),
+        (lambda: CosFaceLoss(4, 3, margin=-0.1), r"invalid margin=-0.1: expected a number in \[0, 2\]"),
+        (lambda: ArcFaceLoss(4, 3, scale=-2.0), r"scale.*-2.0"),
+        (lambda: ArcFaceLoss(4, 3, margin=2.0), r"invalid margin=2.0: expected a number in \[0, 1.5708\]"),
+        (lambda: SoftmaxLoss(4, 3, label_smoothing=1.5), r"invalid label_smoothing=1.5: expected a number in \[0, 1\]"),
+        (lambda: SoftmaxLoss(4, 1), r"invalid num_classes=1: expected an integer >= 2"),
+        (lambda: SoftmaxLoss(0, 3), r"invalid in_features=0: expected a positive integer"),
+        (lambda: WeightNormalizedSoftmaxLoss(4, 3, eps=0.0), r"invalid eps=0.0: expected a number > 0"),
+    ],
+)
 def test_bad_constructor_arguments_raise_value_error(make, match):
     with pytest.raises(ValueError, match=match):
         make()
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: GASoftmaxLoss(4, 3, margin="2"), r"invalid margin='2': expected a number >= 1"),
-    (lambda: ASoftmaxLoss(4, 3, margin="4"), r"invalid margin='4': expected an integer >= 1"),
-    (lambda: GASoftmaxLoss(4, 3, anneal="yes"), r"invalid anneal='yes': expected true or false"),
-    (lambda: SoftmaxLoss("4", 3), r"invalid in_features='4': expected a positive integer"),
-    (lambda: SoftmaxLoss(4, 3, bias=1), r"invalid bias=1: expected true or false"),
-    (lambda: WeightNormalizedSoftmaxLoss(4, 3, operator=None), r"invalid operator=None: expected one of linear"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: GASoftmaxLoss(4, 3, margin="2"), r"invalid margin='2': expected a number >= 1"),
+        (lambda: ASoftmaxLoss(4, 3, margin="4"), r"invalid margin='4': expected an integer >= 1"),
+        (lambda: GASoftmaxLoss(4, 3, anneal="yes"), r"invalid anneal='yes': expected true or false"),
+        (lambda: SoftmaxLoss("4", 3), r"invalid in_features='4': expected a positive integer"),
+        (lambda: SoftmaxLoss(4, 3, bias=1), r"invalid bias=1: expected true or false"),
+        (lambda: WeightNormalizedSoftmaxLoss(4, 3, operator=None), r"invalid operator=None: expected one of linear"),
+    ],
+)
 def test_bad_constructor_argument_types_raise_type_error(make, match):
     with pytest.raises(TypeError, match=match):
         make()

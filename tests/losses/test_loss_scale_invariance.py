@@ -7,8 +7,9 @@ norm ``sqrt(sum x^2 + eps m^2)`` with eps relative to the row's largest value is
 homogeneous), so their predictions never change; the fixed-scale ones (CosFace, ArcFace) have
 invariant logits, losses and gradients. The loss itself legitimately grows with |x|: it must be
 finite, and equal to the float64 loss of the same features; so must the gradients wherever their
-true value fits in the dtype (dL/dW of a norm-scaled loss is of order c/d). Before, ``sum x^2`` overflowed float32 from features of ~1e19 and GA-Softmax,
-weight-normalised softmax and A-Softmax gave NaN.
+true value fits in the dtype (dL/dW of a norm-scaled loss is of order c/d). Before, ``sum x^2``
+overflowed float32 from features of ~1e19 and GA-Softmax, weight-normalised softmax and A-Softmax
+gave NaN.
 """
 
 from __future__ import annotations

@@ -36,7 +36,9 @@ def test_psi_is_monotone_decreasing_and_continuous(m, operator, k):
         junction = n * math.pi / m
         if junction >= math.pi:
             continue
-        sides = extended_margin_function(torch.tensor([junction - 1e-9, junction + 1e-9], dtype=torch.float64), m, operator, k)
+        sides = extended_margin_function(
+            torch.tensor([junction - 1e-9, junction + 1e-9], dtype=torch.float64), m, operator, k
+        )
         assert abs(float(sides[0] - sides[1])) < 1e-6
         assert float(sides[0]) == pytest.approx(-1.0 - 2.0 * (n - 1), abs=1e-6)
 
@@ -52,8 +54,12 @@ def test_psi_matches_direct_formula_and_never_exceeds_g(m, operator, k):
     assert bool((psi <= g + 1e-12).all())
     assert float(psi[0]) == pytest.approx(1.0, abs=1e-12)
     first_piece = m * thetas <= math.pi
-    torch.testing.assert_close(psi[first_piece], torch.tensor(
-        [g_of_angle(m * t, operator, k) for t in thetas[first_piece].tolist()], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        psi[first_piece],
+        torch.tensor([g_of_angle(m * t, operator, k) for t in thetas[first_piece].tolist()], dtype=torch.float64),
+        rtol=0,
+        atol=1e-12,
+    )
 
 
 def test_linear_psi_is_a_single_line():
@@ -63,7 +69,9 @@ def test_linear_psi_is_a_single_line():
 
 @pytest.mark.parametrize("m", range(1, 7))
 def test_chebyshev_a_softmax_equals_angle_form(m):
-    cos = torch.cat([torch.linspace(-1.0, 1.0, 4001, dtype=torch.float64), torch.tensor([-1.0, 1.0], dtype=torch.float64)])
+    cos = torch.cat(
+        [torch.linspace(-1.0, 1.0, 4001, dtype=torch.float64), torch.tensor([-1.0, 1.0], dtype=torch.float64)]
+    )
     via_angle = extended_margin_function(torch.acos(cos), float(m), "cosine")
     torch.testing.assert_close(a_softmax_margin_function(cos, m), via_angle, rtol=0, atol=1e-10)
     theta = torch.acos(cos)
@@ -88,7 +96,9 @@ def test_annealing_lambda_schedule_values():
     assert annealing_lambda(10**6) == 5.0
     assert annealing_lambda(10, base=100.0, gamma=0.5, power=2.0, minimum=0.0) == pytest.approx(100.0 / 36.0)
     as_tensor = annealing_lambda(torch.tensor([0, 1, 100, 10**6]))
-    torch.testing.assert_close(as_tensor, torch.tensor([1000.0, 1000.0 / 1.12, 1000.0 / 13.0, 5.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        as_tensor, torch.tensor([1000.0, 1000.0 / 1.12, 1000.0 / 13.0, 5.0], dtype=torch.float64)
+    )
     assert annealing_lambda(torch.tensor(100), dtype=torch.float32).dtype == torch.float32
 
 

@@ -37,8 +37,7 @@ def test_penalty_equals_direct_sum_over_sphere_layers_only():
     torch.manual_seed(0)
     net = _Net()
     # SphereLinear is the same operator on whole vectors: penalised like SphereConv.
-    sphere_weights = [net.conv1.weight, net.block[0].weight, net.conv1d.weight, net.conv3d.weight,
-                      net.sphere_fc.weight]
+    sphere_weights = [net.conv1.weight, net.block[0].weight, net.conv1d.weight, net.conv3d.weight, net.sphere_fc.weight]
     expected = 1e-4 * sum(_direct(w) for w in sphere_weights)
     value = orthogonality_penalty(net)
     assert value.dim() == 0

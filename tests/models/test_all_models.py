@@ -14,8 +14,15 @@ from sphereconv.models import create_model, list_models
     [(3, 32, "cosine", True), (1, 28, "none", True), (1, 28, "lr_sigmoid", True), (3, 32, "linear", False)],
 )
 def test_forward_backward_is_finite(name, in_channels, image_size, operator, batch_norm):
-    model = create_model(name, num_classes=7, in_channels=in_channels, image_size=image_size,
-                         operator=operator, batch_norm=batch_norm, width_mult=0.125)
+    model = create_model(
+        name,
+        num_classes=7,
+        in_channels=in_channels,
+        image_size=image_size,
+        operator=operator,
+        batch_norm=batch_norm,
+        width_mult=0.125,
+    )
     x = torch.randn(3, in_channels, image_size, image_size)
     features = model.forward_features(x)
     assert features.shape == (3, model.num_features)

@@ -8,8 +8,15 @@ from torch import nn
 import sphereconv.models.registry as registry
 from sphereconv.models import SphereNet, SphereResNet, create_model, list_models, register_model
 
-PAPER_MODELS = {"spherenet9", "spherenet18", "spherenet36", "spherenet69",
-                "sphere_resnet32", "sphere_resnet18", "sphere_resnet34"}
+PAPER_MODELS = {
+    "spherenet9",
+    "spherenet18",
+    "spherenet36",
+    "spherenet69",
+    "sphere_resnet32",
+    "sphere_resnet18",
+    "sphere_resnet34",
+}
 
 
 def test_list_models_names_every_paper_network_sorted():
@@ -49,8 +56,18 @@ def test_fixed_architecture_arguments_cannot_be_overridden():
 
 
 def test_common_keyword_arguments_are_accepted_by_every_model():
-    common = dict(num_classes=3, in_channels=1, image_size=28, operator="none", sigmoid_k=0.3, width_mult=0.125,
-                  batch_norm=True, sphere_norm=False, fc_operator=None, feature_dim=None)
+    common = dict(
+        num_classes=3,
+        in_channels=1,
+        image_size=28,
+        operator="none",
+        sigmoid_k=0.3,
+        width_mult=0.125,
+        batch_norm=True,
+        sphere_norm=False,
+        fc_operator=None,
+        feature_dim=None,
+    )
     for name in PAPER_MODELS:
         model = create_model(name, **common)
         assert model.num_classes == 3 and model.in_channels == 1

@@ -53,7 +53,7 @@ def test_resnet32_parameter_count_matches_hand_count():
     total = conv(3, 96, 3) + 2 * 96
     c_in = 96
     for width in (96, 192, 384):
-        for unit in range(5):
+        for _unit in range(5):
             total += conv(c_in, width, 3) + conv(width, width, 3) + 4 * width
             if c_in != width:
                 total += conv(c_in, width, 1) + 2 * width
@@ -80,8 +80,9 @@ def test_imagenet_resnets_have_the_standard_layout(name, counts):
 
 
 def test_stem_and_shortcut_operators_are_configurable():
-    model = create_model("sphere_resnet18", width_mult=0.125, operator="cosine", stem_operator="sigmoid",
-                         shortcut_operator="linear")
+    model = create_model(
+        "sphere_resnet18", width_mult=0.125, operator="cosine", stem_operator="sigmoid", shortcut_operator="linear"
+    )
     assert isinstance(model.stem[0].conv, SphereConv2d) and model.stem[0].conv.operator == "sigmoid"
     shortcut_ops = {b.shortcut.conv.operator for b in blocks(model) if not isinstance(b.shortcut, nn.Identity)}
     assert shortcut_ops == {"linear"}

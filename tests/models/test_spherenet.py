@@ -67,7 +67,9 @@ def test_stage_widths_and_width_mult_rounding():
     assert {c.out_channels for c in convs(tiny)} == {1}
 
 
-@pytest.mark.parametrize("image_size, final", [(32, (4, 4)), (28, (4, 4)), (20, (3, 3)), (8, (1, 1)), ((32, 20), (4, 3))])
+@pytest.mark.parametrize(
+    "image_size, final", [(32, (4, 4)), (28, (4, 4)), (20, (3, 3)), (8, (1, 1)), ((32, 20), (4, 3))]
+)
 def test_fc6_kernel_covers_the_final_map(image_size, final):
     model = create_model("spherenet9", image_size=image_size, width_mult=0.0625, in_channels=1)
     assert model.fc6.conv.kernel_size == final == model.final_map_size
@@ -105,7 +107,9 @@ def test_batch_norm_uses_reference_eps_and_short_run_momentum():
     assert len(bns) == 10  # after each of the 9 convs and after fc6
     assert all(bn.eps == BN_EPS and bn.momentum == BN_MOMENTUM for bn in bns)
     custom = create_model("spherenet9", width_mult=0.125, bn_momentum=REFERENCE_BN_MOMENTUM, bn_eps=1e-5)
-    assert all(m.momentum == REFERENCE_BN_MOMENTUM and m.eps == 1e-5 for m in custom.modules() if isinstance(m, nn.BatchNorm2d))
+    assert all(
+        m.momentum == REFERENCE_BN_MOMENTUM and m.eps == 1e-5 for m in custom.modules() if isinstance(m, nn.BatchNorm2d)
+    )
 
 
 def test_batch_norm_false_removes_every_batch_norm():
@@ -177,11 +181,18 @@ def test_wrong_input_shape_names_the_expected_shape():
         ({"num_classes": 0}, ValueError, "invalid num_classes=0: expected a positive integer"),
         ({"in_channels": 2.5}, ValueError, "invalid in_channels=2.5: expected a positive integer"),
         ({"in_channels": "2"}, TypeError, "invalid in_channels='2': expected a positive integer"),
-        ({"image_size": (28, 28, 3)}, ValueError, r"invalid image_size=\(28, 28, 3\): expected a positive integer or a"),
+        (
+            {"image_size": (28, 28, 3)},
+            ValueError,
+            r"invalid image_size=\(28, 28, 3\): expected a positive integer or a",
+        ),
         ({"feature_dim": -2}, ValueError, "invalid feature_dim=-2: expected a positive integer"),
         ({"batch_norm": "yes"}, TypeError, "invalid batch_norm='yes': expected true or false"),
-        ({"sphere_norm": True, "operator": "none"}, ValueError,
-         "invalid sphere_norm=True: expected False with operator='none' \\(SphereNorm needs a SphereConv operator"),
+        (
+            {"sphere_norm": True, "operator": "none"},
+            ValueError,
+            "invalid sphere_norm=True: expected False with operator='none' \\(SphereNorm needs a SphereConv operator",
+        ),
         ({"sigmoid_k": -1.0}, ValueError, "invalid sigmoid_k=-1.0: expected a number > 0"),
         ({"bn_momentum": 1.5}, ValueError, r"invalid bn_momentum=1.5: expected a number in \(0, 1\]"),
     ],

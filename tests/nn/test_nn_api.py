@@ -78,9 +78,11 @@ def test_functional_k_and_eps_validation():
 @pytest.mark.parametrize("mode", ["zeros", "reflect", "circular"])
 @pytest.mark.parametrize("shape", [(5, 5), (1, 1, 3, 5, 5)])
 def test_wrong_input_rank_names_the_shape(mode, shape):
-    for layer in (SphereConv2d(3, 4, 3, padding=1, padding_mode=mode),
-                  SphereNorm2d(3, 4, 3, padding=1, padding_mode=mode),
-                  DecoupledConv2d(3, 4, 3, padding=1, padding_mode=mode)):
+    for layer in (
+        SphereConv2d(3, 4, 3, padding=1, padding_mode=mode),
+        SphereNorm2d(3, 4, 3, padding=1, padding_mode=mode),
+        DecoupledConv2d(3, 4, 3, padding=1, padding_mode=mode),
+    ):
         with pytest.raises(ValueError, match=rf"input must have 4 dimensions.*got shape {re.escape(str(shape))}"):
             layer(torch.randn(shape))
 
@@ -94,8 +96,15 @@ def test_wrong_input_rank_in_1d_3d_and_linear():
         SphereLinear(3, 4)(torch.randn(2, 5))
 
 
-@pytest.mark.parametrize("make", [lambda: SphereConv2d(3, 4, 3), lambda: SphereNorm2d(3, 4, 3),
-                                  lambda: DecoupledConv2d(3, 4, 3), lambda: SphereConv2d(4, 4, 3, groups=2)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: SphereConv2d(3, 4, 3),
+        lambda: SphereNorm2d(3, 4, 3),
+        lambda: DecoupledConv2d(3, 4, 3),
+        lambda: SphereConv2d(4, 4, 3, groups=2),
+    ],
+)
 def test_channel_mismatch_names_both_counts(make):
     layer = make()
     with pytest.raises(ValueError, match=r"input has 5 channels but weight expects in_channels = \d x groups \d = \d"):
@@ -145,17 +154,21 @@ def test_plain_conv_state_dict_loads_into_sphere_conv(operator):
     if operator == "learnable_sigmoid":
         assert torch.equal(layer.sigmoid_k_raw.detach(), torch.full((4,), 0.7))
     x = torch.randn(2, 3, 6, 6)
-    torch.testing.assert_close(layer(x), SF.sphere_conv2d(x, plain.weight, operator=operator,
-                                                          sigmoid_k=layer.effective_k()))
+    torch.testing.assert_close(
+        layer(x), SF.sphere_conv2d(x, plain.weight, operator=operator, sigmoid_k=layer.effective_k())
+    )
 
 
-@pytest.mark.parametrize("make", [
-    lambda: SphereConv2d(3, 4, 3, operator="learnable_sigmoid"),
-    lambda: SphereNorm2d(3, 4, 3, operator="learnable_sigmoid"),
-    lambda: SphereNorm2d(3, 4, 3, learn_magnitude=False),
-    lambda: DecoupledConv2d(3, 4, 3, magnitude="seg", learnable=True, operator="learnable_sigmoid"),
-    lambda: DecoupledConv2d(3, 4, 3, magnitude="mix"),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: SphereConv2d(3, 4, 3, operator="learnable_sigmoid"),
+        lambda: SphereNorm2d(3, 4, 3, operator="learnable_sigmoid"),
+        lambda: SphereNorm2d(3, 4, 3, learn_magnitude=False),
+        lambda: DecoupledConv2d(3, 4, 3, magnitude="seg", learnable=True, operator="learnable_sigmoid"),
+        lambda: DecoupledConv2d(3, 4, 3, magnitude="mix"),
+    ],
+)
 @pytest.mark.parametrize("bias", [False, True])
 def test_state_dicts_are_compatible_both_ways(make, bias):
     torch.manual_seed(1)
@@ -241,8 +254,9 @@ def test_module_docstrings_cite_the_paper(module):
     assert "Liu et al." in doc or "Sec." in doc, module.__name__
 
 
-@pytest.mark.parametrize("obj", [SF.sphere_conv2d, snn.decoupled_conv2d, snn.magnitude_function,
-                                 SphereConv2d, SphereNorm2d, DecoupledConv2d])
+@pytest.mark.parametrize(
+    "obj", [SF.sphere_conv2d, snn.decoupled_conv2d, snn.magnitude_function, SphereConv2d, SphereNorm2d, DecoupledConv2d]
+)
 def test_operator_docstrings_state_formula_and_section(obj):
     doc = inspect.getdoc(obj)
     assert "=" in doc and "Sec" in doc, obj

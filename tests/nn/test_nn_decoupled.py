@@ -19,8 +19,20 @@ def test_weighted_linear_cosine_is_the_plain_convolution(mode):
     # |w|_e * |x|_e * cos(theta) = <w, x> exactly.
     torch.manual_seed(0)
     plain = nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2, bias=True, padding_mode=mode, dtype=F64)
-    layer = DecoupledConv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=True, padding_mode=mode,
-                            magnitude="linear", operator="cosine", weighted=True, dtype=F64)
+    layer = DecoupledConv2d(
+        4,
+        6,
+        3,
+        stride=2,
+        padding=1,
+        groups=2,
+        bias=True,
+        padding_mode=mode,
+        magnitude="linear",
+        operator="cosine",
+        weighted=True,
+        dtype=F64,
+    )
     layer.load_state_dict(plain.state_dict())
     x = torch.randn(2, 4, 9, 9, dtype=F64)
     with torch.no_grad():
@@ -44,8 +56,9 @@ def test_unweighted_linear_cosine_is_convolution_with_unit_filters():
     x, w = torch.randn(2, 3, 6, 6, dtype=F64), torch.randn(4, 3, 3, 3, dtype=F64)
     w_peak = w.abs().amax(dim=(1, 2, 3), keepdim=True)  # eps is relative to the filter's largest value
     w_unit = w / torch.sqrt(w.square().sum(dim=(1, 2, 3), keepdim=True) + 1e-4 * w_peak**2)
-    torch.testing.assert_close(decoupled_conv2d(x, w, magnitude="linear"), nn.functional.conv2d(x, w_unit),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        decoupled_conv2d(x, w, magnitude="linear"), nn.functional.conv2d(x, w_unit), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_magnitude_functions_shapes():
@@ -75,13 +88,17 @@ def test_seg_default_beta_follows_reference_and_beta_is_learnt_when_requested():
     assert set(names) == {"weight", "alpha", "beta", "radius"}
     assert torch.equal(names["alpha"].detach(), torch.full((4,), 2.0))
     assert torch.equal(names["radius"].detach(), torch.ones(4))  # r initialised to 1 (reference)
-    assert set(dict(DecoupledConv2d(3, 4, 3, magnitude="linear", learnable=True).named_parameters())) == {"weight", "alpha"}
+    assert set(dict(DecoupledConv2d(3, 4, 3, magnitude="linear", learnable=True).named_parameters())) == {
+        "weight",
+        "alpha",
+    }
 
 
 def test_learnable_parameters_receive_gradients():
     torch.manual_seed(3)
-    layer = DecoupledConv2d(3, 4, 3, padding=1, magnitude="seg", operator="learnable_sigmoid", learnable=True,
-                            weighted=True)
+    layer = DecoupledConv2d(
+        3, 4, 3, padding=1, magnitude="seg", operator="learnable_sigmoid", learnable=True, weighted=True
+    )
     layer(3 * torch.randn(4, 3, 6, 6)).pow(2).sum().backward()
     for name, p in layer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name

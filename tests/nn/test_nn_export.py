@@ -42,12 +42,16 @@ def test_torch_compile_aot_eager_forward_and_backward_match_eager(operator):
         torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: _layer("cosine"),
-    lambda: _layer("learnable_sigmoid", padding_mode="circular"),
-    lambda: SphereNorm2d(3, 4, 3, padding=1, operator="linear"),
-    lambda: DecoupledConv2d(3, 4, 3, padding=1, magnitude="tanh", operator="square_cosine", learnable=True),
-], ids=["sphere-cosine", "sphere-lr-sigmoid-circular", "sphere-norm", "decoupled-learnable"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _layer("cosine"),
+        lambda: _layer("learnable_sigmoid", padding_mode="circular"),
+        lambda: SphereNorm2d(3, 4, 3, padding=1, operator="linear"),
+        lambda: DecoupledConv2d(3, 4, 3, padding=1, magnitude="tanh", operator="square_cosine", learnable=True),
+    ],
+    ids=["sphere-cosine", "sphere-lr-sigmoid-circular", "sphere-norm", "decoupled-learnable"],
+)
 def test_torch_export_matches_eager(make):
     layer = make()
     if isinstance(layer, DecoupledConv2d):
@@ -62,8 +66,10 @@ def test_torch_export_matches_eager(make):
         torch.testing.assert_close(exported.module()(other), layer(other), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None,
-                    reason="ONNX export needs the optional 'onnx' extra (onnx, onnxscript)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None,
+    reason="ONNX export needs the optional 'onnx' extra (onnx, onnxscript)",
+)
 def test_onnx_export_runs_in_the_onnx_reference_evaluator():
     import onnx
     from onnx.reference import ReferenceEvaluator

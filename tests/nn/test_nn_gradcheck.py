@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import nn_reference as ref
 import pytest
 import torch
 from torch.autograd import gradcheck
 from torch.func import functional_call
 
-import nn_reference as ref
 from sphereconv.nn import (
     MAGNITUDES,
     DecoupledConv2d,
@@ -17,6 +17,8 @@ from sphereconv.nn import (
     SphereLinear,
     SphereNorm2d,
     decoupled_conv2d,
+)
+from sphereconv.nn import (
     functional as SF,
 )
 
@@ -40,8 +42,12 @@ def test_functional_sphere_conv2d_gradcheck(operator, impl):
     x = torch.randn(2, 4, 4, 3, dtype=F64, requires_grad=True)
     w = torch.randn(4, 2, 2, 2, dtype=F64, requires_grad=True)
     b = torch.randn(4, dtype=F64, requires_grad=True)
-    fn = lambda x, w, b: SF.sphere_conv2d(x, w, b, stride=(2, 1), padding=1, dilation=(1, 2), groups=2,  # noqa: E731
-                                          operator=operator, sigmoid_k=0.4)
+
+    def fn(x, w, b):
+        return SF.sphere_conv2d(
+            x, w, b, stride=(2, 1), padding=1, dilation=(1, 2), groups=2, operator=operator, sigmoid_k=0.4
+        )
+
     assert gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
@@ -50,12 +56,22 @@ def test_functional_per_channel_k_gradcheck(impl):
     x = torch.randn(1, 3, 4, 4, dtype=F64, requires_grad=True)
     w = torch.randn(3, 3, 2, 2, dtype=F64, requires_grad=True)
     k = torch.tensor([0.2, 0.5, 1.1], dtype=F64, requires_grad=True)
-    assert gradcheck(lambda x, w, k: SF.sphere_conv2d(x, w, operator="sigmoid", sigmoid_k=k), (x, w, k), eps=1e-6, atol=1e-6)
+    assert gradcheck(
+        lambda x, w, k: SF.sphere_conv2d(x, w, operator="sigmoid", sigmoid_k=k), (x, w, k), eps=1e-6, atol=1e-6
+    )
 
 
-@pytest.mark.parametrize("operator,mode", [("linear", "zeros"), ("cosine", "zeros"), ("sigmoid", "zeros"),
-                                           ("learnable_sigmoid", "zeros"), ("linear", "reflect"),
-                                           ("learnable_sigmoid", "circular")])
+@pytest.mark.parametrize(
+    "operator,mode",
+    [
+        ("linear", "zeros"),
+        ("cosine", "zeros"),
+        ("sigmoid", "zeros"),
+        ("learnable_sigmoid", "zeros"),
+        ("linear", "reflect"),
+        ("learnable_sigmoid", "circular"),
+    ],
+)
 def test_sphere_conv2d_layer_gradcheck(operator, mode, impl):
     torch.manual_seed(2)
     layer = SphereConv2d(2, 3, 2, padding=1, padding_mode=mode, bias=True, operator=operator, dtype=F64)
@@ -119,8 +135,12 @@ def test_decoupled_functional_gradcheck(magnitude, operator, weighted):
     alpha = torch.tensor([0.7, 1.6], dtype=F64, requires_grad=True)
     beta = torch.tensor([0.4, -0.2], dtype=F64, requires_grad=True)
     rho = _radius_between_norms(x, w, padding=1)
-    fn = lambda x, w, a, b: decoupled_conv2d(x, w, padding=1, magnitude=magnitude, operator=operator,  # noqa: E731
-                                             weighted=weighted, alpha=a, beta=b, rho=rho)
+
+    def fn(x, w, a, b):
+        return decoupled_conv2d(
+            x, w, padding=1, magnitude=magnitude, operator=operator, weighted=weighted, alpha=a, beta=b, rho=rho
+        )
+
     # fast_mode checks a random projection of the Jacobian: 56 combinations stay within budget.
     assert gradcheck(fn, (x, w, alpha, beta), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
 
@@ -129,8 +149,9 @@ def test_decoupled_functional_gradcheck(magnitude, operator, weighted):
 @pytest.mark.parametrize("training", [True, False])
 def test_decoupled_learnable_radius_gradcheck(magnitude, training):
     torch.manual_seed(8)
-    layer = DecoupledConv2d(2, 3, 2, padding=1, magnitude=magnitude, operator="learnable_sigmoid",
-                            weighted=True, learnable=True, dtype=F64)
+    layer = DecoupledConv2d(
+        2, 3, 2, padding=1, magnitude=magnitude, operator="learnable_sigmoid", weighted=True, learnable=True, dtype=F64
+    )
     x = torch.randn(2, 2, 2, 3, dtype=F64)
     layer.train()(x)  # fill the running average
     layer.train(training)

@@ -3,10 +3,11 @@ positive constant leaves a SphereConv's output unchanged up to the effect of eps
 
 from __future__ import annotations
 
-import torch
-from hypothesis import given, settings, strategies as st
-
 import nn_reference as ref
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from sphereconv.nn import SphereConv2d, SphereLinear, SphereNorm2d
 from sphereconv.nn.angular import angular_function
 
@@ -26,12 +27,20 @@ def eps_bound(c0, r_min, operator, k):
 
 @settings(max_examples=30, deadline=None)
 @given(
-    batch=st.integers(1, 2), cin=st.integers(1, 4), cout=st.integers(1, 3), size=st.integers(3, 6),
-    kernel=st.integers(1, 3), stride=st.integers(1, 2), operator=st.sampled_from(OPERATORS),
-    log_w_scale=st.floats(-1.0, 3.0), log_x_scale=st.floats(-1.0, 3.0), seed=st.integers(0, 2**16),
+    batch=st.integers(1, 2),
+    cin=st.integers(1, 4),
+    cout=st.integers(1, 3),
+    size=st.integers(3, 6),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    operator=st.sampled_from(OPERATORS),
+    log_w_scale=st.floats(-1.0, 3.0),
+    log_x_scale=st.floats(-1.0, 3.0),
+    seed=st.integers(0, 2**16),
 )
-def test_sphere_conv2d_is_scale_invariant(batch, cin, cout, size, kernel, stride, operator, log_w_scale,
-                                          log_x_scale, seed):
+def test_sphere_conv2d_is_scale_invariant(
+    batch, cin, cout, size, kernel, stride, operator, log_w_scale, log_x_scale, seed
+):
     torch.manual_seed(seed)
     kernel = min(kernel, size)
     layer = SphereConv2d(cin, cout, kernel, stride=stride, operator=operator, dtype=F64)
@@ -53,16 +62,22 @@ def test_sphere_conv2d_is_scale_invariant(batch, cin, cout, size, kernel, stride
 
 
 @settings(max_examples=15, deadline=None)
-@given(operator=st.sampled_from(OPERATORS), log_w_scale=st.floats(-1.0, 3.0), log_x_scale=st.floats(-1.0, 3.0),
-       seed=st.integers(0, 2**16))
+@given(
+    operator=st.sampled_from(OPERATORS),
+    log_w_scale=st.floats(-1.0, 3.0),
+    log_x_scale=st.floats(-1.0, 3.0),
+    seed=st.integers(0, 2**16),
+)
 def test_sphere_linear_and_pure_sphere_norm_are_scale_invariant(operator, log_w_scale, log_x_scale, seed):
     # eps = 1e-12 makes the eps effect negligible: the outputs must agree to float64 rounding noise.
     torch.manual_seed(seed)
     sw, sx = 10.0**log_w_scale, 10.0**log_x_scale
     for layer, x in (
         (SphereLinear(6, 4, operator=operator, eps=1e-12, dtype=F64), torch.randn(3, 6, dtype=F64)),
-        (SphereNorm2d(3, 4, 2, operator=operator, eps=1e-12, learn_magnitude=False, dtype=F64),
-         torch.randn(2, 3, 4, 4, dtype=F64)),
+        (
+            SphereNorm2d(3, 4, 2, operator=operator, eps=1e-12, learn_magnitude=False, dtype=F64),
+            torch.randn(2, 3, 4, 4, dtype=F64),
+        ),
     ):
         with torch.no_grad():
             out = layer(x)

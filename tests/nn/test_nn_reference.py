@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import math
 
+import nn_reference as ref
 import pytest
 import torch
 
-import nn_reference as ref
 from sphereconv.nn import (
     DecoupledConv2d,
     SphereConv1d,
@@ -17,6 +17,8 @@ from sphereconv.nn import (
     SphereLinear,
     SphereNorm2d,
     decoupled_conv2d,
+)
+from sphereconv.nn import (
     functional as SF,
 )
 from sphereconv.nn.angular import angle_to_g, angular_function
@@ -49,8 +51,13 @@ def _layer_input(cfg, seed):
 
 
 def _conv_kwargs(cfg):
-    return dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"], groups=cfg["groups"],
-                padding_mode=cfg["mode"])
+    return dict(
+        stride=cfg["stride"],
+        padding=cfg["padding"],
+        dilation=cfg["dilation"],
+        groups=cfg["groups"],
+        padding_mode=cfg["mode"],
+    )
 
 
 def _batched(x, cfg):
@@ -65,14 +72,14 @@ def _unbatched(y, cfg):
 @pytest.mark.parametrize("operator", OPERATORS)
 def test_sphere_conv2d_layer_matches_per_patch_reference(cfg, operator, impl):
     x = _layer_input(cfg, seed=0)
-    layer = SphereConv2d(cfg["cin"], cfg["cout"], cfg["k"], **_conv_kwargs(cfg), operator=operator,
-                         sigmoid_k=0.45, dtype=torch.float64)
+    layer = SphereConv2d(
+        cfg["cin"], cfg["cout"], cfg["k"], **_conv_kwargs(cfg), operator=operator, sigmoid_k=0.45, dtype=torch.float64
+    )
     if layer.sigmoid_k_raw is not None:
         with torch.no_grad():  # distinct learnt k per channel
             layer.sigmoid_k_raw.copy_(torch.linspace(-0.9, 1.3, cfg["cout"], dtype=torch.float64))
     k = layer.effective_k().detach() if operator == "learnable_sigmoid" else 0.45
-    expected = ref.sphere_conv_reference(_batched(x, cfg), layer.weight.detach(), operator, k,
-                                         **{**_conv_kwargs(cfg)})
+    expected = ref.sphere_conv_reference(_batched(x, cfg), layer.weight.detach(), operator, k, **{**_conv_kwargs(cfg)})
     assert_matches(layer(x).detach(), _unbatched(expected, cfg))
 
 
@@ -92,12 +99,14 @@ def test_functional_conv2d_with_per_channel_k_and_bias_matches_reference(operato
 @pytest.mark.parametrize("operator", OPERATORS)
 def test_sphere_conv1d_matches_reference(mode, operator, impl):
     torch.manual_seed(2)
-    layer = SphereConv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, padding_mode=mode,
-                         operator=operator, dtype=torch.float64)
+    layer = SphereConv1d(
+        4, 6, 3, stride=2, padding=2, dilation=2, groups=2, padding_mode=mode, operator=operator, dtype=torch.float64
+    )
     x = torch.randn(3, 4, 11, dtype=torch.float64)
     k = layer.effective_k().detach() if operator == "learnable_sigmoid" else 0.3
-    expected = ref.sphere_conv_reference(x, layer.weight.detach(), operator, k, stride=2, padding=2, dilation=2,
-                                         groups=2, padding_mode=mode)
+    expected = ref.sphere_conv_reference(
+        x, layer.weight.detach(), operator, k, stride=2, padding=2, dilation=2, groups=2, padding_mode=mode
+    )
     assert_matches(layer(x).detach(), expected)
     assert_matches(layer(x[0]).detach(), expected[0])  # unbatched
 
@@ -106,12 +115,31 @@ def test_sphere_conv1d_matches_reference(mode, operator, impl):
 @pytest.mark.parametrize("operator", OPERATORS)
 def test_sphere_conv3d_matches_reference(mode, operator, impl):
     torch.manual_seed(3)
-    layer = SphereConv3d(2, 4, (2, 3, 2), stride=(1, 2, 1), padding=1, dilation=(1, 1, 2), groups=2,
-                         padding_mode=mode, operator=operator, dtype=torch.float64)
+    layer = SphereConv3d(
+        2,
+        4,
+        (2, 3, 2),
+        stride=(1, 2, 1),
+        padding=1,
+        dilation=(1, 1, 2),
+        groups=2,
+        padding_mode=mode,
+        operator=operator,
+        dtype=torch.float64,
+    )
     x = torch.randn(2, 2, 4, 6, 5, dtype=torch.float64)
     k = layer.effective_k().detach() if operator == "learnable_sigmoid" else 0.3
-    expected = ref.sphere_conv_reference(x, layer.weight.detach(), operator, k, stride=(1, 2, 1), padding=1,
-                                         dilation=(1, 1, 2), groups=2, padding_mode=mode)
+    expected = ref.sphere_conv_reference(
+        x,
+        layer.weight.detach(),
+        operator,
+        k,
+        stride=(1, 2, 1),
+        padding=1,
+        dilation=(1, 1, 2),
+        groups=2,
+        padding_mode=mode,
+    )
     assert_matches(layer(x).detach(), expected)
     assert_matches(layer(x[1]).detach(), expected[1])
 
@@ -131,8 +159,9 @@ def test_sphere_linear_matches_reference(operator, impl):
 @pytest.mark.parametrize("operator", ["cosine", "sigmoid"])
 def test_sphere_norm2d_matches_reference(cfg, operator):
     x = _layer_input(cfg, seed=5)
-    layer = SphereNorm2d(cfg["cin"], cfg["cout"], cfg["k"], **_conv_kwargs(cfg), bias=True, operator=operator,
-                         dtype=torch.float64)
+    layer = SphereNorm2d(
+        cfg["cin"], cfg["cout"], cfg["k"], **_conv_kwargs(cfg), bias=True, operator=operator, dtype=torch.float64
+    )
     torch.manual_seed(6)
     with torch.no_grad():
         for p in (layer.gamma, layer.beta, layer.magnitude_logit, layer.bias):
@@ -158,8 +187,21 @@ def test_decoupled_conv2d_matches_reference(magnitude, operator, weighted):
     w = torch.randn(6, 2, 3, 3, dtype=torch.float64)
     alpha, beta = torch.linspace(0.5, 2.0, 6, dtype=torch.float64), -0.3
     rho = 2.5  # patch norms here spread around 3, so ball/seg see both branches
-    out = decoupled_conv2d(x, w, stride=(2, 1), padding=1, dilation=(1, 2), groups=2, magnitude=magnitude,
-                           operator=operator, weighted=weighted, alpha=alpha, beta=beta, rho=rho, sigmoid_k=0.6)
+    out = decoupled_conv2d(
+        x,
+        w,
+        stride=(2, 1),
+        padding=1,
+        dilation=(1, 2),
+        groups=2,
+        magnitude=magnitude,
+        operator=operator,
+        weighted=weighted,
+        alpha=alpha,
+        beta=beta,
+        rho=rho,
+        sigmoid_k=0.6,
+    )
     cos, xn, wn = ref.patch_cosines(x, w, stride=(2, 1), padding=1, dilation=(1, 2), groups=2)
     if magnitude in ("ball", "seg"):
         assert (xn < rho).any() and (xn > rho).any()
@@ -173,8 +215,18 @@ def test_decoupled_conv2d_matches_reference(magnitude, operator, weighted):
 @pytest.mark.parametrize("mode", ["zeros", "reflect", "circular"])
 def test_learnable_decoupled_layer_matches_reference_in_train_and_eval(magnitude, mode):
     torch.manual_seed(8)
-    layer = DecoupledConv2d(3, 4, 3, padding=1, padding_mode=mode, bias=True, magnitude=magnitude,
-                            operator="cosine", learnable=True, dtype=torch.float64)
+    layer = DecoupledConv2d(
+        3,
+        4,
+        3,
+        padding=1,
+        padding_mode=mode,
+        bias=True,
+        magnitude=magnitude,
+        operator="cosine",
+        learnable=True,
+        dtype=torch.float64,
+    )
     with torch.no_grad():
         layer.radius.copy_(torch.tensor([0.5, 1.0, 1.5, -2.0]))
         layer.alpha.copy_(torch.tensor([1.0, 2.0, 0.5, 1.5]))
@@ -208,7 +260,8 @@ def test_untrained_learnable_layer_uses_unit_mean_in_eval():
     assert int(layer.num_batches_tracked) == 0  # eval never updates the statistics
 
 
-# Reference table of g (paper Sec. 2.1 formulas, evaluated independently): theta -> (linear, cosine, sigmoid k=0.1, 0.3, 0.7, 0.75).
+# Reference table of g (paper Sec. 2.1 formulas, evaluated independently):
+# theta -> (linear, cosine, sigmoid k=0.1, 0.3, 0.7, 0.75).
 REFERENCE_TABLE = {
     math.pi / 6: (0.666667, 0.866025, 0.999944, 0.950909, 0.784341, 0.772601),
     math.pi / 3: (0.333333, 0.5, 0.989414, 0.710245, 0.442288, 0.429795),
@@ -234,6 +287,8 @@ def test_g_hits_reference_table(column, dtype):
 def test_g_endpoints_and_monotone(operator):
     theta = torch.linspace(0, math.pi, 721, dtype=torch.float64)
     g = angle_to_g(theta, operator, sigmoid_k=0.3)
-    torch.testing.assert_close(g[[0, 360, 720]], torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        g[[0, 360, 720]], torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64), rtol=0, atol=1e-12
+    )
     assert (g.diff() < 0).all()
     torch.testing.assert_close(g, ref.g_of_angle(theta, operator, 0.3), rtol=1e-12, atol=1e-12)

@@ -1,22 +1,26 @@
-"""Numerical safety (the arccos, low-precision and overflow hazards of paper Sec. 2.1's operator): zero patches, exactly collinear filters and
-inputs, cosines rounded past 1, low precision (bf16 autocast on CPU; fp16 autocast and TF32 on CUDA)
-and a fuzz test of extreme magnitudes. No NaN or Inf may reach an output or a gradient."""
+"""Numerical safety (the arccos, low-precision and overflow hazards of paper Sec. 2.1's operator).
+
+Zero patches, exactly collinear filters and inputs, cosines rounded past 1, low precision (bf16
+autocast on CPU; fp16 autocast and TF32 on CUDA) and a fuzz test of extreme magnitudes. No NaN or Inf may reach an output or a gradient."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 
+import nn_reference as ref
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-import nn_reference as ref
 from sphereconv.nn import (
     DecoupledConv2d,
     SphereConv2d,
     SphereLinear,
     SphereNorm2d,
+)
+from sphereconv.nn import (
     functional as SF,
 )
 from sphereconv.nn.angular import acos_derivative_bound, angular_function, safe_acos
@@ -166,16 +170,19 @@ def _fuzz_layer(kind, dtype):
     if kind == "decoupled-bounded":
         return DecoupledConv2d(3, 4, 3, padding=1, magnitude="tanh", operator="sigmoid", dtype=dtype), FULL_RANGE
     if kind == "decoupled-learnt":
-        return DecoupledConv2d(3, 4, 3, padding=1, magnitude="seg", operator="linear", weighted=True,
-                               learnable=True, dtype=dtype), REPRESENTABLE_RANGE
+        return DecoupledConv2d(
+            3, 4, 3, padding=1, magnitude="seg", operator="linear", weighted=True, learnable=True, dtype=dtype
+        ), REPRESENTABLE_RANGE
     return SphereNorm2d(3, 4, 3, padding=1, operator="learnable_sigmoid", dtype=dtype), REPRESENTABLE_RANGE
 
 
 @settings(max_examples=40, deadline=None)
 @given(
     kind=st.sampled_from(["conv", "linear", "decoupled-bounded", "decoupled-learnt", "norm"]),
-    precision=st.sampled_from(PRECISIONS), x_mode=st.sampled_from(["uniform", "mixed"]),
-    w_mode=st.sampled_from(["uniform", "mixed"]), seed=st.integers(0, 2**16),
+    precision=st.sampled_from(PRECISIONS),
+    x_mode=st.sampled_from(["uniform", "mixed"]),
+    w_mode=st.sampled_from(["uniform", "mixed"]),
+    seed=st.integers(0, 2**16),
     reference=st.booleans(),
 )
 def test_fuzz_extreme_magnitudes_never_give_nan_or_inf(kind, precision, x_mode, w_mode, seed, reference):
@@ -204,9 +211,13 @@ def test_cuda_autocast_is_finite_and_accurate(operator, dtype):
     torch.manual_seed(4)
     layer = SphereConv2d(16, 8, 3, padding=1, operator=operator, device="cuda")
     x = 300 * torch.randn(2, 16, 8, 8, device="cuda", requires_grad=True)  # 300^2 overflows fp16
-    expected = ref.sphere_conv_reference(x.detach().double().cpu(), layer.weight.detach().double().cpu(), operator,
-                                         layer.effective_k().detach().double().cpu().reshape(-1, 1, 1)
-                                         if operator == "learnable_sigmoid" else 0.3, padding=1)
+    expected = ref.sphere_conv_reference(
+        x.detach().double().cpu(),
+        layer.weight.detach().double().cpu(),
+        operator,
+        layer.effective_k().detach().double().cpu().reshape(-1, 1, 1) if operator == "learnable_sigmoid" else 0.3,
+        padding=1,
+    )
     with torch.autocast("cuda", dtype=dtype):
         out = layer(x)
     assert out.dtype == torch.float32
@@ -224,9 +235,13 @@ def test_cuda_tf32_is_finite_and_accurate(operator):
         layer = SphereConv2d(32, 8, 3, padding=1, operator=operator, device="cuda")
         x = torch.randn(2, 32, 8, 8, device="cuda", requires_grad=True)
         out = layer(x)
-        expected = ref.sphere_conv_reference(x.detach().double().cpu(), layer.weight.detach().double().cpu(), operator,
-                                             layer.effective_k().detach().double().cpu().reshape(-1, 1, 1)
-                                             if operator == "learnable_sigmoid" else 0.3, padding=1)
+        expected = ref.sphere_conv_reference(
+            x.detach().double().cpu(),
+            layer.weight.detach().double().cpu(),
+            operator,
+            layer.effective_k().detach().double().cpu().reshape(-1, 1, 1) if operator == "learnable_sigmoid" else 0.3,
+            padding=1,
+        )
         torch.testing.assert_close(out.double().cpu(), expected, rtol=0, atol=1e-2)
         _finite_grads(layer, x, out)
         # Exactly collinear under TF32: input = filter.
@@ -253,8 +268,11 @@ def test_cuda_fuzz_extreme_magnitudes_under_fp16_autocast():
         layer = SphereConv2d(3, 4, 3, padding=1, operator="learnable_sigmoid", device="cuda")
         with torch.no_grad():
             layer.weight.copy_(_extreme_tensor(layer.weight.shape, FULL_RANGE, "mixed", torch.float32, generator))
-        x = _extreme_tensor((2, 3, 5, 5), FP16_RANGE, "mixed" if trial % 2 else "uniform", torch.float32,
-                            generator).cuda().requires_grad_()
+        x = (
+            _extreme_tensor((2, 3, 5, 5), FP16_RANGE, "mixed" if trial % 2 else "uniform", torch.float32, generator)
+            .cuda()
+            .requires_grad_()
+        )
         with torch.autocast("cuda", dtype=torch.float16):
             out = layer(x)
         _finite_grads(layer, x, out)

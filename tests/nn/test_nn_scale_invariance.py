@@ -16,11 +16,13 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
 
-from sphereconv.nn import SphereConv1d, SphereConv2d, SphereConv3d, SphereLinear, _fused, functional as SF
+from sphereconv.nn import SphereConv1d, SphereConv2d, SphereConv3d, SphereLinear, _fused
+from sphereconv.nn import functional as SF
 
 OPERATORS = ["linear", "cosine", "sigmoid", "learnable_sigmoid"]
 IMPLS = ["fused", "reference"]
@@ -34,8 +36,12 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 0.1, tor
 # log10 of the scales drawn per dtype: all of float32/float64 (inputs are randn, |x| < ~5, so c x
 # stays finite); float16 and bfloat16 store the input itself, so c x must stay representable there
 # and above the subnormals: float16 holds 6e-5..65504, bfloat16 float32's exponent range.
-LOG_SCALES = {torch.float32: (-30.0, 37.0), torch.float64: (-300.0, 300.0), torch.float16: (-2.0, 4.0),
-              torch.bfloat16: (-30.0, 37.0)}
+LOG_SCALES = {
+    torch.float32: (-30.0, 37.0),
+    torch.float64: (-300.0, 300.0),
+    torch.float16: (-2.0, 4.0),
+    torch.bfloat16: (-30.0, 37.0),
+}
 
 
 class _Functional(nn.Module):
@@ -50,16 +56,27 @@ class _Functional(nn.Module):
 
     def forward(self, x):
         k = self.k if self.k is not None else 0.4
-        return SF.sphere_conv2d(x, self.weight, self.bias, stride=(2, 1), padding=2, dilation=(2, 1), groups=2,
-                                operator=self.operator, sigmoid_k=k)
+        return SF.sphere_conv2d(
+            x,
+            self.weight,
+            self.bias,
+            stride=(2, 1),
+            padding=2,
+            dilation=(2, 1),
+            groups=2,
+            operator=self.operator,
+            sigmoid_k=k,
+        )
 
 
 # layer kind -> (constructor, input shape)
 KINDS = {
     "conv1d": (lambda op: SphereConv1d(3, 4, 3, stride=2, padding=1, bias=True, operator=op), (2, 3, 9)),
     "conv2d": (lambda op: SphereConv2d(3, 4, 3, padding=1, bias=True, operator=op), (2, 3, 6, 5)),
-    "conv2d-reflect-groups": (lambda op: SphereConv2d(4, 4, 3, padding=1, groups=2, padding_mode="reflect", bias=True,
-                                                      operator=op), (2, 4, 5, 5)),
+    "conv2d-reflect-groups": (
+        lambda op: SphereConv2d(4, 4, 3, padding=1, groups=2, padding_mode="reflect", bias=True, operator=op),
+        (2, 4, 5, 5),
+    ),
     "conv3d": (lambda op: SphereConv3d(2, 3, 2, padding=(1, 0, 1), bias=True, operator=op), (1, 2, 4, 3, 4)),
     "linear": (lambda op: SphereLinear(6, 4, bias=True, operator=op), (3, 6)),
     "functional": (_Functional, (2, 4, 7, 6)),
@@ -141,8 +158,14 @@ def test_float64_scale_invariance_from_1e_minus_300_to_1e300(kind, operator, imp
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @settings(max_examples=30, deadline=None)
-@given(kind=st.sampled_from(list(KINDS)), operator=st.sampled_from(OPERATORS), impl=st.sampled_from(IMPLS),
-       e_c=st.floats(0.0, 1.0), e_d=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+@given(
+    kind=st.sampled_from(list(KINDS)),
+    operator=st.sampled_from(OPERATORS),
+    impl=st.sampled_from(IMPLS),
+    e_c=st.floats(0.0, 1.0),
+    e_d=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
 def test_half_precision_scale_invariance_over_the_finite_range(dtype, kind, operator, impl, e_c, e_d, seed):
     low, high = LOG_SCALES[dtype]
     c, d = (10.0 ** (low + e * (high - low)) for e in (e_c, e_d))
@@ -191,7 +214,7 @@ def test_zero_and_mixed_scale_samples_in_one_batch(impl):
     scales_groups = torch.tensor([1.0, 1e20]).reshape(1, 2, 1, 1, 1)
     mixed = (x.unflatten(1, (2, 2)) * scales_groups).flatten(1, 2)
     with torch.no_grad():
-        expected = torch.cat([layer(x[i:i + 1]) for i in range(4)])
+        expected = torch.cat([layer(x[i : i + 1]) for i in range(4)])
         torch.testing.assert_close(layer(x * scales), expected, rtol=1e-5, atol=1e-6)
         assert (expected[3] == 0).all()
         per_group = layer(mixed)
@@ -209,7 +232,11 @@ def test_zero_and_mixed_scale_samples_in_one_batch(impl):
 def _unit_max(shape, dtype=torch.float64, positive=False, seed=0):
     """Random values whose largest magnitude is exactly 1 (float64)."""
     gen = torch.Generator().manual_seed(seed)
-    t = torch.rand(shape, generator=gen, dtype=dtype) * 0.5 + 0.5 if positive else torch.randn(shape, generator=gen, dtype=dtype)
+    t = (
+        torch.rand(shape, generator=gen, dtype=dtype) * 0.5 + 0.5
+        if positive
+        else torch.randn(shape, generator=gen, dtype=dtype)
+    )
     return t / t.abs().max()
 
 

@@ -1,5 +1,7 @@
-"""SphereNorm (Liu et al. 2017, hyperspherical learning as a normalisation): no batch statistics, reduces to the plain convolution, loads plain
-convolution weights, trains with and without BatchNorm."""
+"""SphereNorm (Liu et al. 2017, hyperspherical learning as a normalisation).
+
+No batch statistics, reduces to the plain convolution, loads plain convolution weights, trains with
+and without BatchNorm."""
 
 from __future__ import annotations
 
@@ -43,8 +45,9 @@ def test_output_of_a_sample_does_not_depend_on_batch_or_mode(operator):
 def test_full_magnitude_mix_with_cosine_is_the_plain_convolution(mode, bias):
     torch.manual_seed(1)
     plain = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=bias, padding_mode=mode, dtype=F64)
-    layer = SphereNorm2d(4, 6, 3, stride=2, padding=1, groups=2, bias=bias, padding_mode=mode, operator="cosine",
-                         dtype=F64)
+    layer = SphereNorm2d(
+        4, 6, 3, stride=2, padding=1, groups=2, bias=bias, padding_mode=mode, operator="cosine", dtype=F64
+    )
     layer.load_state_dict(plain.state_dict())  # plain weights; gamma = 1, beta = 0 from init
     with torch.no_grad():
         layer.magnitude_logit.fill_(float("inf"))  # s = sigmoid(inf) = 1 exactly
@@ -54,7 +57,9 @@ def test_full_magnitude_mix_with_cosine_is_the_plain_convolution(mode, bias):
         torch.testing.assert_close(layer(x), plain(x), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("cls,conv,shape", [(SphereNorm1d, F.conv1d, (2, 3, 9)), (SphereNorm3d, F.conv3d, (2, 3, 4, 5, 4))])
+@pytest.mark.parametrize(
+    "cls,conv,shape", [(SphereNorm1d, F.conv1d, (2, 3, 9)), (SphereNorm3d, F.conv3d, (2, 3, 4, 5, 4))]
+)
 def test_1d_and_3d_variants_reduce_to_plain_convolution(cls, conv, shape):
     torch.manual_seed(2)
     layer = cls(3, 5, 3, padding=1, dtype=F64)

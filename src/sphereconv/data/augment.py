@@ -46,10 +46,12 @@ def gather_pixels(images: Tensor, rows: Tensor, cols: Tensor, pad_mode: str = "r
     cols, col_inside = _fold_indices(cols, width, pad_mode)
     flat_index = rows[:, :, None] * width + cols[:, None, :]
     out_h, out_w = flat_index.shape[1:]
-    gathered = images.reshape(batch, channels, height * width).gather(
-        2, flat_index.reshape(batch, 1, out_h * out_w).expand(batch, channels, out_h * out_w)
-    ).reshape(batch, channels, out_h, out_w)
-    if row_inside is not None:
+    gathered = (
+        images.reshape(batch, channels, height * width)
+        .gather(2, flat_index.reshape(batch, 1, out_h * out_w).expand(batch, channels, out_h * out_w))
+        .reshape(batch, channels, out_h, out_w)
+    )
+    if row_inside is not None and col_inside is not None:
         inside = row_inside[:, :, None] & col_inside[:, None, :]
         gathered = gathered * inside[:, None].to(gathered.dtype)
     return gathered

@@ -125,8 +125,15 @@ class DeviceLoader:
                 f"images must be a uint8 tensor of shape (N, C, H, W); got "
                 f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}"
             )
-        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be a 1-d integer tensor; got {getattr(labels, 'dtype', type(labels).__name__)}")
+        if (
+            not isinstance(labels, Tensor)
+            or labels.dim() != 1
+            or labels.dtype.is_floating_point
+            or labels.dtype == torch.bool
+        ):
+            raise TypeError(
+                f"labels must be a 1-d integer tensor; got {getattr(labels, 'dtype', type(labels).__name__)}"
+            )
         if labels.shape[0] != images.shape[0]:
             raise ValueError(f"images has {images.shape[0]} samples but labels has {labels.shape[0]}")
         augment = check_choice("augment", augment, AUGMENTATIONS)
@@ -141,7 +148,9 @@ class DeviceLoader:
         height, width = images.shape[2:]
         max_pad = min(height, width) - (1 if pad_mode == "reflect" else 0)
         if augment == "crop_flip" and self.pad > max_pad:
-            raise ValueError(f"pad = {self.pad} is too large for {height}x{width} images in {pad_mode} mode (max {max_pad})")
+            raise ValueError(
+                f"pad = {self.pad} is too large for {height}x{width} images in {pad_mode} mode (max {max_pad})"
+            )
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating dtype; got {dtype}")
         self.device = torch.device(device)
@@ -196,13 +205,13 @@ class DeviceLoader:
         else:
             order = torch.arange(self.dataset_size)
         if self.even_shards:
-            shard = order[self.rank * self.num_samples: (self.rank + 1) * self.num_samples]
+            shard = order[self.rank * self.num_samples : (self.rank + 1) * self.num_samples]
         else:
-            shard = order[self.rank:: self.world_size]
+            shard = order[self.rank :: self.world_size]
         return shard.to(self.device)
 
     def _batch(self, indices: Tensor, epoch: int, batch_index: int) -> tuple[Tensor, Tensor]:
-        batch_ids = indices[batch_index * self.batch_size: (batch_index + 1) * self.batch_size]
+        batch_ids = indices[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
         # index_select on the (N, C*H*W) view is several times faster than indexing the 4-d tensor.
         images = self.images.view(self.dataset_size, -1).index_select(0, batch_ids).view(-1, *self.images.shape[1:])
         if self.augment != "none":
@@ -257,8 +266,12 @@ class DeviceLoader:
         missing = [k for k in required if k not in state]
         if missing:
             raise ValueError(f"loader state lacks {', '.join(missing)}; expected a DeviceLoader.state_dict()")
-        current = {"dataset_size": self.dataset_size, "batch_size": self.batch_size,
-                   "world_size": self.world_size, "shuffle": self.shuffle}
+        current = {
+            "dataset_size": self.dataset_size,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "shuffle": self.shuffle,
+        }
         for key, value in current.items():
             if state[key] != value:
                 raise ValueError(

@@ -28,8 +28,9 @@ import os
 import pickle
 import random
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,6 +67,7 @@ LOSS_AND_DATA_KEYS = ("loss", "loss_kwargs", "dataset")
 # ------------------------------------------------------------------------------------------------
 # Atomic saving
 
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save(obj)`` behind the integrity header, to ``path`` atomically (see :func:`atomic_write`)."""
     buffer = io.BytesIO()
@@ -83,6 +85,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 # ------------------------------------------------------------------------------------------------
 # RNG state as plain data
 
+
 def capture_rng_state() -> dict[str, Any]:
     """RNG states of Python ``random``, numpy's global generator, torch CPU and every CUDA device.
 
@@ -91,8 +94,13 @@ def capture_rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -106,8 +114,15 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         python = state["python"]
         random.setstate((python[0], tuple(python[1]), python[2]))
         numpy_state = state["numpy"]
-        np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
-                             numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+        np.random.set_state(
+            (
+                numpy_state["kind"],
+                numpy_state["keys"].numpy().astype(np.uint32),
+                numpy_state["pos"],
+                numpy_state["has_gauss"],
+                numpy_state["cached_gaussian"],
+            )
+        )
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             cuda_states = list(state["cuda"])
@@ -119,6 +134,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # Saving, listing, loading
+
 
 def checkpoint_dir(out: str | os.PathLike) -> Path:
     """The checkpoint directory of a run directory."""
@@ -196,8 +212,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         if version in (FORMAT_VERSION, UNVERIFIED_FORMAT_VERSION):  # header stripped, or added by hand
             where = "inside an integrity header" if verified else "without its integrity header"
             raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: format version {version} {where}")
-        raise CheckpointError(f"checkpoint {str(path)!r} has format version {version!r}; this sphereconv reads "
-                              f"versions {UNVERIFIED_FORMAT_VERSION} and {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has format version {version!r}; this sphereconv reads "
+            f"versions {UNVERIFIED_FORMAT_VERSION} and {FORMAT_VERSION}"
+        )
     if not verified:
         logger.warning("checkpoint %s has format version 1 and no integrity digest: it cannot be verified", path)
     missing = [k for k in ("step", "model", "config") if k not in state]
@@ -208,7 +226,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 def _damaged_magic(data: bytes) -> bool:
     """True when ``data`` starts like a version-2 header cut short or with a few bytes changed."""
-    head = data[:len(MAGIC)]
+    head = data[: len(MAGIC)]
     if not head or MAGIC.startswith(head):
         return bool(head)
     return len(head) == len(MAGIC) and sum(a != b for a, b in zip(head, MAGIC)) <= _MAGIC_DAMAGE_BYTES
@@ -216,17 +234,22 @@ def _damaged_magic(data: bytes) -> bool:
 
 def _verified_payload(path: Path, data: bytes) -> memoryview:
     """The payload after the header of ``data``, or CheckpointError if its SHA-256 does not match."""
-    digest_line = data[len(MAGIC):HEADER_BYTES]
-    recorded = digest_line[len(_DIGEST_PREFIX):-1]
-    if (len(data) < HEADER_BYTES or not digest_line.startswith(_DIGEST_PREFIX) or not digest_line.endswith(b"\n")
-            or any(c not in b"0123456789abcdef" for c in recorded)):
+    digest_line = data[len(MAGIC) : HEADER_BYTES]
+    recorded = digest_line[len(_DIGEST_PREFIX) : -1]
+    if (
+        len(data) < HEADER_BYTES
+        or not digest_line.startswith(_DIGEST_PREFIX)
+        or not digest_line.endswith(b"\n")
+        or any(c not in b"0123456789abcdef" for c in recorded)
+    ):
         raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt: its integrity header is damaged")
     payload = memoryview(data)[HEADER_BYTES:]
     actual = hashlib.sha256(payload).hexdigest()
     if actual != recorded.decode("ascii"):
         raise CheckpointError(
             f"checkpoint {str(path)!r} is truncated or corrupt: the SHA-256 of its {len(payload)} payload bytes is "
-            f"{actual[:16]}..., not the {recorded[:16].decode('ascii')}... recorded when it was written")
+            f"{actual[:16]}..., not the {recorded[:16].decode('ascii')}... recorded when it was written"
+        )
     return payload
 
 
@@ -234,15 +257,23 @@ def _load_failure(path: Path, exc: Exception) -> str:
     text = " ".join(str(exc).split())
     if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text.lower():
         first = text.split(". ")[0][:EXCERPT_CHARS]
-        return (f"refused to load {str(path)!r}: it contains pickled code or objects that are not plain "
-                f"tensors and data ({first}); only load checkpoints you trust with other tools")
-    if isinstance(exc, EOFError) or "central directory" in text or "failed reading" in text or "truncated" in text.lower():
+        return (
+            f"refused to load {str(path)!r}: it contains pickled code or objects that are not plain "
+            f"tensors and data ({first}); only load checkpoints you trust with other tools"
+        )
+    if (
+        isinstance(exc, EOFError)
+        or "central directory" in text
+        or "failed reading" in text
+        or "truncated" in text.lower()
+    ):
         return f"checkpoint {str(path)!r} is truncated or corrupt ({type(exc).__name__}: {text[:EXCERPT_CHARS]})"
     return f"{str(path)!r} is not a readable checkpoint ({type(exc).__name__}: {text[:EXCERPT_CHARS]})"
 
 
-def find_latest_checkpoint(directory: str | os.PathLike,
-                           map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+def find_latest_checkpoint(
+    directory: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, Any]] | None:
     """Newest checkpoint in ``directory`` that loads; broken ones are skipped with a warning.
 
     Returns ``(path, state)`` or ``None`` when there is no loadable checkpoint.
@@ -258,6 +289,7 @@ def find_latest_checkpoint(directory: str | os.PathLike,
 # ------------------------------------------------------------------------------------------------
 # Compatibility
 
+
 def _describe(config: Mapping[str, Any]) -> str:
     return f"model {short_value(config.get('model'))} with operator {short_value(config.get('operator'))}"
 
@@ -265,7 +297,7 @@ def _describe(config: Mapping[str, Any]) -> str:
 def short_value(value: Any) -> str:
     """``repr(value)``, cut to :data:`VALUE_CHARS` characters for a one-line message."""
     text = repr(value)
-    return text if len(text) <= VALUE_CHARS else text[:VALUE_CHARS - 3] + "..."
+    return text if len(text) <= VALUE_CHARS else text[: VALUE_CHARS - 3] + "..."
 
 
 def check_config_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], source: str) -> None:
@@ -275,8 +307,9 @@ def check_config_compatible(saved: Mapping[str, Any], current: Mapping[str, Any]
 
     differing = [key for key in (*MODEL_CONFIG_KEYS, *LOSS_AND_DATA_KEYS) if saved.get(key) != current.get(key)]
     if differing:
-        changes = ", ".join(f"{k}={short_value(saved.get(k))} there but {short_value(current.get(k))} here"
-                            for k in differing)
+        changes = ", ".join(
+            f"{k}={short_value(saved.get(k))} there but {short_value(current.get(k))} here" for k in differing
+        )
         names = "" if _describe(saved) == _describe(current) else f" ({_describe(saved)}, not {_describe(current)})"
         raise CheckpointError(f"{source} belongs to a different model{names}: {changes}")
 
@@ -298,8 +331,10 @@ def check_state_compatible(saved: Mapping[str, torch.Tensor], model: nn.Module, 
         if not isinstance(other, torch.Tensor):
             raise CheckpointError(f"{source} does not match this model: {key!r} is not a tensor")
         if tuple(other.shape) != tuple(tensor.shape):
-            raise CheckpointError(f"{source} does not match this model: {key!r} has shape "
-                                  f"{tuple(other.shape)} there but {tuple(tensor.shape)} here")
+            raise CheckpointError(
+                f"{source} does not match this model: {key!r} has shape "
+                f"{tuple(other.shape)} there but {tuple(tensor.shape)} here"
+            )
 
 
 def load_model_state(model: nn.Module, saved: Mapping[str, torch.Tensor], source: str) -> None:
@@ -310,6 +345,7 @@ def load_model_state(model: nn.Module, saved: Mapping[str, torch.Tensor], source
 
 # ------------------------------------------------------------------------------------------------
 # safetensors export
+
 
 def _plain_state(module: nn.Module) -> dict[str, torch.Tensor]:
     # safetensors refuses shared or non-contiguous storage: give every tensor its own copy.
@@ -339,7 +375,9 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:  # safetensors raises SafetensorError / OSError for bad files
-        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({' '.join(str(exc).split())[:EXCERPT_CHARS]})") from None
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable safetensors file ({' '.join(str(exc).split())[:EXCERPT_CHARS]})"
+        ) from None
     return tensors, metadata
 
 

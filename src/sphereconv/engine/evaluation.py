@@ -17,8 +17,8 @@ from ..data import DeviceLoader, dataset_info, load_dataset, subset
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import load_checkpoint, load_model_state
 from .config import TrainConfig, config_from_dict, resolve_device_name
-from .objective import TrainingModule, build_loss_module, build_model, evaluate_batches
 from .loaders import SUBSET_SEED
+from .objective import TrainingModule, build_loss_module, build_model, evaluate_batches
 
 SPLITS = ("train", "test")
 
@@ -32,8 +32,9 @@ class RestoredCheckpoint:
     module: TrainingModule
 
 
-def restore_checkpoint(checkpoint_path: str | os.PathLike,
-                       data_dir: str | os.PathLike | None = None) -> RestoredCheckpoint:
+def restore_checkpoint(
+    checkpoint_path: str | os.PathLike, data_dir: str | os.PathLike | None = None
+) -> RestoredCheckpoint:
     """Load ``checkpoint_path`` with the engine's integrity checks and rebuild model and loss head.
 
     The network is built from the configuration stored in the checkpoint (``data_dir`` overrides
@@ -59,9 +60,18 @@ def restore_checkpoint(checkpoint_path: str | os.PathLike,
     return RestoredCheckpoint(config, state, module)
 
 
-def evaluate(checkpoint_path: str | os.PathLike, data_dir: str | os.PathLike | None = None, device: str = "auto",
-             *, batch_size: int | None = None, split: str = "test", subset_size: int | None = None,
-             amp: str = "none", download: bool = False, progress: bool = False) -> dict[str, Any]:
+def evaluate(
+    checkpoint_path: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    device: str = "auto",
+    *,
+    batch_size: int | None = None,
+    split: str = "test",
+    subset_size: int | None = None,
+    amp: str = "none",
+    download: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Accuracy and mean loss of the checkpoint's model on ``split`` of its dataset.
 
     ``data_dir`` overrides the dataset location stored in the checkpoint; ``batch_size`` defaults
@@ -81,8 +91,9 @@ def evaluate(checkpoint_path: str | os.PathLike, data_dir: str | os.PathLike | N
     torch_device = torch.device(resolve_device_name(device))
     module.to(torch_device)
 
-    images, labels = load_dataset(config.dataset, split, config.data_dir, download, image_size=config.image_size,
-                                  progress=progress)
+    images, labels = load_dataset(
+        config.dataset, split, config.data_dir, download, image_size=config.image_size, progress=progress
+    )
     if subset_size is not None:
         if isinstance(subset_size, bool) or not isinstance(subset_size, int) or not 1 <= subset_size <= labels.shape[0]:
             raise ConfigError(f"invalid subset_size={subset_size!r}: expected an integer in [1, {labels.shape[0]}]")

@@ -47,8 +47,9 @@ class RunData:
 
 def load_split(config: TrainConfig, split: str, limit: int | None, show_progress: bool) -> tuple[Tensor, Tensor]:
     """``split`` of the config's dataset, cut to a stratified subset of ``limit`` images if given."""
-    images, labels = load_dataset(config.dataset, split, config.data_dir, config.download,
-                                  image_size=config.image_size, progress=show_progress)
+    images, labels = load_dataset(
+        config.dataset, split, config.data_dir, config.download, image_size=config.image_size, progress=show_progress
+    )
     if limit is not None:
         if limit > labels.shape[0]:
             key = "train_subset" if split == "train" else "test_subset"
@@ -70,16 +71,37 @@ def build_run_data(config: TrainConfig, ctx: DistributedContext) -> RunData:
         ctx.barrier()
     per_rank_batch_size = config.batch_size // ctx.world_size
     if train_labels.shape[0] < per_rank_batch_size * ctx.world_size:
-        raise ConfigError(f"batch_size={config.batch_size} is larger than the {train_labels.shape[0]} training "
-                          f"images; lower batch_size or raise train_subset")
+        raise ConfigError(
+            f"batch_size={config.batch_size} is larger than the {train_labels.shape[0]} training "
+            f"images; lower batch_size or raise train_subset"
+        )
     train_loader = DeviceLoader(
-        train_images, train_labels, per_rank_batch_size, device=ctx.device, shuffle=True,
-        augment=config.augment, drop_last=True, seed=config.seed, rank=ctx.rank, world_size=ctx.world_size)
+        train_images,
+        train_labels,
+        per_rank_batch_size,
+        device=ctx.device,
+        shuffle=True,
+        augment=config.augment,
+        drop_last=True,
+        seed=config.seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+    )
     if test_labels.shape[0] < ctx.world_size:
         raise ConfigError(f"the test set has {test_labels.shape[0]} images, fewer than the {ctx.world_size} processes")
     test_loader = DeviceLoader(
-        test_images, test_labels, config.eval_batch_size, device=ctx.device, shuffle=False, augment="none",
-        drop_last=False, seed=0, rank=ctx.rank, world_size=ctx.world_size, even_shards=False)
+        test_images,
+        test_labels,
+        config.eval_batch_size,
+        device=ctx.device,
+        shuffle=False,
+        augment="none",
+        drop_last=False,
+        seed=0,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        even_shards=False,
+    )
     steps_per_epoch = len(train_loader)
     total_steps = config.iterations
     if total_steps is None:
@@ -93,11 +115,15 @@ def check_resumed_length(config: TrainConfig, total_steps: int, state: Mapping[s
     done, planned = int(state["step"]), state.get("total_steps")
     length = f"iterations={config.iterations}" if config.iterations is not None else f"epochs={config.epochs:g}"
     if total_steps < done:
-        raise ConfigError(f"{length} gives {total_steps} steps, but {source} is already at step {done}; "
-                          "a resumed run cannot be shorter than the steps it has done")
+        raise ConfigError(
+            f"{length} gives {total_steps} steps, but {source} is already at step {done}; "
+            "a resumed run cannot be shorter than the steps it has done"
+        )
     if planned is not None and planned != total_steps and config.schedule in LENGTH_DEFINED_SCHEDULES:
-        raise ConfigError(f"{length} gives {total_steps} steps, but schedule={config.schedule!r} spans the "
-                          f"run's {planned} steps and cannot be stretched on resume; keep the run's length")
+        raise ConfigError(
+            f"{length} gives {total_steps} steps, but schedule={config.schedule!r} spans the "
+            f"run's {planned} steps and cannot be stretched on resume; keep the run's length"
+        )
 
 
 def warn_if_batch_norm_lags(model: nn.Module, total_steps: int) -> None:
@@ -107,10 +133,15 @@ def warn_if_batch_norm_lags(model: nn.Module, total_steps: int) -> None:
     m = 0.001 (decay 0.999) needs thousands of steps before test-time statistics follow the
     weights, and shorter runs then evaluate near chance although they train well.
     """
-    momenta = [m.momentum for m in model.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None]
+    momenta = [
+        m.momentum for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None
+    ]
     if momenta and min(momenta) < BN_MOMENTUM and min(momenta) * total_steps < BN_SETTLE_MEMORIES:
         logger.warning(
             "BatchNorm momentum %g remembers ~%d steps but the run has %d: test accuracy will lag; "
-            "for short runs use --bn-momentum %g (config key bn_momentum)", min(momenta),
-            round(1 / min(momenta)), total_steps, BN_MOMENTUM)
+            "for short runs use --bn-momentum %g (config key bn_momentum)",
+            min(momenta),
+            round(1 / min(momenta)),
+            total_steps,
+            BN_MOMENTUM,
+        )

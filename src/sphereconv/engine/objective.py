@@ -15,7 +15,7 @@ softmax are computed in float32 even under autocast.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +23,10 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..losses import build_loss
+from ..losses.base import ClassifierLoss
 from ..losses.registry import loss_options
 from ..models import BN_MOMENTUM, create_model
-from ..models.contract import require_backbone
+from ..models.contract import ClassifierBackbone, require_backbone
 from ..nn.angular import DEFAULT_SIGMOID_K, PLAIN_OPERATOR
 from .config import TrainConfig
 from .runtime import autocast
@@ -33,13 +34,24 @@ from .runtime import autocast
 # Config keys that are model options (models.contract.ModelOptions) beyond the builder contract's
 # operator and width_mult, with the default every registered model shares: model_kwargs passes
 # one only when the config changes it, so a model without the option still builds by default.
-_OPTIONAL_MODEL_ARGS = {"sigmoid_k": DEFAULT_SIGMOID_K, "batch_norm": True, "sphere_norm": False,
-                        "fc_operator": None, "feature_dim": None, "bn_momentum": BN_MOMENTUM}
+_OPTIONAL_MODEL_ARGS = {
+    "sigmoid_k": DEFAULT_SIGMOID_K,
+    "batch_norm": True,
+    "sphere_norm": False,
+    "fc_operator": None,
+    "feature_dim": None,
+    "bn_momentum": BN_MOMENTUM,
+}
 # Config keys that define the network, so a checkpoint loads only into a run that agrees on them:
 # the inputs of model_kwargs except bn_momentum, which changes how BatchNorm averages its
 # statistics, not what the weights are.
-MODEL_CONFIG_KEYS = ("model", "operator", "width_mult",
-                     *(key for key in _OPTIONAL_MODEL_ARGS if key != "bn_momentum"), "model_kwargs")
+MODEL_CONFIG_KEYS = (
+    "model",
+    "operator",
+    "width_mult",
+    *(key for key in _OPTIONAL_MODEL_ARGS if key != "bn_momentum"),
+    "model_kwargs",
+)
 # Classifier g of a model whose own operator has no fixed-g counterpart: the CNN's inner product
 # normalised is the cosine (the paper's weight-normalised softmax, Sec. 2.2), and the learnable
 # sigmoid (one k per conv channel) becomes the sigmoid with the config's sigmoid_k.
@@ -55,17 +67,19 @@ class TrainingModule(nn.Module):
     loss_module.logits(f)`` (margin-free, for accuracy).
     """
 
-    def __init__(self, model: nn.Module, loss_module: nn.Module | None = None, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self, model: nn.Module, loss_module: ClassifierLoss | None = None, label_smoothing: float = 0.0
+    ) -> None:
         super().__init__()
         self.model = model
-        self.loss_module = loss_module
+        self.loss_module: ClassifierLoss | None = loss_module
         self.label_smoothing = float(label_smoothing)
 
     def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         if self.loss_module is None:
             logits = self.model(images).float()
             return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing), logits
-        features = self.model.forward_features(images).float()
+        features = cast(ClassifierBackbone, self.model).forward_features(images).float()
         return self.loss_module(features, labels), self.loss_module.logits(features)
 
 
@@ -75,8 +89,13 @@ def model_kwargs(config: TrainConfig, num_classes: int, in_channels: int, image_
     The one mapping from a configuration to a model: training, evaluation and checkpoint restore
     all build their model through :func:`build_model`.
     """
-    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size,
-                              "operator": config.operator, "width_mult": config.width_mult}
+    kwargs: dict[str, Any] = {
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "image_size": image_size,
+        "operator": config.operator,
+        "width_mult": config.width_mult,
+    }
     for key, default in _OPTIONAL_MODEL_ARGS.items():
         value = getattr(config, key)
         if value != default:
@@ -103,8 +122,9 @@ def head_operator(config: TrainConfig) -> str:
     return _HEAD_OPERATOR_OF.get(config.operator, config.operator)
 
 
-def build_loss_module(config: TrainConfig, model: nn.Module, num_classes: int,
-                      total_iterations: int | None = None) -> nn.Module | None:
+def build_loss_module(
+    config: TrainConfig, model: nn.Module, num_classes: int, total_iterations: int | None = None
+) -> ClassifierLoss | None:
     """The loss module for ``config.loss`` on ``model.num_features`` (None for plain softmax).
 
     A loss with an angular function takes the model's (:func:`head_operator`) and ``sigmoid_k``;
@@ -113,8 +133,10 @@ def build_loss_module(config: TrainConfig, model: nn.Module, num_classes: int,
     """
     if config.loss == "softmax":
         if config.loss_kwargs:
-            raise ConfigError(f"loss_kwargs={config.loss_kwargs!r} has no effect with loss='softmax' "
-                              "(its classifier is the model's own); remove them or choose another loss")
+            raise ConfigError(
+                f"loss_kwargs={config.loss_kwargs!r} has no effect with loss='softmax' "
+                "(its classifier is the model's own); remove them or choose another loss"
+            )
         return None
     try:
         num_features = require_backbone(model, config.model, f"loss={config.loss!r}").num_features
@@ -122,8 +144,11 @@ def build_loss_module(config: TrainConfig, model: nn.Module, num_classes: int,
         raise ConfigError(str(exc)) from None
     kwargs = dict(config.loss_kwargs)
     options = loss_options(config.loss)
-    inherited = {"operator": head_operator(config), "sigmoid_k": config.sigmoid_k,
-                 "anneal_iterations": total_iterations}
+    inherited = {
+        "operator": head_operator(config),
+        "sigmoid_k": config.sigmoid_k,
+        "anneal_iterations": total_iterations,
+    }
     for key, value in inherited.items():
         if key in options and key not in kwargs and value is not None:
             kwargs[key] = value
@@ -138,8 +163,9 @@ def build_loss_module(config: TrainConfig, model: nn.Module, num_classes: int,
 
 
 @torch.no_grad()
-def evaluate_batches(module: TrainingModule, batches, device: torch.device, amp: str = "none",
-                     channels_last: bool = False) -> Tensor:
+def evaluate_batches(
+    module: TrainingModule, batches, device: torch.device, amp: str = "none", channels_last: bool = False
+) -> Tensor:
     """Sum of loss, correct predictions and count over ``batches``: a float64 tensor of 3 values.
 
     ``module`` is put in eval mode for the pass and restored afterwards.

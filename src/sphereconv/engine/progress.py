@@ -22,8 +22,13 @@ from .step import StepResult
 # Steps between refreshes of the progress bar's loss / accuracy / images-per-second.
 PROGRESS_REFRESH_STEPS = 10
 # Checkpoint keys of the TrainingWindow fields (the checkpoint stores progress flat).
-_WINDOW_KEYS = {"loss_sum": "window_loss", "correct": "window_correct", "images": "window_images",
-                "seconds": "window_seconds", "all_images": "window_steps_images"}
+_WINDOW_KEYS = {
+    "loss_sum": "window_loss",
+    "correct": "window_correct",
+    "images": "window_images",
+    "seconds": "window_seconds",
+    "all_images": "window_steps_images",
+}
 
 
 @dataclass
@@ -134,8 +139,9 @@ class ProgressBar:
     """A tqdm bar over the run's steps showing the window's loss, accuracy and images per second."""
 
     def __init__(self, total: int, initial: int, enabled: bool, description: str) -> None:
-        self._bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
-                         desc=description)
+        self._bar = tqdm(
+            total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, desc=description
+        )
 
     @property
     def enabled(self) -> bool:

@@ -63,8 +63,11 @@ class StopSignals:
             self.__exit__(None, None, None)
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without a checkpoint")
         self.received = signum
-        logger.warning("received %s: finishing the current step, writing a checkpoint and stopping "
-                       "(send it again to abort at once)", signal.Signals(signum).name)
+        logger.warning(
+            "received %s: finishing the current step, writing a checkpoint and stopping "
+            "(send it again to abort at once)",
+            signal.Signals(signum).name,
+        )
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -91,8 +94,7 @@ def grad_scaler(device: torch.device, amp: str) -> torch.GradScaler | None:
     return torch.GradScaler(device.type) if amp == "fp16" else None
 
 
-def place_on_device(model: nn.Module, loss_module: nn.Module | None, device: torch.device,
-                    channels_last: bool) -> None:
+def place_on_device(model: nn.Module, loss_module: nn.Module | None, device: torch.device, channels_last: bool) -> None:
     """Move the network and its loss module to ``device``; ``channels_last`` makes the network NHWC."""
     model.to(device)
     if loss_module is not None:
@@ -101,15 +103,19 @@ def place_on_device(model: nn.Module, loss_module: nn.Module | None, device: tor
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stubs
 
 
-def wrap_for_training(module: nn.Module, ctx: DistributedContext, compile: bool,
-                      find_unused_parameters: bool) -> nn.Module:
+def wrap_for_training(
+    module: nn.Module, ctx: DistributedContext, compile: bool, find_unused_parameters: bool
+) -> nn.Module:
     """``module`` under ``DistributedDataParallel`` (several ranks) and ``torch.compile`` (if asked)."""
     net = module
     if ctx.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                                      find_unused_parameters=find_unused_parameters)
+        net = DistributedDataParallel(
+            net,
+            device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            find_unused_parameters=find_unused_parameters,
+        )
     if compile:
         net = torch.compile(net)  # type: ignore[assignment]  # an nn.Module, typed as a plain callable
     return net
@@ -118,29 +124,41 @@ def wrap_for_training(module: nn.Module, ctx: DistributedContext, compile: bool,
 def oom_message(config: TrainConfig, phase: str, world_size: int) -> str:
     """One line for a CUDA out-of-memory error during ``phase``, naming the batch size to lower."""
     if phase == "evaluation":
-        return (f"out of memory during evaluation with eval_batch_size={config.eval_batch_size}; "
-                f"try a smaller --eval-batch-size (e.g. {max(1, config.eval_batch_size // 2)})")
+        return (
+            f"out of memory during evaluation with eval_batch_size={config.eval_batch_size}; "
+            f"try a smaller --eval-batch-size (e.g. {max(1, config.eval_batch_size // 2)})"
+        )
     where = f" ({config.batch_size // world_size} per process)" if world_size > 1 else ""
     hint = " or --amp bf16" if config.amp == "none" else ""
-    return (f"out of memory during {phase} with batch size {config.batch_size}{where}; "
-            f"try a smaller --batch-size (e.g. {max(1, config.batch_size // 2)}){hint}")
+    return (
+        f"out of memory during {phase} with batch size {config.batch_size}{where}; "
+        f"try a smaller --batch-size (e.g. {max(1, config.batch_size // 2)}){hint}"
+    )
 
 
-def divergence_message(config: TrainConfig, step: int, consecutive: int,
-                       last_checkpoint: str | os.PathLike | None) -> str:
+def divergence_message(
+    config: TrainConfig, step: int, consecutive: int, last_checkpoint: str | os.PathLike | None
+) -> str:
     """One line for a run stopped after ``consecutive`` non-finite steps: likely causes and what is left."""
     causes = [f"a learning rate too high for this model (lr={config.lr:g}; try a smaller --lr)"]
     if config.amp == "fp16":
         causes.append("fp16 overflow (try --amp bf16)")
     causes.append("non-finite values in the input data")
-    where = (f"the last good checkpoint {str(last_checkpoint)!r} is intact"
-             if last_checkpoint is not None else "no checkpoint had been written yet")
-    return (f"training diverged at step {step}: {consecutive} consecutive steps had a non-finite loss or "
-            f"gradient (all skipped); likely cause: {' or '.join(causes)}; {where}")
+    where = (
+        f"the last good checkpoint {str(last_checkpoint)!r} is intact"
+        if last_checkpoint is not None
+        else "no checkpoint had been written yet"
+    )
+    return (
+        f"training diverged at step {step}: {consecutive} consecutive steps had a non-finite loss or "
+        f"gradient (all skipped); likely cause: {' or '.join(causes)}; {where}"
+    )
 
 
 def peer_failure_message(rank: int, phase: str, exc: BaseException) -> str:
     """One line for a collective that failed because another data-parallel rank died or hung."""
     first_line = " ".join(str(exc).split())[:EXCERPT_CHARS]
-    return (f"rank {rank} lost contact with another data-parallel rank during {phase} ({first_line}); "
-            "another process probably died: check its log")
+    return (
+        f"rank {rank} lost contact with another data-parallel rank during {phase} ({first_line}); "
+        "another process probably died: check its log"
+    )

@@ -59,10 +59,19 @@ class TrainStep:
     data-parallel ranks (the identity in a single process).
     """
 
-    def __init__(self, module: TrainingModule, optimizer: torch.optim.Optimizer, *, net: nn.Module | None = None,
-                 scaler: torch.GradScaler | None = None, amp: str = "none", grad_clip: float | None = None,
-                 orthogonality: float = 0.0, channels_last: bool = False,
-                 all_reduce_sum: Callable[[Tensor], Tensor] = _identity) -> None:
+    def __init__(
+        self,
+        module: TrainingModule,
+        optimizer: torch.optim.Optimizer,
+        *,
+        net: nn.Module | None = None,
+        scaler: torch.GradScaler | None = None,
+        amp: str = "none",
+        grad_clip: float | None = None,
+        orthogonality: float = 0.0,
+        channels_last: bool = False,
+        all_reduce_sum: Callable[[Tensor], Tensor] = _identity,
+    ) -> None:
         self.module = module
         self.net = module if net is None else net
         self.optimizer = optimizer
@@ -117,8 +126,13 @@ class TrainStep:
             scaler.update()
         else:
             optimizer.step()
-        return StepResult(loss_sum=loss_sum, correct=int(correct), images=int(images_total), skipped=skipped,
-                          stop_requested=n_stop > 0)
+        return StepResult(
+            loss_sum=loss_sum,
+            correct=int(correct),
+            images=int(images_total),
+            skipped=skipped,
+            stop_requested=n_stop > 0,
+        )
 
     def _gradient_norm(self) -> Tensor | None:
         """Clip to ``grad_clip`` and return the total norm; without clipping, the norm only when it decides a skip."""

@@ -122,8 +122,10 @@ class Trainer:
     def _run(self) -> dict[str, Any]:
         cfg, ctx = self.config, self.ctx
         if cfg.batch_size % ctx.world_size:
-            raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {ctx.world_size} "
-                              "data-parallel processes (it is the global batch size)")
+            raise ConfigError(
+                f"batch_size={cfg.batch_size} must be divisible by the {ctx.world_size} "
+                "data-parallel processes (it is the global batch size)"
+            )
         run_dir = self._run_dir = RunDirectory(cfg.out, writable=ctx.is_main)
         # Rank 0 owns the folder: it locks it before checking it. Nothing is written before every
         # check (ownership, resume contract, checkpoint) has passed.
@@ -198,8 +200,9 @@ class Trainer:
         except (KeyError, ValueError, TypeError, RuntimeError) as exc:
             if isinstance(exc, CheckpointError):
                 raise
-            raise CheckpointError(f"{source} cannot be resumed with this configuration: "
-                                  f"{' '.join(str(exc).split())[:EXCERPT_CHARS]}") from None
+            raise CheckpointError(
+                f"{source} cannot be resumed with this configuration: {' '.join(str(exc).split())[:EXCERPT_CHARS]}"
+            ) from None
         self.step = int(state["step"])
         self.last_checkpoint = path
         logger.info("resumed from %s at step %d", path, self.step)
@@ -209,12 +212,21 @@ class Trainer:
     def _loop(self, net: nn.Module, run_dir: RunDirectory) -> dict[str, Any]:
         cfg, ctx, progress = self.config, self.ctx, self.progress
         self.module.train()
-        train_step = TrainStep(self.module, self.optimizer, net=net, scaler=self.scaler, amp=cfg.amp,
-                               grad_clip=cfg.grad_clip, orthogonality=cfg.orthogonality,
-                               channels_last=cfg.channels_last, all_reduce_sum=ctx.all_reduce_sum)
+        train_step = TrainStep(
+            self.module,
+            self.optimizer,
+            net=net,
+            scaler=self.scaler,
+            amp=cfg.amp,
+            grad_clip=cfg.grad_clip,
+            orthogonality=cfg.orthogonality,
+            channels_last=cfg.channels_last,
+            all_reduce_sum=ctx.all_reduce_sum,
+        )
         stream = self.train_loader.batches_forever()
-        self._bar = ProgressBar(self.total_steps, self.step, cfg.progress and ctx.is_main,
-                                f"train {cfg.model}/{cfg.operator}")
+        self._bar = ProgressBar(
+            self.total_steps, self.step, cfg.progress and ctx.is_main, f"train {cfg.model}/{cfg.operator}"
+        )
         progress.start_clock()
         interrupted = None
         while self.step < self.total_steps:
@@ -234,8 +246,9 @@ class Trainer:
                 callback.on_step_end(self.step, {"loss": result.loss, "skipped": result.skipped, "lr": lr})
             self._bar.advance(self.step, self.total_steps, progress.window)
             if progress.consecutive_nonfinite >= cfg.max_nonfinite_steps:
-                raise TrainingDivergedError(divergence_message(cfg, self.step, progress.consecutive_nonfinite,
-                                                               self.last_checkpoint))
+                raise TrainingDivergedError(
+                    divergence_message(cfg, self.step, progress.consecutive_nonfinite, self.last_checkpoint)
+                )
             if self._due(cfg.eval_every):
                 self._evaluate(lr, run_dir)
                 progress.tick()
@@ -278,8 +291,9 @@ class Trainer:
         if self.ctx.is_main:
             run_dir.append_metrics(record)
             if self._bar is not None:
-                self._bar.write(f"step {self.step}: test_acc {record['test_acc']:.4f} "
-                                f"test_loss {record['test_loss']:.4f}")
+                self._bar.write(
+                    f"step {self.step}: test_acc {record['test_acc']:.4f} test_loss {record['test_loss']:.4f}"
+                )
         for callback in self.callbacks:
             callback.on_evaluate(self.step, record)
         return record

@@ -35,8 +35,18 @@ ARCFACE_MAX_MARGIN = 0.5 * math.pi
 class _FixedScaleLoss(AngularSoftmaxLoss):
     """Angular softmax on normalised features: ``logit_j = s cos(theta_j)`` with a fixed scale s."""
 
-    def __init__(self, in_features: int, num_classes: int, *, scale: float, margin: float,
-                 label_smoothing: float, eps: float, device: Device, dtype: torch.dtype | None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        scale: float,
+        margin: float,
+        label_smoothing: float,
+        eps: float,
+        device: Device,
+        dtype: torch.dtype | None,
+    ) -> None:
         super().__init__(in_features, num_classes, label_smoothing=label_smoothing, eps=eps, device=device, dtype=dtype)
         self.scale = check_positive("scale", scale)
         self.margin = margin
@@ -55,12 +65,29 @@ class CosFaceLoss(_FixedScaleLoss):
     ``margin`` m must lie in [0, 2] (cos theta - m spans [-1 - m, 1 - m]); ``scale`` s > 0.
     """
 
-    def __init__(self, in_features: int, num_classes: int, *, scale: float = COSFACE_SCALE,
-                 margin: float = COSFACE_MARGIN, label_smoothing: float = 0.0, eps: float = DEFAULT_EPS,
-                 device: Device = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        scale: float = COSFACE_SCALE,
+        margin: float = COSFACE_MARGIN,
+        label_smoothing: float = 0.0,
+        eps: float = DEFAULT_EPS,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         margin = check_float("margin", margin, low=0.0, high=2.0)
-        super().__init__(in_features, num_classes, scale=scale, margin=margin, label_smoothing=label_smoothing,
-                         eps=eps, device=device, dtype=dtype)
+        super().__init__(
+            in_features,
+            num_classes,
+            scale=scale,
+            margin=margin,
+            label_smoothing=label_smoothing,
+            eps=eps,
+            device=device,
+            dtype=dtype,
+        )
 
     def target_logit(self, cos_target: Tensor, score_target: Tensor) -> Tensor:
         """``cos theta_y - m``."""
@@ -78,12 +105,29 @@ class ArcFaceLoss(_FixedScaleLoss):
     target logit would no longer decrease); ``scale`` s > 0.
     """
 
-    def __init__(self, in_features: int, num_classes: int, *, scale: float = ARCFACE_SCALE,
-                 margin: float = ARCFACE_MARGIN, label_smoothing: float = 0.0, eps: float = DEFAULT_EPS,
-                 device: Device = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        scale: float = ARCFACE_SCALE,
+        margin: float = ARCFACE_MARGIN,
+        label_smoothing: float = 0.0,
+        eps: float = DEFAULT_EPS,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         margin = check_float("margin", margin, low=0.0, high=ARCFACE_MAX_MARGIN)
-        super().__init__(in_features, num_classes, scale=scale, margin=margin, label_smoothing=label_smoothing,
-                         eps=eps, device=device, dtype=dtype)
+        super().__init__(
+            in_features,
+            num_classes,
+            scale=scale,
+            margin=margin,
+            label_smoothing=label_smoothing,
+            eps=eps,
+            device=device,
+            dtype=dtype,
+        )
         # theta + m <= pi  <=>  cos theta >= cos(pi - m); fallback offset m sin m (= m sin(pi - m)).
         self._threshold = math.cos(math.pi - margin)
         self._fallback_offset = margin * math.sin(margin)

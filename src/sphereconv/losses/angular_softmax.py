@@ -66,9 +66,18 @@ class WeightNormalizedSoftmaxLoss(AngularSoftmaxLoss):
     ``sigmoid_k``), ``square_cosine``.
     """
 
-    def __init__(self, in_features: int, num_classes: int, *, operator: str = "cosine",
-                 sigmoid_k: float = DEFAULT_SIGMOID_K, label_smoothing: float = 0.0, eps: float = DEFAULT_EPS,
-                 device: Device = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        operator: str = "cosine",
+        sigmoid_k: float = DEFAULT_SIGMOID_K,
+        label_smoothing: float = 0.0,
+        eps: float = DEFAULT_EPS,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(in_features, num_classes, label_smoothing=label_smoothing, eps=eps, device=device, dtype=dtype)
         self.operator = canonical_operator(operator, LOSS_OPERATORS)
         self.sigmoid_k = check_positive("sigmoid_k", sigmoid_k)
@@ -104,14 +113,35 @@ class GASoftmaxLoss(WeightNormalizedSoftmaxLoss):
     iteration: Tensor
     anneal_iterations: Tensor
 
-    def __init__(self, in_features: int, num_classes: int, *, margin: float = GA_SOFTMAX_MARGIN,
-                 operator: str = "cosine", sigmoid_k: float = DEFAULT_SIGMOID_K, anneal: bool = True,
-                 anneal_iterations: int = SPHEREFACE_ITERATIONS, lambda_base: float = LAMBDA_BASE,
-                 lambda_gamma: float = LAMBDA_GAMMA, lambda_power: float = LAMBDA_POWER,
-                 lambda_min: float = LAMBDA_MIN, label_smoothing: float = 0.0, eps: float = DEFAULT_EPS,
-                 device: Device = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__(in_features, num_classes, operator=operator, sigmoid_k=sigmoid_k,
-                         label_smoothing=label_smoothing, eps=eps, device=device, dtype=dtype)
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        margin: float = GA_SOFTMAX_MARGIN,
+        operator: str = "cosine",
+        sigmoid_k: float = DEFAULT_SIGMOID_K,
+        anneal: bool = True,
+        anneal_iterations: int = SPHEREFACE_ITERATIONS,
+        lambda_base: float = LAMBDA_BASE,
+        lambda_gamma: float = LAMBDA_GAMMA,
+        lambda_power: float = LAMBDA_POWER,
+        lambda_min: float = LAMBDA_MIN,
+        label_smoothing: float = 0.0,
+        eps: float = DEFAULT_EPS,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            in_features,
+            num_classes,
+            operator=operator,
+            sigmoid_k=sigmoid_k,
+            label_smoothing=label_smoothing,
+            eps=eps,
+            device=device,
+            dtype=dtype,
+        )
         self.margin = check_float("margin", margin, low=1.0)
         self.anneal = check_bool("anneal", anneal)
         self.lambda_base = check_float("lambda_base", lambda_base, low=0.0)
@@ -132,7 +162,9 @@ class GASoftmaxLoss(WeightNormalizedSoftmaxLoss):
         if not self.anneal:
             return 0.0
         gamma = scaled_gamma(self.lambda_gamma, self.anneal_iterations.to(dtype))
-        return annealing_lambda(self.iteration, self.lambda_base, gamma, self.lambda_power, self.lambda_min, dtype=dtype)
+        return annealing_lambda(
+            self.iteration, self.lambda_base, gamma, self.lambda_power, self.lambda_min, dtype=dtype
+        )
 
     @property
     def current_lambda(self) -> float:
@@ -155,9 +187,11 @@ class GASoftmaxLoss(WeightNormalizedSoftmaxLoss):
         s = super().extra_repr() + f", margin={self.margin:g}"
         if not self.anneal:
             return s + ", anneal=False"
-        return s + (f", anneal=(base={self.lambda_base:g}, gamma={self.lambda_gamma:g} at 28k, "
-                    f"power={self.lambda_power:g}, min={self.lambda_min:g}, "
-                    f"iterations={int(self.anneal_iterations)})")
+        return s + (
+            f", anneal=(base={self.lambda_base:g}, gamma={self.lambda_gamma:g} at 28k, "
+            f"power={self.lambda_power:g}, min={self.lambda_min:g}, "
+            f"iterations={int(self.anneal_iterations)})"
+        )
 
 
 class ASoftmaxLoss(GASoftmaxLoss):
@@ -170,16 +204,42 @@ class ASoftmaxLoss(GASoftmaxLoss):
     Annealing as in :class:`GASoftmaxLoss` (on by default, SphereFace's schedule).
     """
 
-    def __init__(self, in_features: int, num_classes: int, *, margin: int = A_SOFTMAX_MARGIN, anneal: bool = True,
-                 anneal_iterations: int = SPHEREFACE_ITERATIONS, lambda_base: float = LAMBDA_BASE,
-                 lambda_gamma: float = LAMBDA_GAMMA, lambda_power: float = LAMBDA_POWER, lambda_min: float = LAMBDA_MIN,
-                 label_smoothing: float = 0.0, eps: float = DEFAULT_EPS, device: Device = None,
-                 dtype: torch.dtype | None = None) -> None:
-        margin = check_int("margin", margin, minimum=1,
-                           allowed="an integer >= 1 (GASoftmaxLoss takes a real-valued margin)")
-        super().__init__(in_features, num_classes, margin=margin, operator="cosine", anneal=anneal,
-                         anneal_iterations=anneal_iterations, lambda_base=lambda_base, lambda_gamma=lambda_gamma,
-                         lambda_power=lambda_power, lambda_min=lambda_min, label_smoothing=label_smoothing, eps=eps, device=device, dtype=dtype)
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        margin: int = A_SOFTMAX_MARGIN,
+        anneal: bool = True,
+        anneal_iterations: int = SPHEREFACE_ITERATIONS,
+        lambda_base: float = LAMBDA_BASE,
+        lambda_gamma: float = LAMBDA_GAMMA,
+        lambda_power: float = LAMBDA_POWER,
+        lambda_min: float = LAMBDA_MIN,
+        label_smoothing: float = 0.0,
+        eps: float = DEFAULT_EPS,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        margin = check_int(
+            "margin", margin, minimum=1, allowed="an integer >= 1 (GASoftmaxLoss takes a real-valued margin)"
+        )
+        super().__init__(
+            in_features,
+            num_classes,
+            margin=margin,
+            operator="cosine",
+            anneal=anneal,
+            anneal_iterations=anneal_iterations,
+            lambda_base=lambda_base,
+            lambda_gamma=lambda_gamma,
+            lambda_power=lambda_power,
+            lambda_min=lambda_min,
+            label_smoothing=label_smoothing,
+            eps=eps,
+            device=device,
+            dtype=dtype,
+        )
         self.margin_int = margin
 
     def margin_function(self, cos_theta: Tensor) -> Tensor:
@@ -187,5 +247,11 @@ class ASoftmaxLoss(GASoftmaxLoss):
         return a_softmax_margin_function(cos_theta, self.margin_int)
 
 
-__all__ = ["LOSS_OPERATORS", "GA_SOFTMAX_MARGIN", "A_SOFTMAX_MARGIN", "WeightNormalizedSoftmaxLoss", "GASoftmaxLoss",
-           "ASoftmaxLoss"]
+__all__ = [
+    "LOSS_OPERATORS",
+    "GA_SOFTMAX_MARGIN",
+    "A_SOFTMAX_MARGIN",
+    "WeightNormalizedSoftmaxLoss",
+    "GASoftmaxLoss",
+    "ASoftmaxLoss",
+]

@@ -54,8 +54,15 @@ class ClassifierLoss(nn.Module):
     where the training logits differ, :meth:`margin_logits`.
     """
 
-    def __init__(self, in_features: int, num_classes: int, *, label_smoothing: float = 0.0,
-                 device: Device = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        label_smoothing: float = 0.0,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.in_features = check_int("in_features", in_features, minimum=1)
         self.num_classes = check_int("num_classes", num_classes, minimum=2)
@@ -91,7 +98,9 @@ class ClassifierLoss(nn.Module):
             out_of_range = (labels < 0) | (labels >= self.num_classes)
             if bool(out_of_range.any()):
                 bad = sorted(set(labels[out_of_range].tolist()))[:8]
-                raise ValueError(f"labels must lie in [0, {self.num_classes - 1}] (num_classes = {self.num_classes}); got {bad}")
+                raise ValueError(
+                    f"labels must lie in [0, {self.num_classes - 1}] (num_classes = {self.num_classes}); got {bad}"
+                )
         return labels
 
     def on_training_step(self) -> None:
@@ -128,14 +137,24 @@ class AngularSoftmaxLoss(ClassifierLoss):
     directly, the weight-normalised softmax with cosine g.
     """
 
-    def __init__(self, in_features: int, num_classes: int, *, label_smoothing: float = 0.0,
-                 eps: float = DEFAULT_EPS, device: Device = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        label_smoothing: float = 0.0,
+        eps: float = DEFAULT_EPS,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(in_features, num_classes, label_smoothing=label_smoothing, device=device, dtype=dtype)
         self.eps = check_positive("eps", eps)
 
     def cosine(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """``(cos_theta (N, C) clamped to [-1, 1], feature_norm |x|_e (N, 1))`` in float32/float64."""
-        dtype = torch.float64 if torch.promote_types(features.dtype, self.weight.dtype) == torch.float64 else torch.float32
+        dtype = (
+            torch.float64 if torch.promote_types(features.dtype, self.weight.dtype) == torch.float64 else torch.float32
+        )
         with torch.autocast(device_type=features.device.type, enabled=False):
             x, x_norm, x_scale = self._scaled_rows(features.to(dtype))
             w, w_norm, _ = self._scaled_rows(self.weight.to(dtype))

@@ -56,7 +56,8 @@ def build_loss(name: str, in_features: int, num_classes: int, **kwargs: Any) -> 
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise InvalidArgumentTypeError(
-            f"loss {name!r} does not accept option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+            f"loss {name!r} does not accept option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}"
+        )
     return cls(in_features, num_classes, **kwargs)
 
 

@@ -61,8 +61,9 @@ def _default_device(module_or_params) -> torch.device:
     return torch.device("cpu")
 
 
-def orthogonality_penalty(module_or_params: nn.Module | Tensor | Iterable[Tensor],
-                          coefficient: float = ORTHOGONALITY_COEFFICIENT) -> Tensor:
+def orthogonality_penalty(
+    module_or_params: nn.Module | Tensor | Iterable[Tensor], coefficient: float = ORTHOGONALITY_COEFFICIENT
+) -> Tensor:
     """``coefficient * sum_layers ||W^T W - I||_F^2`` over SphereConv filters.
 
     ``module_or_params`` is a module (every instance of ``PENALISED_TYPES`` inside it is penalised:

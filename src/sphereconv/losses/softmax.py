@@ -22,8 +22,16 @@ class SoftmaxLoss(ClassifierLoss):
     label smoothing ``-(1 - ls) log p_y - (ls / C) sum_j log p_j``.
     """
 
-    def __init__(self, in_features: int, num_classes: int, *, bias: bool = False, label_smoothing: float = 0.0,
-                 device: Device = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        bias: bool = False,
+        label_smoothing: float = 0.0,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         check_bool("bias", bias)
         super().__init__(in_features, num_classes, label_smoothing=label_smoothing, device=device, dtype=dtype)
         if bias:

@@ -87,4 +87,5 @@ def require_backbone(model: object, name: str, needed_by: str) -> ClassifierBack
         missing.append("an int num_features")
     raise InvalidArgumentTypeError(
         f"{needed_by} needs a model with forward_features(x) and num_features (a ClassifierBackbone); "
-        f"model {name!r} ({type(model).__name__}) lacks {' and '.join(missing)}")
+        f"model {name!r} ({type(model).__name__}) lacks {' and '.join(missing)}"
+    )

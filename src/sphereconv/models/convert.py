@@ -46,8 +46,12 @@ def _selector(value: LayerSelector, argument: str, names: list[str]) -> Callable
         return value
     patterns = [value] if isinstance(value, str) else list(value) if isinstance(value, Iterable) else None
     if patterns is None or not all(isinstance(p, str) for p in patterns):
-        raise fail(argument, value, "None, a glob pattern, a list of glob patterns or a predicate "
-                                    "f(name, module) -> bool", wrong_type=True)
+        raise fail(
+            argument,
+            value,
+            "None, a glob pattern, a list of glob patterns or a predicate f(name, module) -> bool",
+            wrong_type=True,
+        )
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
@@ -62,13 +66,32 @@ def _sphere_copy(layer: nn.Module, operator: str, sigmoid_k: float, eps: float) 
     device, dtype = weight.device, weight.dtype
     sphere: nn.Module
     if isinstance(layer, nn.Linear):
-        sphere = SphereLinear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=device,
-                              dtype=dtype, operator=operator, sigmoid_k=sigmoid_k, eps=eps)
+        sphere = SphereLinear(
+            layer.in_features,
+            layer.out_features,
+            bias=layer.bias is not None,
+            device=device,
+            dtype=dtype,
+            operator=operator,
+            sigmoid_k=sigmoid_k,
+            eps=eps,
+        )
     else:
         sphere = _CONV_TO_SPHERE[type(layer)](
-            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-            layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device=device, dtype=dtype,
-            operator=operator, sigmoid_k=sigmoid_k, eps=eps,
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+            layer.bias is not None,
+            layer.padding_mode,
+            device=device,
+            dtype=dtype,
+            operator=operator,
+            sigmoid_k=sigmoid_k,
+            eps=eps,
         )
     # Adopt the very Parameter objects: values, requires_grad and optimizer references carry over.
     sphere.weight = layer.weight

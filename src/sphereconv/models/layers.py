@@ -66,8 +66,11 @@ def scaled_width(base: int, width_mult: float) -> int:
 def check_sphere_norm(sphere_norm: bool, operator: str) -> bool:
     """Validate ``sphere_norm``: SphereNorm is a hyperspherical layer, so it needs a sphere operator."""
     if check_bool("sphere_norm", sphere_norm) and operator == PLAIN_OPERATOR:
-        raise fail("sphere_norm", sphere_norm, f"False with operator={operator!r} (SphereNorm needs a SphereConv "
-                                               f"operator: {', '.join(SPHERE_OPERATORS)})")
+        raise fail(
+            "sphere_norm",
+            sphere_norm,
+            f"False with operator={operator!r} (SphereNorm needs a SphereConv operator: {', '.join(SPHERE_OPERATORS)})",
+        )
     return sphere_norm
 
 
@@ -96,8 +99,9 @@ def conv_layer(
     if operator == PLAIN_OPERATOR:
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
     if sphere_norm:
-        return SphereNorm2d(in_channels, out_channels, kernel_size, stride, padding, operator=operator,
-                            sigmoid_k=sigmoid_k)
+        return SphereNorm2d(
+            in_channels, out_channels, kernel_size, stride, padding, operator=operator, sigmoid_k=sigmoid_k
+        )
     return SphereConv2d(in_channels, out_channels, kernel_size, stride, padding, operator=operator, sigmoid_k=sigmoid_k)
 
 
@@ -150,4 +154,3 @@ def init_weights(model: nn.Module) -> None:
             he_normal_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-

@@ -43,7 +43,8 @@ def register_model(name: str) -> Callable[[F], F]:
     def decorator(builder: F) -> F:
         if not callable(builder):
             raise InvalidArgumentTypeError(
-                f"register_model({name!r}) must decorate a callable; got {type(builder).__name__}")
+                f"register_model({name!r}) must decorate a callable; got {type(builder).__name__}"
+            )
         if key in _REGISTRY:
             raise InvalidArgumentError(f"a model named {key!r} is already registered")
         _REGISTRY[key] = builder

@@ -65,25 +65,46 @@ class BasicBlock(nn.Module):
     shapes agree, else a 1x1 ``shortcut_operator`` convolution with the block's stride and BN.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, *, operator: str,
-                 shortcut_operator: str, sigmoid_k: float, sphere_norm: bool, batch_norm: bool,
-                 bn_eps: float, bn_momentum: float) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        *,
+        operator: str,
+        shortcut_operator: str,
+        sigmoid_k: float,
+        sphere_norm: bool,
+        batch_norm: bool,
+        bn_eps: float,
+        bn_momentum: float,
+    ) -> None:
         super().__init__()
 
         def bn(channels: int) -> nn.Module:
             return batch_norm_layer(channels, batch_norm, bn_eps, bn_momentum)
 
-        self.conv1 = conv_layer(in_channels, out_channels, 3, stride, 1, operator=operator, sigmoid_k=sigmoid_k,
-                                sphere_norm=sphere_norm)
+        self.conv1 = conv_layer(
+            in_channels, out_channels, 3, stride, 1, operator=operator, sigmoid_k=sigmoid_k, sphere_norm=sphere_norm
+        )
         self.bn1 = bn(out_channels)
         # In place only on BatchNorm's output, never directly on a (custom-autograd) conv output.
         self.relu1 = nn.ReLU(inplace=batch_norm)
-        self.conv2 = conv_layer(out_channels, out_channels, 3, 1, 1, operator=operator, sigmoid_k=sigmoid_k,
-                                sphere_norm=sphere_norm)
+        self.conv2 = conv_layer(
+            out_channels, out_channels, 3, 1, 1, operator=operator, sigmoid_k=sigmoid_k, sphere_norm=sphere_norm
+        )
         self.bn2 = bn(out_channels)
         if stride != 1 or in_channels != out_channels:
-            shortcut_conv = conv_layer(in_channels, out_channels, 1, stride, 0, operator=shortcut_operator,
-                                       sigmoid_k=sigmoid_k, sphere_norm=sphere_norm)
+            shortcut_conv = conv_layer(
+                in_channels,
+                out_channels,
+                1,
+                stride,
+                0,
+                operator=shortcut_operator,
+                sigmoid_k=sigmoid_k,
+                sphere_norm=sphere_norm,
+            )
             self.shortcut: nn.Module = nn.Sequential(OrderedDict(conv=shortcut_conv, bn=bn(out_channels)))
         else:
             self.shortcut = nn.Identity()
@@ -136,8 +157,11 @@ class SphereResNet(nn.Module):
     ) -> None:
         super().__init__()
         if not blocks_per_stage or len(stage_widths) != len(blocks_per_stage):
-            raise fail("stage_widths", tuple(stage_widths),
-                       f"one width per entry of blocks_per_stage={tuple(blocks_per_stage)}")
+            raise fail(
+                "stage_widths",
+                tuple(stage_widths),
+                f"one width per entry of blocks_per_stage={tuple(blocks_per_stage)}",
+            )
         for index, (count, width) in enumerate(zip(blocks_per_stage, stage_widths)):
             check_int(f"blocks_per_stage[{index}]", count, minimum=1)
             check_int(f"stage_widths[{index}]", width, minimum=1)
@@ -166,8 +190,9 @@ class SphereResNet(nn.Module):
             return batch_norm_layer(channels, batch_norm, bn_eps, bn_momentum)
 
         def unit(c_in: int, c_out: int, kernel: int, stride: int, padding: int, op: str, relu: bool) -> ConvUnit:
-            conv = conv_layer(c_in, c_out, kernel, stride, padding, operator=op, sigmoid_k=sigmoid_k,
-                              sphere_norm=sphere_norm)
+            conv = conv_layer(
+                c_in, c_out, kernel, stride, padding, operator=op, sigmoid_k=sigmoid_k, sphere_norm=sphere_norm
+            )
             return ConvUnit(conv, bn(c_out), relu)
 
         channels = scaled_width(stem_width, width_mult)
@@ -175,8 +200,15 @@ class SphereResNet(nn.Module):
             self.stem: nn.Module = unit(self.in_channels, channels, 3, 1, 1, self.stem_operator, True)
         else:
             self.stem = nn.Sequential(
-                unit(self.in_channels, channels, IMAGENET_STEM_KERNEL, IMAGENET_STEM_STRIDE,
-                     IMAGENET_STEM_KERNEL // 2, self.stem_operator, True),
+                unit(
+                    self.in_channels,
+                    channels,
+                    IMAGENET_STEM_KERNEL,
+                    IMAGENET_STEM_STRIDE,
+                    IMAGENET_STEM_KERNEL // 2,
+                    self.stem_operator,
+                    True,
+                ),
                 nn.MaxPool2d(IMAGENET_POOL_KERNEL, IMAGENET_POOL_STRIDE, IMAGENET_POOL_KERNEL // 2),
             )
 
@@ -186,11 +218,20 @@ class SphereResNet(nn.Module):
             blocks = []
             for b in range(count):
                 stride = 2 if (b == 0 and index > 1) else 1
-                blocks.append(BasicBlock(
-                    channels, out, stride, operator=self.operator, shortcut_operator=self.shortcut_operator,
-                    sigmoid_k=sigmoid_k, sphere_norm=sphere_norm, batch_norm=batch_norm,
-                    bn_eps=bn_eps, bn_momentum=bn_momentum,
-                ))
+                blocks.append(
+                    BasicBlock(
+                        channels,
+                        out,
+                        stride,
+                        operator=self.operator,
+                        shortcut_operator=self.shortcut_operator,
+                        sigmoid_k=sigmoid_k,
+                        sphere_norm=sphere_norm,
+                        batch_norm=batch_norm,
+                        bn_eps=bn_eps,
+                        bn_momentum=bn_momentum,
+                    )
+                )
                 channels = out
             stages[f"stage{index}"] = nn.Sequential(*blocks)
         self.stages = nn.Sequential(stages)
@@ -207,7 +248,9 @@ class SphereResNet(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``(N, in_channels, H, W)`` -> pooled (and embedded) features ``(N, num_features)``."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"{type(self).__name__} expects images of shape (N, {self.in_channels}, H, W); got {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__} expects images of shape (N, {self.in_channels}, H, W); got {tuple(x.shape)}"
+            )
         x = self.pool(self.stages(self.stem(x)))
         return torch.flatten(self.fc(x), 1)
 

@@ -102,8 +102,11 @@ class SphereNet(nn.Module):
         self.in_channels = check_int("in_channels", in_channels, minimum=1)
         self.image_size = check_image_size(image_size)
         self.operator = canonical_operator(operator, MODEL_OPERATORS)
-        self.fc_operator = self.operator if fc_operator is None else canonical_operator(
-            fc_operator, MODEL_OPERATORS, argument="fc_operator")
+        self.fc_operator = (
+            self.operator
+            if fc_operator is None
+            else canonical_operator(fc_operator, MODEL_OPERATORS, argument="fc_operator")
+        )
         sigmoid_k = check_positive("sigmoid_k", sigmoid_k)
         width_mult = check_positive("width_mult", width_mult)
         check_bool("batch_norm", batch_norm)
@@ -114,8 +117,9 @@ class SphereNet(nn.Module):
         self.num_features = check_int("feature_dim", feature_dim, minimum=1)
 
         def unit(c_in: int, c_out: int, kernel: int | tuple[int, int], padding: int, op: str, relu: bool) -> ConvUnit:
-            conv = conv_layer(c_in, c_out, kernel, padding=padding, operator=op, sigmoid_k=sigmoid_k,
-                              sphere_norm=sphere_norm)
+            conv = conv_layer(
+                c_in, c_out, kernel, padding=padding, operator=op, sigmoid_k=sigmoid_k, sphere_norm=sphere_norm
+            )
             return ConvUnit(conv, batch_norm_layer(c_out, batch_norm, bn_eps, bn_momentum), relu)
 
         stages: OrderedDict[str, nn.Module] = OrderedDict()
@@ -123,7 +127,9 @@ class SphereNet(nn.Module):
         height, width = self.image_size
         for index, base_width in enumerate(SPHERENET_STAGE_WIDTHS, start=1):
             out = scaled_width(base_width, width_mult)
-            layers = [unit(channels if i == 0 else out, out, 3, 1, self.operator, True) for i in range(layers_per_stage)]
+            layers = [
+                unit(channels if i == 0 else out, out, 3, 1, self.operator, True) for i in range(layers_per_stage)
+            ]
             stages[f"stage{index}"] = nn.Sequential(*layers)
             stages[f"pool{index}"] = nn.MaxPool2d(2, 2, ceil_mode=True)
             channels = out

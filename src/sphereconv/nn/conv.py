@@ -73,9 +73,12 @@ class _SphereMixin(_LayerMixinBase):
             s += f", sigmoid_k={self.sigmoid_k}"
         return s + (f", eps={self.eps}" if self.eps != DEFAULT_EPS else "")
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         # A plain convolution's state dict has no learnable k: keep the initial value.
         key = prefix + "sigmoid_k_raw"
         if key in missing_keys:
@@ -92,8 +95,16 @@ class _SphereConvNd(_SphereMixin, _ConvMixinBase):
             input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         return SF.sphere_convnd(
-            input, weight, bias, self.stride, padding, self.dilation, self.groups,
-            operator=self.operator, sigmoid_k=self.effective_k(), eps=self.eps,
+            input,
+            weight,
+            bias,
+            self.stride,
+            padding,
+            self.dilation,
+            self.groups,
+            operator=self.operator,
+            sigmoid_k=self.effective_k(),
+            eps=self.eps,
         )
 
     def extra_repr(self) -> str:
@@ -103,12 +114,38 @@ class _SphereConvNd(_SphereMixin, _ConvMixinBase):
 class SphereConv1d(_SphereConvNd, nn.Conv1d):
     """1-d SphereConv: ``g(theta) (+ bias)``, theta the angle between filter and input window."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_1_t, stride: _size_1_t = 1,
-                 padding: _size_1_t | str = 0, dilation: _size_1_t = 1, groups: int = 1, bias: bool = False,
-                 padding_mode: PaddingMode = "zeros", device: Device = None, dtype: torch.dtype | None = None, *,
-                 operator: str = "cosine", sigmoid_k: float = DEFAULT_SIGMOID_K, eps: float = DEFAULT_EPS) -> None:
-        nn.Conv1d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                           bias, padding_mode, device, dtype)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_1_t,
+        stride: _size_1_t = 1,
+        padding: _size_1_t | str = 0,
+        dilation: _size_1_t = 1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: PaddingMode = "zeros",
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+        *,
+        operator: str = "cosine",
+        sigmoid_k: float = DEFAULT_SIGMOID_K,
+        eps: float = DEFAULT_EPS,
+    ) -> None:
+        nn.Conv1d.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+        )
         self._init_sphere(operator, sigmoid_k, eps, out_channels)
 
 
@@ -121,24 +158,76 @@ class SphereConv2d(_SphereConvNd, nn.Conv2d):
     channel, learnt). The output is invariant to positive rescaling of w and x (up to eps).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_2_t, stride: _size_2_t = 1,
-                 padding: _size_2_t | str = 0, dilation: _size_2_t = 1, groups: int = 1, bias: bool = False,
-                 padding_mode: PaddingMode = "zeros", device: Device = None, dtype: torch.dtype | None = None, *,
-                 operator: str = "cosine", sigmoid_k: float = DEFAULT_SIGMOID_K, eps: float = DEFAULT_EPS) -> None:
-        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                           bias, padding_mode, device, dtype)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_2_t,
+        stride: _size_2_t = 1,
+        padding: _size_2_t | str = 0,
+        dilation: _size_2_t = 1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: PaddingMode = "zeros",
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+        *,
+        operator: str = "cosine",
+        sigmoid_k: float = DEFAULT_SIGMOID_K,
+        eps: float = DEFAULT_EPS,
+    ) -> None:
+        nn.Conv2d.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+        )
         self._init_sphere(operator, sigmoid_k, eps, out_channels)
 
 
 class SphereConv3d(_SphereConvNd, nn.Conv3d):
     """3-d SphereConv: ``g(theta) (+ bias)``, theta the angle between filter and input volume patch."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_3_t, stride: _size_3_t = 1,
-                 padding: _size_3_t | str = 0, dilation: _size_3_t = 1, groups: int = 1, bias: bool = False,
-                 padding_mode: PaddingMode = "zeros", device: Device = None, dtype: torch.dtype | None = None, *,
-                 operator: str = "cosine", sigmoid_k: float = DEFAULT_SIGMOID_K, eps: float = DEFAULT_EPS) -> None:
-        nn.Conv3d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                           bias, padding_mode, device, dtype)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_3_t,
+        stride: _size_3_t = 1,
+        padding: _size_3_t | str = 0,
+        dilation: _size_3_t = 1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: PaddingMode = "zeros",
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+        *,
+        operator: str = "cosine",
+        sigmoid_k: float = DEFAULT_SIGMOID_K,
+        eps: float = DEFAULT_EPS,
+    ) -> None:
+        nn.Conv3d.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+        )
         self._init_sphere(operator, sigmoid_k, eps, out_channels)
 
 
@@ -147,9 +236,18 @@ class SphereLinear(_SphereMixin, nn.Linear):
     between the input vector and weight row j (Liu et al. 2017, Sec. 2.1). Subclass of ``nn.Linear``.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, device: Device = None,
-                 dtype: torch.dtype | None = None, *, operator: str = "cosine", sigmoid_k: float = DEFAULT_SIGMOID_K,
-                 eps: float = DEFAULT_EPS) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+        *,
+        operator: str = "cosine",
+        sigmoid_k: float = DEFAULT_SIGMOID_K,
+        eps: float = DEFAULT_EPS,
+    ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
         self._init_sphere(operator, sigmoid_k, eps, out_features)
 

@@ -90,8 +90,14 @@ def _per_channel(value, name: str, out_channels: int, dims: int):
     return value
 
 
-def magnitude_function(x_norm: Tensor, magnitude: str, *, alpha: float | Tensor = 1.0,
-                       beta: float | Tensor | None = None, rho: float | Tensor = 1.0) -> Tensor:
+def magnitude_function(
+    x_norm: Tensor,
+    magnitude: str,
+    *,
+    alpha: float | Tensor = 1.0,
+    beta: float | Tensor | None = None,
+    rho: float | Tensor = 1.0,
+) -> Tensor:
     """The magnitude function h(|x|) of a decoupled operator (Decoupled Networks Sec. 3.1).
 
     ``sphere``: alpha; ``ball``: alpha min(x, rho)/rho; ``tanh``: alpha tanh(x/rho); ``linear``:
@@ -119,10 +125,19 @@ def magnitude_function(x_norm: Tensor, magnitude: str, *, alpha: float | Tensor 
     return alpha * x_norm + beta * torch.log1p(x_norm)
 
 
-def decoupled_from_cosine(cos_theta: Tensor, x_norm: Tensor, w_norm: Tensor, *, magnitude: str = "sphere",
-                          operator: str = "cosine", weighted: bool = False, alpha: float | Tensor = 1.0,
-                          beta: float | Tensor | None = None, rho: float | Tensor = 1.0,
-                          sigmoid_k: float | Tensor = DEFAULT_SIGMOID_K) -> Tensor:
+def decoupled_from_cosine(
+    cos_theta: Tensor,
+    x_norm: Tensor,
+    w_norm: Tensor,
+    *,
+    magnitude: str = "sphere",
+    operator: str = "cosine",
+    weighted: bool = False,
+    alpha: float | Tensor = 1.0,
+    beta: float | Tensor | None = None,
+    rho: float | Tensor = 1.0,
+    sigmoid_k: float | Tensor = DEFAULT_SIGMOID_K,
+) -> Tensor:
     """Combine the pieces of :func:`sphereconv.nn.functional.sphere_cosine` into a decoupled output.
 
     ``f = [|w|_e] * h(|x|_e) * g(theta)`` (Decoupled Networks Sec. 3), with the ``|w|_e`` factor only
@@ -135,7 +150,8 @@ def decoupled_from_cosine(cos_theta: Tensor, x_norm: Tensor, w_norm: Tensor, *, 
     k = _per_channel(sigmoid_k, "sigmoid_k", out_channels, dims)
     g = angular_function(cos_theta, operator, k)
     h = magnitude_function(
-        x_norm, magnitude,
+        x_norm,
+        magnitude,
         alpha=_per_channel(alpha, "alpha", out_channels, dims),
         beta=_per_channel(beta, "beta", out_channels, dims),
         rho=_per_channel(rho, "rho", out_channels, dims),
@@ -145,9 +161,24 @@ def decoupled_from_cosine(cos_theta: Tensor, x_norm: Tensor, w_norm: Tensor, *, 
     return h * g
 
 
-def _decoupled_forward(input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
-                       groups: int, *, magnitude: str, operator: str, weighted: bool, alpha, beta,
-                       rho: Callable[[Tensor], Tensor | float], sigmoid_k, eps: float) -> Tensor:
+def _decoupled_forward(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+    *,
+    magnitude: str,
+    operator: str,
+    weighted: bool,
+    alpha,
+    beta,
+    rho: Callable[[Tensor], Tensor | float],
+    sigmoid_k,
+    eps: float,
+) -> Tensor:
     """Shared body of the functional and module forms; ``rho`` maps the patch norms to the radius."""
     dims = weight.dim() - 2
     SF._check_conv_args(input, weight, groups, dims)
@@ -157,8 +188,16 @@ def _decoupled_forward(input: Tensor, weight: Tensor, bias: Tensor | None, strid
     out_dtype = None if torch.is_autocast_enabled(input.device.type) else torch.promote_types(input.dtype, weight.dtype)
     cos_theta, x_norm, w_norm = SF.sphere_cosine(input, weight, stride, padding, dilation, groups, eps)
     out = decoupled_from_cosine(
-        cos_theta, x_norm, w_norm, magnitude=magnitude, operator=operator, weighted=weighted,
-        alpha=alpha, beta=beta, rho=rho(x_norm), sigmoid_k=sigmoid_k,
+        cos_theta,
+        x_norm,
+        w_norm,
+        magnitude=magnitude,
+        operator=operator,
+        weighted=weighted,
+        alpha=alpha,
+        beta=beta,
+        rho=rho(x_norm),
+        sigmoid_k=sigmoid_k,
     )
     if bias is not None:
         out = out + bias.to(out.dtype).reshape(-1, *([1] * dims))
@@ -167,11 +206,24 @@ def _decoupled_forward(input: Tensor, weight: Tensor, bias: Tensor | None, strid
     return out.squeeze(0) if unbatched else out
 
 
-def decoupled_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride: _size_2_t = 1,
-                     padding: _size_2_t | str = 0, dilation: _size_2_t = 1, groups: int = 1, *,
-                     magnitude: str = "sphere", operator: str = "cosine", weighted: bool = False,
-                     alpha: float | Tensor = 1.0, beta: float | Tensor | None = None, rho: float | Tensor = 1.0,
-                     sigmoid_k: float | Tensor = DEFAULT_SIGMOID_K, eps: float = DEFAULT_EPS) -> Tensor:
+def decoupled_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: _size_2_t = 1,
+    padding: _size_2_t | str = 0,
+    dilation: _size_2_t = 1,
+    groups: int = 1,
+    *,
+    magnitude: str = "sphere",
+    operator: str = "cosine",
+    weighted: bool = False,
+    alpha: float | Tensor = 1.0,
+    beta: float | Tensor | None = None,
+    rho: float | Tensor = 1.0,
+    sigmoid_k: float | Tensor = DEFAULT_SIGMOID_K,
+    eps: float = DEFAULT_EPS,
+) -> Tensor:
     """2-d decoupled convolution (Decoupled Networks Sec. 3).
 
     ``out[n, o, i, j] = [|w_o|_e] * h(|x|_e) * g(theta) (+ bias[o])`` with ``cos(theta) = <w_o, x> /
@@ -197,8 +249,21 @@ def decoupled_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(f"weight must have 4 dimensions (out, in/groups, kH, kW) for decoupled_conv2d; got {shape}")
     return _decoupled_forward(
-        input, weight, bias, stride, padding, dilation, groups, magnitude=magnitude, operator=operator,
-        weighted=weighted, alpha=alpha, beta=beta, rho=lambda _x_norm: rho, sigmoid_k=sigmoid_k, eps=eps,
+        input,
+        weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        magnitude=magnitude,
+        operator=operator,
+        weighted=weighted,
+        alpha=alpha,
+        beta=beta,
+        rho=lambda _x_norm: rho,
+        sigmoid_k=sigmoid_k,
+        eps=eps,
     )
 
 
@@ -229,15 +294,34 @@ class DecoupledConv2d(nn.Conv2d):
     num_batches_tracked: Tensor | None
     sigmoid_k_raw: nn.Parameter | None
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_2_t, stride: _size_2_t = 1,
-                 padding: _size_2_t | str = 0, dilation: _size_2_t = 1, groups: int = 1, bias: bool = False,
-                 padding_mode: PaddingMode = "zeros", device: Device = None, dtype: torch.dtype | None = None, *,
-                 magnitude: str = "sphere", operator: str = "cosine", weighted: bool = False,
-                 learnable: bool = False, alpha: float = 1.0, beta: float | None = None, rho: float = 1.0,
-                 sigmoid_k: float = DEFAULT_SIGMOID_K, eps: float = DEFAULT_EPS,
-                 momentum: float = DEFAULT_MOMENTUM) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         bias, padding_mode, device, dtype)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_2_t,
+        stride: _size_2_t = 1,
+        padding: _size_2_t | str = 0,
+        dilation: _size_2_t = 1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: PaddingMode = "zeros",
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+        *,
+        magnitude: str = "sphere",
+        operator: str = "cosine",
+        weighted: bool = False,
+        learnable: bool = False,
+        alpha: float = 1.0,
+        beta: float | None = None,
+        rho: float = 1.0,
+        sigmoid_k: float = DEFAULT_SIGMOID_K,
+        eps: float = DEFAULT_EPS,
+        momentum: float = DEFAULT_MOMENTUM,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
+        )
         self.magnitude = canonical_magnitude(magnitude)
         self.operator = canonical_operator(operator, ANGULAR_OPERATORS)
         self.weighted = check_bool("weighted", weighted)
@@ -278,8 +362,10 @@ class DecoupledConv2d(nn.Conv2d):
     def x_norm_estimate(self) -> Tensor:
         """Bias-corrected running mean of the patch norms: ``running / (1 - (1 - momentum)^t)``."""
         if self.running_x_norm is None:
-            raise RuntimeError("this layer keeps no running mean of |x| (it needs learnable=True and a "
-                               f"magnitude with a radius, one of {RADIUS_MAGNITUDES})")
+            raise RuntimeError(
+                "this layer keeps no running mean of |x| (it needs learnable=True and a "
+                f"magnitude with a radius, one of {RADIUS_MAGNITUDES})"
+            )
         running, tracked = self.running_x_norm, self.num_batches_tracked
         assert tracked is not None  # registered together with running_x_norm
         correction = 1.0 - (1.0 - self.momentum) ** tracked.to(running.dtype)
@@ -309,13 +395,29 @@ class DecoupledConv2d(nn.Conv2d):
             input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         return _decoupled_forward(
-            input, weight, bias, self.stride, padding, self.dilation, self.groups,
-            magnitude=self.magnitude, operator=self.operator, weighted=self.weighted,
-            alpha=self.alpha, beta=self.beta, rho=self._radius, sigmoid_k=self.effective_k(), eps=self.eps,
+            input,
+            weight,
+            bias,
+            self.stride,
+            padding,
+            self.dilation,
+            self.groups,
+            magnitude=self.magnitude,
+            operator=self.operator,
+            weighted=self.weighted,
+            alpha=self.alpha,
+            beta=self.beta,
+            rho=self._radius,
+            sigmoid_k=self.effective_k(),
+            eps=self.eps,
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         # A plain nn.Conv2d state dict has none of the decoupled extras: they keep their initial values.
         for name in ("alpha", "beta", "radius", "sigmoid_k_raw", "running_x_norm", "num_batches_tracked"):
             if prefix + name in missing_keys:

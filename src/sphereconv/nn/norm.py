@@ -72,8 +72,12 @@ class _SphereNormMixin(_SphereConvNd):
         unbatched = input.dim() == dims + 1
         if unbatched:
             input = input.unsqueeze(0)
-        out_dtype = None if torch.is_autocast_enabled(input.device.type) else torch.promote_types(input.dtype, weight.dtype)
-        cos_theta, x_norm, w_norm = SF.sphere_cosine(input, weight, self.stride, padding, self.dilation, self.groups, self.eps)
+        out_dtype = (
+            None if torch.is_autocast_enabled(input.device.type) else torch.promote_types(input.dtype, weight.dtype)
+        )
+        cos_theta, x_norm, w_norm = SF.sphere_cosine(
+            input, weight, self.stride, padding, self.dilation, self.groups, self.eps
+        )
         channel_shape = (-1, *([1] * dims))
         k = self.effective_k()
         g = angular_function(cos_theta, self.operator, k.reshape(channel_shape) if isinstance(k, Tensor) else k)
@@ -89,9 +93,12 @@ class _SphereNormMixin(_SphereConvNd):
             out = out.to(out_dtype)
         return out.squeeze(0) if unbatched else out
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         # A plain convolution's state dict has no rescaling factors: they keep their initial values.
         for name in ("gamma", "beta", "magnitude_logit"):
             if prefix + name in missing_keys:
@@ -101,7 +108,9 @@ class _SphereNormMixin(_SphereConvNd):
         return super().extra_repr() + f", learn_magnitude={self.magnitude_logit is not None}"
 
 
-_NORM_DOC = """{dims}-d SphereNorm (Liu et al. 2017, SphereConv Sec. 2.1 used as a normalisation), a subclass of ``SphereConv{dims}d``.
+_NORM_DOC = """{dims}-d SphereNorm (Liu et al. 2017, SphereConv Sec. 2.1 used as a normalisation).
+
+    A subclass of ``SphereConv{dims}d``.
 
     ``out = gamma * (s * |w|_e |x|_e + (1 - s)) * g(theta) + beta (+ bias)`` per output channel, with
     ``s = sigmoid(magnitude_logit)`` (initialised to ``magnitude_init``), ``gamma = 1`` and
@@ -117,39 +126,129 @@ _NORM_DOC = """{dims}-d SphereNorm (Liu et al. 2017, SphereConv Sec. 2.1 used as
 class SphereNorm1d(_SphereNormMixin, SphereConv1d):
     __doc__ = _NORM_DOC.format(dims=1)
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_1_t, stride: _size_1_t = 1,
-                 padding: _size_1_t | str = 0, dilation: _size_1_t = 1, groups: int = 1, bias: bool = False,
-                 padding_mode: PaddingMode = "zeros", device: Device = None, dtype: torch.dtype | None = None, *,
-                 operator: str = "cosine", sigmoid_k: float = DEFAULT_SIGMOID_K, eps: float = DEFAULT_EPS,
-                 learn_magnitude: bool = True, magnitude_init: float = DEFAULT_MAGNITUDE_INIT) -> None:
-        SphereConv1d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                              bias, padding_mode, device, dtype, operator=operator, sigmoid_k=sigmoid_k, eps=eps)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_1_t,
+        stride: _size_1_t = 1,
+        padding: _size_1_t | str = 0,
+        dilation: _size_1_t = 1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: PaddingMode = "zeros",
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+        *,
+        operator: str = "cosine",
+        sigmoid_k: float = DEFAULT_SIGMOID_K,
+        eps: float = DEFAULT_EPS,
+        learn_magnitude: bool = True,
+        magnitude_init: float = DEFAULT_MAGNITUDE_INIT,
+    ) -> None:
+        SphereConv1d.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+            operator=operator,
+            sigmoid_k=sigmoid_k,
+            eps=eps,
+        )
         self._init_norm(out_channels, learn_magnitude, magnitude_init)
 
 
 class SphereNorm2d(_SphereNormMixin, SphereConv2d):
     __doc__ = _NORM_DOC.format(dims=2)
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_2_t, stride: _size_2_t = 1,
-                 padding: _size_2_t | str = 0, dilation: _size_2_t = 1, groups: int = 1, bias: bool = False,
-                 padding_mode: PaddingMode = "zeros", device: Device = None, dtype: torch.dtype | None = None, *,
-                 operator: str = "cosine", sigmoid_k: float = DEFAULT_SIGMOID_K, eps: float = DEFAULT_EPS,
-                 learn_magnitude: bool = True, magnitude_init: float = DEFAULT_MAGNITUDE_INIT) -> None:
-        SphereConv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                              bias, padding_mode, device, dtype, operator=operator, sigmoid_k=sigmoid_k, eps=eps)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_2_t,
+        stride: _size_2_t = 1,
+        padding: _size_2_t | str = 0,
+        dilation: _size_2_t = 1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: PaddingMode = "zeros",
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+        *,
+        operator: str = "cosine",
+        sigmoid_k: float = DEFAULT_SIGMOID_K,
+        eps: float = DEFAULT_EPS,
+        learn_magnitude: bool = True,
+        magnitude_init: float = DEFAULT_MAGNITUDE_INIT,
+    ) -> None:
+        SphereConv2d.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+            operator=operator,
+            sigmoid_k=sigmoid_k,
+            eps=eps,
+        )
         self._init_norm(out_channels, learn_magnitude, magnitude_init)
 
 
 class SphereNorm3d(_SphereNormMixin, SphereConv3d):
     __doc__ = _NORM_DOC.format(dims=3)
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_3_t, stride: _size_3_t = 1,
-                 padding: _size_3_t | str = 0, dilation: _size_3_t = 1, groups: int = 1, bias: bool = False,
-                 padding_mode: PaddingMode = "zeros", device: Device = None, dtype: torch.dtype | None = None, *,
-                 operator: str = "cosine", sigmoid_k: float = DEFAULT_SIGMOID_K, eps: float = DEFAULT_EPS,
-                 learn_magnitude: bool = True, magnitude_init: float = DEFAULT_MAGNITUDE_INIT) -> None:
-        SphereConv3d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                              bias, padding_mode, device, dtype, operator=operator, sigmoid_k=sigmoid_k, eps=eps)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_3_t,
+        stride: _size_3_t = 1,
+        padding: _size_3_t | str = 0,
+        dilation: _size_3_t = 1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: PaddingMode = "zeros",
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+        *,
+        operator: str = "cosine",
+        sigmoid_k: float = DEFAULT_SIGMOID_K,
+        eps: float = DEFAULT_EPS,
+        learn_magnitude: bool = True,
+        magnitude_init: float = DEFAULT_MAGNITUDE_INIT,
+    ) -> None:
+        SphereConv3d.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+            operator=operator,
+            sigmoid_k=sigmoid_k,
+            eps=eps,
+        )
         self._init_norm(out_channels, learn_magnitude, magnitude_init)
 
 
