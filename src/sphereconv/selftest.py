@@ -178,17 +178,20 @@ def _kernel_cases() -> list[dict]:
 
 
 def kernel_path(module: nn.Module, x: Tensor, out: Tensor, conv_dtype: torch.dtype | None = None) -> str:
-    """Which implementation produced ``out``: the fused node with the Triton or the ATen epilogue
-    (``fused-aten*``: Triton could run but this case fell back to ATen), or the reference path.
-    ``conv_dtype``: the dtype the convolution ran in (autocast's), if not ``x``'s."""
+    """Which implementation produced ``out``: the fused node with the Triton, C++ (CPU) or ATen
+    epilogue (``fused-aten*``: Triton could run but this case fell back to ATen), or the reference
+    path. ``conv_dtype``: the dtype the convolution ran in (autocast's), if not ``x``'s."""
     grad_fn = out.grad_fn.name() if out.grad_fn is not None else ""
     if not grad_fn.startswith("_Fused"):
         return "reference"
     if isinstance(module, SphereLinear):
         return "fused-aten"  # SphereLinear's epilogue is ATen on every device
     probe = torch.empty(0, device=x.device, dtype=_fused.compute_dtype(x.dtype))
-    if not _fused._use_triton(probe) or kernel_status()["backend"] == "aten":
+    if kernel_status()["backend"] == "aten":
         return "fused-aten"
+    if not _fused._use_triton(probe):
+        cpp = conv_dtype is None and x.dtype == probe.dtype and _fused._cpp_selected(x.contiguous(), probe.dtype)
+        return "fused-cpp" if cpp else "fused-aten"
     operator = getattr(module, "operator", "")
     dtypes = {str(conv_dtype or x.dtype).removeprefix("torch.")}
     for case in _kernel_cases():

@@ -2,7 +2,8 @@
 
 The library's defaults serve short runs (README, 'Defaults vs the reference recipe'): BatchNorm
 momentum 0.1 instead of the reference's 0.001, which leaves a run of a few hundred steps
-evaluating at chance. Both tests train on real images: a PNG folder written from Fashion-MNIST test images, and Fashion-MNIST itself.
+evaluating at chance. Both tests train on real images: a PNG folder written from Fashion-MNIST
+test images, and Fashion-MNIST itself.
 """
 
 from __future__ import annotations

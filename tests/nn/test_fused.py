@@ -8,6 +8,7 @@ Triton epilogue kernels are checked under ``TRITON_INTERPRET=1`` on CPU tensors.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -53,7 +54,11 @@ def _conv_case(geometry: str, operator: str, dtype=torch.float32, bias=True, see
     x = torch.randn(2, cin, *([7] * dims), generator=gen, dtype=dtype).requires_grad_()
     w = torch.randn(cout, cin // kwargs.get("groups", 1), *kernel, generator=gen, dtype=dtype).requires_grad_()
     b = torch.randn(cout, generator=gen, dtype=dtype).requires_grad_() if bias else None
-    k = (torch.rand(cout, generator=gen, dtype=dtype) + 0.2).requires_grad_() if operator == "learnable_sigmoid" else 0.3
+    k = (
+        (torch.rand(cout, generator=gen, dtype=dtype) + 0.2).requires_grad_()
+        if operator == "learnable_sigmoid"
+        else 0.3
+    )
     return x, w, b, k, kwargs
 
 
@@ -68,7 +73,9 @@ def _conv_pair(x, w, b, k, kwargs, operator):
     inputs = [t for t in (x, w, b, k) if isinstance(t, torch.Tensor)]
     results = {}
     for impl in ("fused", "reference"):
-        results[impl] = _run(lambda: SF.sphere_convnd(x, w, b, operator=operator, sigmoid_k=k, impl=impl, **kwargs), inputs)
+        results[impl] = _run(
+            functools.partial(SF.sphere_convnd, x, w, b, operator=operator, sigmoid_k=k, impl=impl, **kwargs), inputs
+        )
     return results["fused"], results["reference"]
 
 
@@ -165,7 +172,10 @@ def test_fused_gradcheck_float64(operator):
     lk = (torch.rand(4, dtype=torch.float64) + 0.2).requires_grad_()
     assert torch.autograd.gradcheck(
         lambda a, bw, bb, kk: SF.sphere_linear(a, bw, bb, operator=operator, sigmoid_k=kk, impl="fused"),
-        (lx, lw, lb, lk), eps=1e-6, atol=1e-7, rtol=1e-5,
+        (lx, lw, lb, lk),
+        eps=1e-6,
+        atol=1e-7,
+        rtol=1e-5,
     )
 
 
@@ -184,8 +194,9 @@ def test_fused_saturated_and_zero_patches_give_finite_gradients_like_the_referen
     kk = torch.full((2,), 0.3, requires_grad=True) if operator == "learnable_sigmoid" else 0.3
     inputs = [x, w, kk] if operator == "learnable_sigmoid" else [x, w]
     f = _run(lambda: SF.sphere_conv2d(x, w, padding=1, operator=operator, sigmoid_k=kk, eps=eps, impl="fused"), inputs)
-    r = _run(lambda: SF.sphere_conv2d(x, w, padding=1, operator=operator, sigmoid_k=kk, eps=eps, impl="reference"),
-             inputs)
+    r = _run(
+        lambda: SF.sphere_conv2d(x, w, padding=1, operator=operator, sigmoid_k=kk, eps=eps, impl="reference"), inputs
+    )
     assert f[0].abs().max() <= 1.0 + 1e-6
     # theta is within float32 rounding of 0 / pi (the linear g = 1 - 2 theta/pi is the most sensitive)
     assert abs(float(f[0][0, 0, 2, 2]) - 1.0) < 1e-3 and abs(float(f[0][1, 1, 2, 2]) + 1.0) < 1e-3
@@ -311,7 +322,9 @@ def test_torch_compile_and_export_trace_the_fused_path():
 # Triton kernels (optional dependency): interpreter on CPU tensors, and a compile to sm_90 PTX
 # ------------------------------------------------------------------------------------------
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (extra 'triton')")
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="Triton is not installed (extra 'triton')"
+)
 
 
 def _triton_interpreter_checks() -> None:
@@ -354,13 +367,17 @@ def _triton_interpreter_checks() -> None:
         bias = torch.randn(6, generator=gen)
         out = _triton.forward_epilogue(inner, r, 2, "learnable_sigmoid", k, bias, torch.float32)
         c = inner.float().unflatten(1, (2, 3)) * r.unsqueeze(2)
-        expected, v = _fused.forward_epilogue(c, "learnable_sigmoid", k.reshape(2, 3, 1, 1), bias.reshape(2, 3, 1, 1),
-                                              keep_angle=True)
+        expected, v = _fused.forward_epilogue(
+            c, "learnable_sigmoid", k.reshape(2, 3, 1, 1), bias.reshape(2, 3, 1, 1), keep_angle=True
+        )
         assert _rel(out, expected.reshape(out.shape)) < 1e-6, dtype
-        d_inner, d_sq, d_k, d_bias = _triton.backward_epilogue(grad, inner, r, 2, "learnable_sigmoid", k, True, True, dtype)
+        d_inner, d_sq, d_k, d_bias = _triton.backward_epilogue(
+            grad, inner, r, 2, "learnable_sigmoid", k, True, True, dtype
+        )
         assert d_inner.dtype == dtype
-        d_c, scale, dk_elem, dk_scale = _fused.backward_epilogue(grad.unflatten(1, (2, 3)), c, v, "learnable_sigmoid",
-                                                                 k.reshape(2, 3, 1, 1), True)
+        d_c, scale, dk_elem, dk_scale = _fused.backward_epilogue(
+            grad.unflatten(1, (2, 3)), c, v, "learnable_sigmoid", k.reshape(2, 3, 1, 1), True
+        )
         assert _rel(d_inner.float(), (d_c * scale * r.unsqueeze(2)).reshape(d_inner.shape)) < 1e-2  # stored in dtype
         assert _rel(d_sq, (d_c * c).sum(2) * r.square() * (-0.5 * scale)) < 1e-5
         assert _rel(d_k, (dk_elem.sum_to_size(2, 3, 1, 1) * dk_scale).reshape(-1)) < 1e-5
@@ -392,7 +409,8 @@ def _triton_interpreter_checks() -> None:
             assert _fused._self_check("learnable_sigmoid", dtype, torch.device("cpu")) is None, dtype
     status = _fused.kernel_status()
     assert [(case["operator"], case["dtype"], case["kernels"]) for case in status["cases"]] == [
-        (op, "float32", "triton") for op in sorted(OPERATORS)], status
+        (op, "float32", "triton") for op in sorted(OPERATORS)
+    ], status
     assert calls["forward_epilogue"] - before == 4 + 4 + 2  # 4 first-use checks, 4 layer calls, 2 direct checks
     print("triton interpreter checks passed")
 
@@ -422,14 +440,35 @@ def test_triton_kernels_compile_for_a_hopper_gpu_without_one():
     target = GPUTarget("cuda", 90, 32)
     strides = {name: "i32" for name in ("sg_n", "sg_c", "sg_s", "sin_n", "sin_c", "sin_s", "sd_n", "sd_c", "sd_s")}
     signature = {
-        "grad_ptr": "*fp32", "inner_ptr": "*bf16", "r_ptr": "*fp32", "inv_k_ptr": "*fp32", "scale_ptr": "*fp32",
-        "coef_ptr": "*fp32", "d_inner_ptr": "*bf16", "d_sq_ptr": "*fp32", "part_bias_ptr": "*fp32",
-        "part_k_ptr": "*fp32", "C": "i32", "P": "i32", "S": "i32", "G": "i32", "NUM_SB": "i32",
-        "ACOS_FLOOR": "fp32", "ACOS_CAP": "fp32", **strides, "OP": "constexpr", "SAVED_IS_COS": "constexpr",
-        "NEED_BIAS": "constexpr", "NEED_K": "constexpr", "BLOCK_C": "constexpr", "BLOCK_S": "constexpr",
+        "grad_ptr": "*fp32",
+        "inner_ptr": "*bf16",
+        "r_ptr": "*fp32",
+        "inv_k_ptr": "*fp32",
+        "scale_ptr": "*fp32",
+        "coef_ptr": "*fp32",
+        "d_inner_ptr": "*bf16",
+        "d_sq_ptr": "*fp32",
+        "part_bias_ptr": "*fp32",
+        "part_k_ptr": "*fp32",
+        "C": "i32",
+        "P": "i32",
+        "S": "i32",
+        "G": "i32",
+        "NUM_SB": "i32",
+        "ACOS_FLOOR": "fp32",
+        "ACOS_CAP": "fp32",
+        **strides,
+        "OP": "constexpr",
+        "SAVED_IS_COS": "constexpr",
+        "NEED_BIAS": "constexpr",
+        "NEED_K": "constexpr",
+        "BLOCK_C": "constexpr",
+        "BLOCK_S": "constexpr",
     }
     constants = {"OP": 2, "SAVED_IS_COS": False, "NEED_BIAS": True, "NEED_K": True, "BLOCK_C": 16, "BLOCK_S": 128}
-    compiled = triton.compile(ASTSource(fn=_triton._backward_kernel, signature=signature, constexprs=constants), target=target)
+    compiled = triton.compile(
+        ASTSource(fn=_triton._backward_kernel, signature=signature, constexprs=constants), target=target
+    )
     assert ".target sm_90" in compiled.asm["ptx"] and len(compiled.asm["cubin"]) > 0
 
 

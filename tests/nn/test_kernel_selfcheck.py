@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import sphereconv.nn as snn
-from sphereconv.nn import SphereConv2d, _fused, _triton, functional as SF
+from sphereconv.nn import SphereConv2d, _fused, _triton
+from sphereconv.nn import functional as SF
 
 OPERATORS = ["cosine", "linear", "sigmoid", "learnable_sigmoid"]
 
@@ -41,8 +42,9 @@ def aten_backward(grad_out, saved, r, groups, operator, k, need_k, need_bias, d_
     need_k = need_k and operator in ("sigmoid", "learnable_sigmoid")
     c = saved.float().unflatten(1, chan[:2]) * r.unsqueeze(2)
     _, extra = _fused.forward_epilogue(c, operator, _k_view(k, chan), None, keep_angle=need_k)
-    d_c, scale, dk, dk_scale = _fused.backward_epilogue(grad_out.float().unflatten(1, chan[:2]), c, extra, operator,
-                                                        _k_view(k, chan), need_k)
+    d_c, scale, dk, dk_scale = _fused.backward_epilogue(
+        grad_out.float().unflatten(1, chan[:2]), c, extra, operator, _k_view(k, chan), need_k
+    )
     d_c = d_c * scale
     d_k = None
     if need_k:
@@ -67,6 +69,7 @@ def kernels(monkeypatch):
         def call(*args, **kwargs):
             calls[name] += 1
             return impls[name](*args, **kwargs)
+
         return call
 
     monkeypatch.setattr(_fused, "_triton_on_cpu", True)
@@ -192,10 +195,10 @@ def test_environment_variable_and_api_force_either_path(kernels, monkeypatch):
 
 
 def test_bad_backend_names_are_clear_errors(monkeypatch):
-    with pytest.raises(ValueError, match=r"kernel backend must be one of auto, triton, aten or None; got 'fast'"):
+    with pytest.raises(ValueError, match=r"kernel backend must be one of auto, triton, cpp, aten or None; got 'fast'"):
         snn.set_kernel_backend("fast")
     monkeypatch.setenv(_fused.KERNELS_ENV, "cuda")
-    with pytest.raises(ValueError, match=r"SPHERECONV_KERNELS must be one of auto, triton, aten; got 'cuda'"):
+    with pytest.raises(ValueError, match=r"SPHERECONV_KERNELS must be one of auto, triton, cpp, aten; got 'cuda'"):
         snn.kernel_backend()
 
 

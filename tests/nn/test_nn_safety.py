@@ -1,7 +1,8 @@
 """Numerical safety (the arccos, low-precision and overflow hazards of paper Sec. 2.1's operator).
 
 Zero patches, exactly collinear filters and inputs, cosines rounded past 1, low precision (bf16
-autocast on CPU; fp16 autocast and TF32 on CUDA) and a fuzz test of extreme magnitudes. No NaN or Inf may reach an output or a gradient."""
+autocast on CPU; fp16 autocast and TF32 on CUDA) and a fuzz test of extreme magnitudes. No NaN or
+Inf may reach an output or a gradient."""
 
 from __future__ import annotations
 

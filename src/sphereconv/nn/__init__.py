@@ -4,9 +4,9 @@ SphereConv, SphereLinear and SphereNorm follow Liu et al., "Deep Hyperspherical 
 Sec. 2.1 and the normalisation discussion); the decoupled operators follow Liu et al., "Decoupled
 Networks" (CVPR 2018, Sec. 3).
 
-:func:`set_kernel_backend` / ``$SPHERECONV_KERNELS`` (``auto``, ``triton``, ``aten``) choose the
-fused epilogue's kernels on CUDA, and :func:`kernel_status` reports which ones each case uses (see
-:mod:`sphereconv.nn._fused`: Triton kernels are checked against ATen at their first use).
+:func:`set_kernel_backend` / ``$SPHERECONV_KERNELS`` (``auto``, ``triton``, ``cpp``, ``aten``) choose
+the fused epilogue's kernels (Triton on CUDA, C++ on CPU), and :func:`kernel_status` reports which
+ones each case uses (see :mod:`sphereconv.nn._fused`: both are checked against ATen at first use).
 """
 
 from . import functional

@@ -112,8 +112,7 @@ if triton is not None:
         return tl.where(x < 0, -res, res)
 
     @triton.jit
-    def _sq_sum_kernel(x_ptr, out_ptr, C_PER_G, S, G, sxn, sxc, sxs,
-                      BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _sq_sum_kernel(x_ptr, out_ptr, C_PER_G, S, G, sxn, sxc, sxs, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         pid_s = tl.program_id(0)
         g = tl.program_id(1)
         n = tl.program_id(2)
@@ -129,9 +128,28 @@ if triton is not None:
         tl.store(out_ptr + (n * G + g) * S + offs_s, acc, mask=mask_s)
 
     @triton.jit
-    def _forward_kernel(inner_ptr, r_ptr, inv_k_ptr, scale_ptr, bias_ptr, out_ptr,
-                       C, P, S, G, sin_n, sin_c, sin_s, so_n, so_c, so_s,
-                       OP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _forward_kernel(
+        inner_ptr,
+        r_ptr,
+        inv_k_ptr,
+        scale_ptr,
+        bias_ptr,
+        out_ptr,
+        C,
+        P,
+        S,
+        G,
+        sin_n,
+        sin_c,
+        sin_s,
+        so_n,
+        so_c,
+        so_s,
+        OP: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
         pid_s = tl.program_id(0)
         pid_c = tl.program_id(1)
         n = tl.program_id(2)
@@ -155,16 +173,47 @@ if triton is not None:
             g = scale[:, None] * (2.0 * sig - 1.0)  # s_k tanh(u)
         if HAS_BIAS:
             g += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0)[:, None]
-        tl.store(out_ptr + n * so_n + offs_c[:, None] * so_c + offs_s[None, :] * so_s,
-                 g.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+        tl.store(
+            out_ptr + n * so_n + offs_c[:, None] * so_c + offs_s[None, :] * so_s,
+            g.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+            mask=mask,
+        )
 
     @triton.jit
-    def _backward_kernel(grad_ptr, inner_ptr, r_ptr, inv_k_ptr, scale_ptr, coef_ptr,
-                        d_inner_ptr, d_sq_ptr, part_bias_ptr, part_k_ptr,
-                        C, P, S, G, NUM_SB, ACOS_FLOOR, ACOS_CAP,
-                        sg_n, sg_c, sg_s, sin_n, sin_c, sin_s, sd_n, sd_c, sd_s,
-                        OP: tl.constexpr, SAVED_IS_COS: tl.constexpr, NEED_BIAS: tl.constexpr, NEED_K: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _backward_kernel(
+        grad_ptr,
+        inner_ptr,
+        r_ptr,
+        inv_k_ptr,
+        scale_ptr,
+        coef_ptr,
+        d_inner_ptr,
+        d_sq_ptr,
+        part_bias_ptr,
+        part_k_ptr,
+        C,
+        P,
+        S,
+        G,
+        NUM_SB,
+        ACOS_FLOOR,
+        ACOS_CAP,
+        sg_n,
+        sg_c,
+        sg_s,
+        sin_n,
+        sin_c,
+        sin_s,
+        sd_n,
+        sd_c,
+        sd_s,
+        OP: tl.constexpr,
+        SAVED_IS_COS: tl.constexpr,
+        NEED_BIAS: tl.constexpr,
+        NEED_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
         pid_s = tl.program_id(0)
         g_idx = tl.program_id(1)
         n = tl.program_id(2)
@@ -178,8 +227,12 @@ if triton is not None:
             mask_p = offs_p < P
             ch = g_idx * P + offs_p
             mask = mask_p[:, None] & mask_s[None, :]
-            go = tl.load(grad_ptr + n * sg_n + ch[:, None] * sg_c + offs_s[None, :] * sg_s, mask=mask, other=0.0).to(tl.float32)
-            x = tl.load(inner_ptr + n * sin_n + ch[:, None] * sin_c + offs_s[None, :] * sin_s, mask=mask, other=0.0).to(tl.float32)
+            go = tl.load(grad_ptr + n * sg_n + ch[:, None] * sg_c + offs_s[None, :] * sg_s, mask=mask, other=0.0).to(
+                tl.float32
+            )
+            x = tl.load(inner_ptr + n * sin_n + ch[:, None] * sin_c + offs_s[None, :] * sin_s, mask=mask, other=0.0).to(
+                tl.float32
+            )
             if SAVED_IS_COS:
                 c = x
             else:
@@ -206,8 +259,11 @@ if triton is not None:
                         tl.store(part_k_ptr + part_row * C + ch, tl.sum(dk, axis=1), mask=mask_p)
             d = tl.where(inside, d, 0.0)
             acc += tl.sum(d * c, axis=0)
-            tl.store(d_inner_ptr + n * sd_n + ch[:, None] * sd_c + offs_s[None, :] * sd_s,
-                     (d * r[None, :]).to(d_inner_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+            tl.store(
+                d_inner_ptr + n * sd_n + ch[:, None] * sd_c + offs_s[None, :] * sd_s,
+                (d * r[None, :]).to(d_inner_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+                mask=mask,
+            )
             if NEED_BIAS:
                 tl.store(part_bias_ptr + part_row * C + ch, tl.sum(go, axis=1), mask=mask_p)
         tl.store(d_sq_ptr + (n * G + g_idx) * S + offs_s, -0.5 * r * r * acc, mask=mask_s)
@@ -224,7 +280,11 @@ def _channel_consts(operator: str, k, channels: int, device) -> tuple[Tensor, Te
     if OPERATOR_CODES[operator] != 2:
         dummy = torch.ones(1, dtype=torch.float32, device=device)
         return dummy, dummy, dummy
-    k_t = k.detach().to(device=device, dtype=torch.float32).reshape(-1) if isinstance(k, Tensor) else torch.tensor([float(k)], device=device)
+    k_t = (
+        k.detach().to(device=device, dtype=torch.float32).reshape(-1)
+        if isinstance(k, Tensor)
+        else torch.tensor([float(k)], device=device)
+    )
     k_t = k_t.expand(channels).contiguous()
     inv_k = 1.0 / k_t
     scale = 1.0 / torch.tanh(math.pi / (4.0 * k_t))
@@ -246,8 +306,9 @@ def channel_sq_sum(input: Tensor, groups: int) -> Tensor:
     return out
 
 
-def forward_epilogue(inner: Tensor, r: Tensor, groups: int, operator: str, k, bias: Tensor | None,
-                     out_dtype: torch.dtype) -> Tensor:
+def forward_epilogue(
+    inner: Tensor, r: Tensor, groups: int, operator: str, k, bias: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
     """``g(clamp(inner * r)) (+ bias)`` for the conv output ``inner`` (N, C, *S) and ``r`` (N, G, *S)."""
     _, forward_kernel, _ = _get_kernels()
     inner = _as_flat(inner)
@@ -259,15 +320,41 @@ def forward_epilogue(inner: Tensor, r: Tensor, groups: int, operator: str, k, bi
     bias_t = bias.to(torch.float32).contiguous() if bias is not None else inv_k
     block_c, block_s = _blocks(c, s)
     grid = (triton.cdiv(s, block_s), triton.cdiv(c, block_c), n)
-    forward_kernel[grid](inner, r, inv_k, scale, bias_t, out, c, c // groups, s, groups,
-                         *_flat_strides(inner), *_flat_strides(out),
-                         OP=OPERATOR_CODES[operator], HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_S=block_s)
+    forward_kernel[grid](
+        inner,
+        r,
+        inv_k,
+        scale,
+        bias_t,
+        out,
+        c,
+        c // groups,
+        s,
+        groups,
+        *_flat_strides(inner),
+        *_flat_strides(out),
+        OP=OPERATOR_CODES[operator],
+        HAS_BIAS=bias is not None,
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
+    )
     return out
 
 
-def backward_epilogue(grad_out: Tensor, saved: Tensor, r: Tensor, groups: int, operator: str, k, need_k: bool,
-                      need_bias: bool, d_inner_dtype: torch.dtype, *, saved_is_cos: bool = False,
-                      acos_floor: float = torch.finfo(torch.float32).eps):
+def backward_epilogue(
+    grad_out: Tensor,
+    saved: Tensor,
+    r: Tensor,
+    groups: int,
+    operator: str,
+    k,
+    need_k: bool,
+    need_bias: bool,
+    d_inner_dtype: torch.dtype,
+    *,
+    saved_is_cos: bool = False,
+    acos_floor: float = torch.finfo(torch.float32).eps,
+):
     """``(dL/dinner, dL/dsumsq, dL/dk or None, dL/dbias or None)`` from ``dL/dout``.
 
     ``saved`` is the conv output (or the cosine when ``saved_is_cos``); ``dL/dk`` is reduced to the
@@ -291,11 +378,34 @@ def backward_epilogue(grad_out: Tensor, saved: Tensor, r: Tensor, groups: int, o
     part_k = torch.empty((rows, c) if need_k else (1,), dtype=torch.float32, device=saved.device)
     cap = 1.0 / math.sqrt(acos_floor)
     grid = (num_sb, groups, n)
-    backward_kernel[grid](grad_out, saved, r, inv_k, scale, coef, d_inner, d_sq, part_bias, part_k,
-                          c, per_group, s, groups, num_sb, acos_floor, cap,
-                          *_flat_strides(grad_out), *_flat_strides(saved), *_flat_strides(d_inner),
-                          OP=OPERATOR_CODES[operator], SAVED_IS_COS=saved_is_cos, NEED_BIAS=need_bias, NEED_K=need_k,
-                          BLOCK_C=block_c, BLOCK_S=block_s)
+    backward_kernel[grid](
+        grad_out,
+        saved,
+        r,
+        inv_k,
+        scale,
+        coef,
+        d_inner,
+        d_sq,
+        part_bias,
+        part_k,
+        c,
+        per_group,
+        s,
+        groups,
+        num_sb,
+        acos_floor,
+        cap,
+        *_flat_strides(grad_out),
+        *_flat_strides(saved),
+        *_flat_strides(d_inner),
+        OP=OPERATOR_CODES[operator],
+        SAVED_IS_COS=saved_is_cos,
+        NEED_BIAS=need_bias,
+        NEED_K=need_k,
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
+    )
     d_k = None
     if need_k:
         d_k = part_k.sum(0)

@@ -49,7 +49,7 @@ block, with the context manager :func:`use_reference_impl`. ``"auto"`` means fus
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -111,18 +111,22 @@ def _check_conv_args(input: Tensor, weight: Tensor, groups: int, dims: int) -> N
     if not isinstance(input, Tensor) or not isinstance(weight, Tensor):
         raise TypeError("input and weight must be tensors")
     if weight.dim() != dims + 2:
-        raise ValueError(f"weight must have {dims + 2} dimensions (out, in/groups, kernel...) for a {dims}-d SphereConv; got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have {dims + 2} dimensions (out, in/groups, kernel...) for a {dims}-d SphereConv; "
+            f"got shape {tuple(weight.shape)}"
+        )
     if input.dim() not in (dims + 1, dims + 2):
         raise ValueError(
-            f"input must have {dims + 2} dimensions (N, C, {'spatial...' if dims > 1 else 'L'}) or {dims + 1} without batch "
-            f"for a {dims}-d SphereConv; got shape {tuple(input.shape)}"
+            f"input must have {dims + 2} dimensions (N, C, {'spatial...' if dims > 1 else 'L'}) or {dims + 1} "
+            f"without batch for a {dims}-d SphereConv; got shape {tuple(input.shape)}"
         )
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int; got {groups!r}")
     channels = input.shape[-dims - 1]
     if channels != weight.shape[1] * groups:
         raise ValueError(
-            f"input has {channels} channels but weight expects in_channels = {weight.shape[1]} x groups {groups} = {weight.shape[1] * groups}"
+            f"input has {channels} channels but weight expects in_channels = {weight.shape[1]} x groups {groups} "
+            f"= {weight.shape[1] * groups}"
         )
     if weight.shape[0] % groups:
         raise ValueError(f"out_channels {weight.shape[0]} must be divisible by groups {groups}")
@@ -238,10 +242,13 @@ def sphere_convnd(
     unbatched = input.dim() == dims + 1
     if unbatched:
         input = input.unsqueeze(0)
-    out_dtype = torch.promote_types(input.dtype, weight.dtype) if not torch.is_autocast_enabled(input.device.type) else None
+    out_dtype = (
+        torch.promote_types(input.dtype, weight.dtype) if not torch.is_autocast_enabled(input.device.type) else None
+    )
     if _use_fused(impl):
-        out = _fused.fused_sphere_convnd(input, weight, bias, stride, padding, dilation, groups,
-                                         operator, sigmoid_k, eps, out_dtype)
+        out = _fused.fused_sphere_convnd(
+            input, weight, bias, stride, padding, dilation, groups, operator, sigmoid_k, eps, out_dtype
+        )
         return out.squeeze(0) if unbatched else out
     cos_theta, _, _ = sphere_cosine(input, weight, stride, padding, dilation, groups, eps)
     out = angular_function(cos_theta, operator, _channel_k(sigmoid_k, dims, weight.shape[0]))
@@ -252,15 +259,50 @@ def sphere_convnd(
     return out.squeeze(0) if unbatched else out
 
 
-def sphere_conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-                  operator="cosine", sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS, impl="auto") -> Tensor:
+def sphere_conv1d(
+    input,
+    weight,
+    bias=None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    *,
+    operator="cosine",
+    sigmoid_k=DEFAULT_SIGMOID_K,
+    eps=DEFAULT_EPS,
+    impl="auto",
+) -> Tensor:
     """1-d SphereConv: ``g(theta) (+ bias)`` for every filter and input window (paper Sec. 2.1)."""
-    return sphere_convnd(input, weight, bias, stride, padding, dilation, groups,
-                         operator=operator, sigmoid_k=sigmoid_k, eps=eps, impl=impl)
+    return sphere_convnd(
+        input,
+        weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        operator=operator,
+        sigmoid_k=sigmoid_k,
+        eps=eps,
+        impl=impl,
+    )
 
 
-def sphere_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-                  operator="cosine", sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS, impl="auto") -> Tensor:
+def sphere_conv2d(
+    input,
+    weight,
+    bias=None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    *,
+    operator="cosine",
+    sigmoid_k=DEFAULT_SIGMOID_K,
+    eps=DEFAULT_EPS,
+    impl="auto",
+) -> Tensor:
     """2-d SphereConv (Liu et al. 2017, Sec. 2.1).
 
     ``out[n, o, i, j] = g(theta) (+ bias[o])`` with ``cos(theta) = <w_o, x_patch> / (|w_o|_e |x_patch|_e)``,
@@ -269,20 +311,61 @@ def sphere_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, gro
     ``sigmoid_k`` is a float or a per-output-channel tensor of k values; ``impl`` is ``"auto"``,
     ``"fused"`` or ``"reference"`` (see the module docstring).
     """
-    return sphere_convnd(input, weight, bias, stride, padding, dilation, groups,
-                         operator=operator, sigmoid_k=sigmoid_k, eps=eps, impl=impl)
+    return sphere_convnd(
+        input,
+        weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        operator=operator,
+        sigmoid_k=sigmoid_k,
+        eps=eps,
+        impl=impl,
+    )
 
 
-def sphere_conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-                  operator="cosine", sigmoid_k=DEFAULT_SIGMOID_K, eps=DEFAULT_EPS, impl="auto") -> Tensor:
+def sphere_conv3d(
+    input,
+    weight,
+    bias=None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    *,
+    operator="cosine",
+    sigmoid_k=DEFAULT_SIGMOID_K,
+    eps=DEFAULT_EPS,
+    impl="auto",
+) -> Tensor:
     """3-d SphereConv: ``g(theta) (+ bias)`` for every filter and input volume patch (paper Sec. 2.1)."""
-    return sphere_convnd(input, weight, bias, stride, padding, dilation, groups,
-                         operator=operator, sigmoid_k=sigmoid_k, eps=eps, impl=impl)
+    return sphere_convnd(
+        input,
+        weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        operator=operator,
+        sigmoid_k=sigmoid_k,
+        eps=eps,
+        impl=impl,
+    )
 
 
-def sphere_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *,
-                  operator: str = "cosine", sigmoid_k=DEFAULT_SIGMOID_K, eps: float = DEFAULT_EPS,
-                  impl: str = "auto") -> Tensor:
+def sphere_linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    operator: str = "cosine",
+    sigmoid_k=DEFAULT_SIGMOID_K,
+    eps: float = DEFAULT_EPS,
+    impl: str = "auto",
+) -> Tensor:
     """Hyperspherical fully connected layer: ``g(theta_j) (+ bias_j)`` with theta_j the angle
     between the input vector and row j of ``weight`` (paper Sec. 2.1, SphereConv on whole vectors).
     ``impl``: ``"auto"``, ``"fused"`` or ``"reference"`` (see the module docstring).
@@ -294,9 +377,13 @@ def sphere_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-d (out_features, in_features); got shape {tuple(weight.shape)}")
     if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
-        raise ValueError(f"input's last dimension must be in_features = {weight.shape[1]}; got shape {tuple(input.shape)}")
+        raise ValueError(
+            f"input's last dimension must be in_features = {weight.shape[1]}; got shape {tuple(input.shape)}"
+        )
     cdtype = compute_dtype(input.dtype)
-    out_dtype = torch.promote_types(input.dtype, weight.dtype) if not torch.is_autocast_enabled(input.device.type) else None
+    out_dtype = (
+        torch.promote_types(input.dtype, weight.dtype) if not torch.is_autocast_enabled(input.device.type) else None
+    )
     if _use_fused(impl):
         return _fused.fused_sphere_linear(input, weight, bias, operator, sigmoid_k, eps, out_dtype)
     w_unit, _, _ = _unit_rows(weight.to(cdtype), eps)

@@ -1,0 +1,201 @@
+"""The C++ CPU kernels of the fused path against its ATen path, their switch and their fallback.
+
+Every operator, float32 and float64, forward and every gradient (input, weight, bias, learnable k),
+with groups, stride, dilation and inputs that need the power-of-two rescaling; the kernels must be
+built (a C++ compiler is present where these tests run) or the tests say why they are skipped.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import sphereconv.nn as snn
+from sphereconv.nn import SphereConv2d, _cpu_kernels, _fused
+from sphereconv.nn import functional as SF
+
+OPERATORS = ["cosine", "linear", "sigmoid", "learnable_sigmoid"]
+# Largest difference relative to the largest value: float32: the kernels' arcsine and exponential
+# are float32-accurate polynomials (2.5e-7 relative) and their sums run in another order; float64
+# uses the C library: rounding differences only.
+TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
+
+pytestmark = pytest.mark.skipif(
+    _cpu_kernels.load() is None, reason=f"C++ kernels not built: {_cpu_kernels.load_error()}"
+)
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    yield
+    snn.set_kernel_backend(None)
+
+
+def _assert_close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    got, expected = got.detach(), expected.detach()
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    scale = float(expected.abs().max())
+    error = float((got - expected).abs().max())
+    assert error <= TOL[expected.dtype] * scale, (error, scale)
+
+
+def _run(backend: str, fn, inputs):
+    snn.set_kernel_backend(backend)
+    out = fn()
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    return out, grads
+
+
+GEOMETRIES = {
+    "plain": dict(stride=1, padding=1, dilation=1, groups=1),
+    "groups-stride": dict(stride=2, padding=1, dilation=1, groups=2),
+    "dilated": dict(stride=1, padding=2, dilation=2, groups=1),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize("operator", OPERATORS)
+def test_cpp_kernels_match_the_aten_path_forward_and_backward(operator, geometry, dtype):
+    torch.manual_seed(0)
+    args = GEOMETRIES[geometry]
+    x = torch.randn(3, 4, 9, 7, dtype=dtype).relu_().requires_grad_()  # peaks of one sign, as behind a ReLU
+    w = torch.randn(6, 4 // args["groups"], 3, 3, dtype=dtype, requires_grad=True)
+    b = torch.randn(6, dtype=dtype, requires_grad=True)
+    k = torch.rand(6, dtype=dtype).add_(0.2).requires_grad_() if operator == "learnable_sigmoid" else 0.3
+    inputs = [x, w, b] + ([k] if operator == "learnable_sigmoid" else [])
+
+    def fn():
+        return SF.sphere_conv2d(x, w, b, operator=operator, sigmoid_k=k, impl="fused", **args)
+
+    out_c, grads_c = _run("cpp", fn, inputs)
+    out_a, grads_a = _run("aten", fn, inputs)
+    _assert_close(out_c, out_a)
+    for got, expected in zip(grads_c, grads_a):
+        _assert_close(got, expected)
+
+
+@pytest.mark.parametrize("operator", OPERATORS)
+def test_cpp_kernels_match_with_rescaled_inputs_and_filters_and_signed_peaks(operator):
+    # largest values outside [2^-40, 2^40] (rescaled by powers of two), negative largest elements,
+    # an all-zero sample: the C++ peak gradients must land where the ATen ones do
+    torch.manual_seed(1)
+    x = torch.randn(4, 4, 6, 6)
+    x[0] *= 1e-20
+    x[1] *= 1e20
+    x[2] = 0.0
+    x[3, 1, 2, 3] = -40.0
+    x.requires_grad_()
+    w = torch.randn(5, 4, 3, 3)
+    w[0] *= 1e-30
+    w[1, 2, 1, 1] = -9.0
+    w.requires_grad_()
+    inputs = [x, w]
+
+    def fn():
+        return SF.sphere_conv2d(x, w, padding=1, operator=operator, impl="fused")
+
+    out_c, grads_c = _run("cpp", fn, inputs)
+    out_a, grads_a = _run("aten", fn, inputs)
+    _assert_close(out_c, out_a)
+    for got, expected in zip(grads_c, grads_a):
+        _assert_close(got, expected)
+
+
+def test_cpp_kernels_with_two_threads_match_the_aten_path():
+    torch.manual_seed(2)
+    layer = SphereConv2d(8, 8, 3, padding=1, operator="learnable_sigmoid")
+    x = torch.randn(6, 8, 10, 10, requires_grad=True)
+    inputs = [x, *layer.parameters()]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        out_c, grads_c = _run("cpp", lambda: layer(x), inputs)
+        out_a, grads_a = _run("aten", lambda: layer(x), inputs)
+    finally:
+        torch.set_num_threads(threads)
+    _assert_close(out_c, out_a)
+    for got, expected in zip(grads_c, grads_a):
+        _assert_close(got, expected)
+
+
+def test_cpp_kernels_take_the_cpu_calls_and_the_switch_turns_them_off(monkeypatch):
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        original = getattr(_cpu_kernels, f"{name}_epilogue")
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(_cpu_kernels, f"{name}_epilogue", counted)
+    layer = SphereConv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    for backend, expected in (("auto", 1), ("cpp", 1), ("aten", 0), ("triton", 0)):
+        calls.update(forward=0, backward=0)
+        snn.set_kernel_backend(backend)
+        layer(x).sum().backward()
+        assert calls == {"forward": expected, "backward": expected}, backend
+    # channels-last outputs and float16/bfloat16 inputs stay on the ATen epilogue
+    calls.update(forward=0, backward=0)
+    snn.set_kernel_backend("auto")
+    layer(x.detach().to(memory_format=torch.channels_last)).sum().backward()
+    layer.to(torch.bfloat16)(x.detach().bfloat16()).float().sum().backward()
+    assert calls == {"forward": 0, "backward": 0}
+
+
+def test_kernel_status_reports_the_cpu_kernels():
+    _fused.reset_kernel_status()
+    snn.set_kernel_backend("auto")
+    assert snn.kernel_status()["cpu_kernels"] == "undecided"
+    SphereConv2d(3, 4, 3)(torch.randn(1, 3, 5, 5)).sum().backward()
+    status = snn.kernel_status()
+    assert status["cpu_kernels"] == "cpp" and status["cpu_note"] and status["cases"] == []
+    snn.set_kernel_backend("aten")
+    assert snn.kernel_status()["cpu_kernels"] == "aten"
+
+
+def test_a_failed_build_warns_once_and_falls_back_to_aten(monkeypatch):
+    monkeypatch.setattr(_cpu_kernels, "_library", None)
+    monkeypatch.setattr(_cpu_kernels, "_tried", False)
+    monkeypatch.setattr(_cpu_kernels, "_load_error", None)
+    monkeypatch.setattr(_cpu_kernels, "_compiler", lambda: None)  # as on a machine without g++
+    _fused.reset_kernel_status()
+    snn.set_kernel_backend("auto")
+    torch.manual_seed(3)
+    layer = SphereConv2d(3, 4, 3, padding=1, operator="linear")
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    try:
+        with pytest.warns(RuntimeWarning, match="C\\+\\+ epilogue kernels could not be built"):
+            out = layer(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once only
+            out.sum().backward()
+            layer(x)
+        status = snn.kernel_status()
+        assert status["cpu_kernels"] == "aten" and "no C++ compiler" in status["cpu_note"]
+        with SF.use_reference_impl():
+            torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-6)
+    finally:
+        _fused.reset_kernel_status()
+
+
+def test_a_self_check_mismatch_falls_back_to_aten(monkeypatch):
+    original = _cpu_kernels.forward_epilogue
+
+    def wrong(*args, **kwargs):
+        out, extra = original(*args, **kwargs)
+        return out.add_(1e-2), extra
+
+    monkeypatch.setattr(_cpu_kernels, "forward_epilogue", wrong)
+    _fused.reset_kernel_status()
+    snn.set_kernel_backend("auto")
+    try:
+        with pytest.warns(RuntimeWarning, match="disagree with the ATen epilogue"):
+            SphereConv2d(3, 4, 3)(torch.randn(1, 3, 5, 5))
+        assert snn.kernel_status()["cpu_kernels"] == "aten"
+    finally:
+        _fused.reset_kernel_status()
