@@ -64,13 +64,20 @@ costs more on a CPU than the memory; the conv output alone on the Triton path, w
 everything else. Nothing is recomputed by a second convolution.
 
 Where it runs: eager CUDA with Triton installed uses the kernels of :mod:`sphereconv.nn._triton`;
-everything else (CPU, float64, and any trace) runs the epilogue as vectorised, mostly in-place ATen
-ops. The first time a process would run the Triton kernels for an (operator, dtype, device), it
+eager CPU with contiguous float32/float64 tensors uses the C++ kernels of
+:mod:`sphereconv.nn._cpu_kernels` (built at first use, about 2 s, then cached; checked against the
+ATen path once per process, 10-50 ms), which also take the filter norm, the input's peaks and
+sum of squares and their gradients, each in one pass instead of some 130 small ATen ops per layer;
+everything else (no compiler, channels-last or low-precision CPU tensors, and any trace) runs the
+epilogue as vectorised, mostly in-place ATen ops. The first time a process would run the Triton
+kernels for an (operator, dtype, device), it
 checks them against the ATen epilogue on a small synthetic case, forward and backward
 (:func:`_self_check`); a mismatch beyond the dtype's tolerance, or any exception, gives one warning
 naming the case and the ATen epilogue for that case for the rest of the process (an exception in a
-later call does the same). ``SPHERECONV_KERNELS=auto|triton|aten`` or :func:`set_kernel_backend`
-force either path (``triton`` skips the check); :func:`kernel_status` reports the decisions. ``torch.compile`` traces through the autograd function (forward and backward; inductor fuses
+later call does the same; a C++ build that fails or disagrees warns once and leaves CPU on ATen).
+``SPHERECONV_KERNELS=auto|triton|cpp|aten`` or :func:`set_kernel_backend` force a path (``triton`` and
+``cpp`` skip the check); :func:`kernel_status` reports the decisions. ``torch.compile`` traces through
+the autograd function (forward and backward; inductor fuses
 the epilogue itself) and ``torch.export`` / ONNX export trace its forward as ordinary ATen ops, so
 no custom operator needs registering. The backward is once-differentiable: double backward needs
 ``impl="reference"``.
@@ -81,7 +88,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +110,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # eps its machine epsilon as in angular._SafeAcos / angular.acos_derivative_bound, rounded as the
 # reference path rounds it (computed once here: nothing is read back from a tensor while
 # torch.compile traces the backward).
-_ACOS_CAP = {dtype: float(torch.tensor(torch.finfo(dtype).eps, dtype=dtype).rsqrt()) for dtype in (torch.float32, torch.float64)}
+_ACOS_CAP = {
+    dtype: float(torch.tensor(torch.finfo(dtype).eps, dtype=dtype).rsqrt()) for dtype in (torch.float32, torch.float64)
+}
 
 
 def _acos_derivative_cap(dtype: torch.dtype) -> float:
@@ -137,7 +146,9 @@ def power_of_two_scale(peak: Tensor) -> tuple[Tensor, Tensor]:
 def abs_max(t: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """``(m, sign)``: the largest ``|t|`` over the dimensions from ``dim`` on, and the sign of the
     element(s) holding it (+1 or -1; +1 for an all-zero slice). Two fast reductions, no index search."""
-    dims = tuple(range(dim, t.dim()))
+    dims: int | tuple[int, ...] = tuple(range(dim, t.dim()))
+    if t.dim() - dim > 1 and t.is_contiguous():  # one reduced dimension of a view: the faster kernel
+        t, dims = t.flatten(dim), dim
     hi, lo = t.amax(dims), t.amin(dims).neg_()
     return torch.maximum(hi, lo), (hi >= lo).to(t.dtype).mul_(2.0).sub_(1.0)
 
@@ -190,11 +201,16 @@ def _add_at_sample_peaks(d_x: Tensor, x_s: Tensor, groups: int, sign: Tensor, d_
     if not torch.compiler.is_compiling() and (flat is d_x or flat._is_view()):
         flat.index_put_((batch, channel, position), d_peak.to(d_x.dtype), accumulate=True)
     else:  # spatial dimensions that do not flatten into a view (or a trace, which cannot tell)
-        d_x.index_put_((batch, channel, *torch.unravel_index(position, d_x.shape[2:])), d_peak.to(d_x.dtype),
-                       accumulate=True)
+        d_x.index_put_(
+            (batch, channel, *torch.unravel_index(position, d_x.shape[2:])), d_peak.to(d_x.dtype), accumulate=True
+        )
 
 
-def _filter_unit(weight: Tensor, cdtype: torch.dtype, eps: float) -> tuple[Tensor, tuple[Tensor, ...]]:
+# What the filter norm's backward needs, one value per filter: (|w'|_e, s_w or None, signed m_w').
+_FilterState = tuple[Tensor, Tensor | None, Tensor]
+
+
+def _filter_unit(weight: Tensor, cdtype: torch.dtype, eps: float) -> tuple[Tensor, _FilterState]:
     """``w_hat = w' / |w'|_e`` per filter (row of ``weight.flatten(1)``), overflow-free.
 
     Returns ``w_hat`` (shape of ``weight``, compute dtype) and the state its backward needs:
@@ -209,7 +225,7 @@ def _filter_unit(weight: Tensor, cdtype: torch.dtype, eps: float) -> tuple[Tenso
     return torch.div(w_s, norm.unsqueeze(1)).reshape(weight.shape), (norm, scale, signed_peak)
 
 
-def _filter_unit_backward(d_hat: Tensor, w_hat: Tensor, state: tuple[Tensor | None, ...], eps: float) -> Tensor:
+def _filter_unit_backward(d_hat: Tensor, w_hat: Tensor, state: _FilterState, eps: float) -> Tensor:
     """``dL/dw`` from ``dL/dw_hat`` (both weight-shaped, compute dtype; ``d_hat`` is overwritten)."""
     norm, scale, signed_peak = state
     d2, w2 = d_hat.flatten(1), w_hat.flatten(1)
@@ -221,8 +237,9 @@ def _filter_unit_backward(d_hat: Tensor, w_hat: Tensor, state: tuple[Tensor | No
     return (grad if scale is None else grad.mul_(scale.unsqueeze(1))).reshape(d_hat.shape)
 
 
-def _sample_scale(input: Tensor, groups: int, cdtype: torch.dtype,
-                  conv_dtype: torch.dtype) -> tuple[Tensor | None, Tensor, Tensor]:
+def _sample_scale(
+    input: Tensor, groups: int, cdtype: torch.dtype, conv_dtype: torch.dtype
+) -> tuple[Tensor | None, Tensor, Tensor]:
     """Per sample and group of an (N, C, *S) input: ``(s_x or None, m_x s_x, sign)``, each (N, G);
     ``None``: use ``x`` as it is (see :func:`_scale_and_peak`; never for a float16 convolution)."""
     m, sign = abs_max(input.detach().unflatten(1, (groups, input.shape[1] // groups)), 2)
@@ -238,7 +255,6 @@ def _scaled_input(input: Tensor, scale: Tensor, groups: int, cdtype: torch.dtype
     return torch.mul(xg, scale.reshape(shape).to(cdtype)).flatten(1, 2)
 
 
-
 # --------------------------------------------------------------------------------------------
 # Geometry
 # --------------------------------------------------------------------------------------------
@@ -247,7 +263,11 @@ def _scaled_input(input: Tensor, scale: Tensor, groups: int, cdtype: torch.dtype
 def _tuple(value, n: int, name: str) -> tuple[int, ...]:
     if isinstance(value, int) and not isinstance(value, bool):
         return (value,) * n
-    if isinstance(value, (tuple, list)) and len(value) == n and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == n
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
         return tuple(int(v) for v in value)
     raise TypeError(f"{name} must be an int or a tuple of {n} ints; got {value!r}")
 
@@ -317,14 +337,17 @@ def _sum_pool(t: Tensor, kernel, stride, padding) -> Tensor:
 
 def _sum_pool_transpose(grad: Tensor, like: Tensor, kernel, stride, padding) -> Tensor:
     if len(kernel) == 1:
-        out = torch.ops.aten.avg_pool2d_backward(grad.unsqueeze(2), like.unsqueeze(2), [1, kernel[0]], [1, stride[0]],
-                                                 [0, padding[0]], False, True, 1)
+        out = torch.ops.aten.avg_pool2d_backward(
+            grad.unsqueeze(2), like.unsqueeze(2), [1, kernel[0]], [1, stride[0]], [0, padding[0]], False, True, 1
+        )
         return out.squeeze(2)
     backward = torch.ops.aten.avg_pool2d_backward if len(kernel) == 2 else torch.ops.aten.avg_pool3d_backward
     return backward(grad, like, list(kernel), list(stride), list(padding), False, True, 1)
 
 
-def box_sum(t: Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+def box_sum(
+    t: Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+) -> Tensor:
     """Sum of ``t`` (N, G, *spatial) over every window of the convolution geometry.
 
     Equal to a grouped convolution with an all-ones kernel, but summed in the dtype of ``t`` (no
@@ -354,8 +377,14 @@ def box_sum(t: Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Se
     return t
 
 
-def box_sum_transpose(grad: Tensor, in_spatial: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
-                      padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+def box_sum_transpose(
+    grad: Tensor,
+    in_spatial: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> Tensor:
     """Adjoint of :func:`box_sum`: scatter-add every window's gradient back onto the input grid."""
     if _pool_geometry(grad, kernel, padding, dilation):
         like = grad.new_empty((grad.shape[0], grad.shape[1], *in_spatial))
@@ -378,20 +407,26 @@ def box_sum_transpose(grad: Tensor, in_spatial: Sequence[int], kernel: Sequence[
     return grad
 
 
-def channel_sq_sum(input: Tensor, groups: int, use_triton: bool = False) -> Tensor:
+def channel_sq_sum(input: Tensor, groups: int, use_triton: bool = False, use_cpp: bool = False) -> Tensor:
     """``sum x^2`` over the input channels of each group: (N, C, *S) -> (N, G, *S), compute dtype.
 
-    ``use_triton``: through the Triton kernel (the caller has decided that it may run).
+    ``use_triton`` / ``use_cpp``: through the Triton or C++ kernel (the caller has decided that it
+    may run; the C++ one takes contiguous float32/float64 inputs, others go through ATen).
     """
     if use_triton:
         from . import _triton
 
         return _triton.channel_sq_sum(input, groups)
+    if use_cpp and input.is_contiguous() and input.dtype in (torch.float32, torch.float64):
+        from . import _cpu_kernels
+
+        return _cpu_kernels.channel_sq_sum(input, groups)
     x = input.to(compute_dtype(input.dtype))
     n, c = x.shape[0], x.shape[1]
+    square = torch.mul(x, x)  # x * x: about twice as fast as square() (pow) on CPU
     if groups == 1:
-        return x.square().sum(1, keepdim=True)
-    return x.square().reshape(n, groups, c // groups, *x.shape[2:]).sum(2)
+        return square.sum(1, keepdim=True)
+    return square.reshape(n, groups, c // groups, *x.shape[2:]).sum(2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,8 +441,9 @@ def _sigmoid_consts(k):
     return 1.0 / k, 1.0 / math.tanh(math.pi / (4.0 * k))
 
 
-def forward_epilogue(c: Tensor, operator: str, k, bias: Tensor | None,
-                     keep_angle: bool = False) -> tuple[Tensor, Tensor | None]:
+def forward_epilogue(
+    c: Tensor, operator: str, k, bias: Tensor | None, keep_angle: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """``(out, extra)``: ``out = g(clamp(c, -1, 1)) (+ bias)`` in a new tensor, ``c`` untouched.
 
     The sigmoid operators evaluate ``g = s_k tanh(u) = s_k (2 sigmoid(2u) - 1)`` with
@@ -434,8 +470,9 @@ def forward_epilogue(c: Tensor, operator: str, k, bias: Tensor | None,
     return torch.mul(sig, 2.0 * scale).sub_(offset), sig
 
 
-def backward_epilogue(grad: Tensor, c: Tensor, extra: Tensor | None, operator: str, k,
-                      need_k: bool) -> tuple[Tensor, float, Tensor | None, Tensor | float]:
+def backward_epilogue(
+    grad: Tensor, c: Tensor, extra: Tensor | None, operator: str, k, need_k: bool
+) -> tuple[Tensor, float, Tensor | None, Tensor | float]:
     """``(d, scale, dk, dk_scale)`` with ``dL/dc = d * scale`` for the saved, unclamped cosine ``c``.
 
     ``d`` is a new tensor, zero where ``|c| > 1`` (the clamp's gradient), with the bounded arccos
@@ -455,6 +492,7 @@ def backward_epilogue(grad: Tensor, c: Tensor, extra: Tensor | None, operator: s
     d.rsqrt_().clamp_(max=_acos_derivative_cap(c.dtype)).nan_to_num_(nan=0.0)
     if operator == "linear":
         return d.mul_(grad), _LINEAR_SCALE, None, 1.0
+    assert extra is not None  # forward_epilogue returns it for the sigmoid operators
     inv_k, scale = _sigmoid_consts(k)
     factor = 2.0 * scale * inv_k  # s/(2k) * sech^2(u) = (2s/k) * sig (1 - sig)
     dk = None
@@ -491,7 +529,7 @@ def channel_dot(a: Tensor, b: Tensor, dim: int) -> Tensor:
     if per >= n:
         return torch.mul(a, b).sum(dim)
     shape = list(torch.broadcast_shapes(a.shape, b.shape))
-    out_shape = shape[:dim] + shape[dim + 1:]
+    out_shape = shape[:dim] + shape[dim + 1 :]
     out = torch.empty(out_shape, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
     scratch = torch.empty([per] + shape[1:], dtype=out.dtype, device=a.device)
     for start in range(0, n, per):
@@ -536,7 +574,7 @@ def _use_triton(t: Tensor) -> bool:
 # Kernel selection and the self-check of the Triton kernels at first use
 # --------------------------------------------------------------------------------------------
 
-KERNEL_BACKENDS = ("auto", "triton", "aten")
+KERNEL_BACKENDS = ("auto", "triton", "cpp", "aten")
 KERNELS_ENV = "SPHERECONV_KERNELS"
 _backend_override: str | None = None
 # (operator, dtype name, device) -> "triton" or "aten", and why a case fell back
@@ -546,17 +584,21 @@ _case_notes: dict[tuple[str, str, str], str] = {}
 # stored in float32 differ by rounding (the in-kernel arcsine series is float32-accurate, 3e-7);
 # d(inner) is stored in the convolution's dtype (bf16 keeps 8 bits: 2^-8 = 0.004; fp16 11 bits).
 _CHECK_TOL_FLOAT32 = 1e-4
+_CHECK_TOL_FLOAT64 = 1e-10
 _CHECK_TOL_STORED = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 # k of the fixed-k sigmoid in the self-check (any value in the operator's range would do).
 _CHECK_K = 0.3
 
 
 def set_kernel_backend(backend: str | None) -> None:
-    """Choose the fused epilogue's kernels for this process: ``"auto"`` (Triton where it can run and
-    passed its self-check), ``"triton"`` (Triton wherever it can run, unchecked), ``"aten"`` (never
-    Triton), or ``None`` to return to ``$SPHERECONV_KERNELS`` (default ``auto``).
+    """Choose the fused epilogue's kernels for this process: ``"auto"`` (Triton on CUDA and the C++
+    kernels on CPU where they can run and passed their self-check), ``"triton"`` (Triton wherever it
+    can run, unchecked; ATen on CPU), ``"cpp"`` (the C++ kernels on CPU wherever they build,
+    unchecked; ATen on CUDA), ``"aten"`` (neither), or ``None`` to return to ``$SPHERECONV_KERNELS``
+    (default ``auto``).
 
-    Triton runs only on CUDA with Triton installed; ``"triton"`` does not make it run elsewhere.
+    Triton runs only on CUDA with Triton installed, the C++ kernels (:mod:`sphereconv.nn._cpu_kernels`)
+    only on CPU with a C++ compiler; naming one does not make it run elsewhere.
     """
     global _backend_override
     if backend is not None and backend not in KERNEL_BACKENDS:
@@ -577,8 +619,11 @@ def kernel_backend() -> str:
 def kernel_status() -> dict:
     """Which epilogue kernels the fused path uses, for reports such as ``sphereconv selftest``.
 
-    Returns ``{"backend": "auto" | "triton" | "aten", "triton_installed": bool, "cases": [...]}``
-    with one entry per (operator, dtype, device) this process has decided:
+    Returns ``{"backend": "auto" | "triton" | "cpp" | "aten", "triton_installed": bool,
+    "cpu_kernels": "cpp" | "aten" | "undecided", "cpu_note": str, "cases": [...]}``: ``cpu_kernels``
+    is the CPU epilogue of float32/float64 contiguous outputs ("undecided" before the first such
+    call under ``auto``/``cpp``), ``cpu_note`` how the C++ kernels were built or why they are not
+    used; ``cases`` has one entry per (operator, dtype, device) this process has decided for Triton:
     ``{"operator": str, "dtype": str (e.g. "float32"), "device": str (e.g. "cuda:0"),
     "kernels": "triton" | "aten", "note": str}``, the note saying why a case fell back ("" if not).
     Cases that never took a Triton-capable path (CPU, float64) are not listed: they use ATen.
@@ -586,16 +631,36 @@ def kernel_status() -> dict:
     from . import _triton
 
     cases = [
-        {"operator": op, "dtype": dtype, "device": device, "kernels": kernels, "note": _case_notes.get((op, dtype, device), "")}
+        {
+            "operator": op,
+            "dtype": dtype,
+            "device": device,
+            "kernels": kernels,
+            "note": _case_notes.get((op, dtype, device), ""),
+        }
         for (op, dtype, device), kernels in sorted(_case_kernels.items())
     ]
-    return {"backend": kernel_backend(), "triton_installed": _triton.triton is not None, "cases": cases}
+    backend = kernel_backend()
+    if backend in ("triton", "aten"):
+        cpu_kernels = "aten"
+    else:
+        cpu_kernels = {None: "undecided", True: "cpp", False: "aten"}[_cpp_decision]
+    return {
+        "backend": backend,
+        "triton_installed": _triton.triton is not None,
+        "cpu_kernels": cpu_kernels,
+        "cpu_note": _cpp_note,
+        "cases": cases,
+    }
 
 
 def reset_kernel_status() -> None:
-    """Forget every self-check decision: the next Triton-capable call of each case checks again."""
+    """Forget every self-check decision: the next Triton-capable call of each case checks again (the
+    C++ kernels, once built or found unbuildable, are not built again)."""
+    global _cpp_decision, _cpp_note
     _case_kernels.clear()
     _case_notes.clear()
+    _cpp_decision, _cpp_note = None, ""
 
 
 def _case_key(operator: str, dtype: torch.dtype, device: torch.device) -> tuple[str, str, str]:
@@ -612,7 +677,8 @@ def _fall_back(key: tuple[str, str, str], reason: str) -> None:
     warnings.warn(
         f"sphereconv: the Triton epilogue kernels for operator {operator!r}, {dtype} on {device} {reason}; "
         f"using the ATen epilogue for this case for the rest of the process (set {KERNELS_ENV}=aten to skip them)",
-        RuntimeWarning, stacklevel=3,
+        RuntimeWarning,
+        stacklevel=3,
     )
 
 
@@ -647,10 +713,165 @@ def _triton_selected(operator: str, inner: Tensor) -> bool:
     return _case_kernels[key] == "triton"
 
 
+# The C++ kernels on CPU: None until the first call that could use them, then whether they do
+# (built, loaded and, under "auto", in agreement with the ATen epilogue), and why not.
+_cpp_decision: bool | None = None
+_cpp_note = ""
+
+
+def _cpp_selected(t: Tensor, cdtype: torch.dtype) -> bool:
+    """Whether this call runs the C++ kernels for the layer input ``t``: a contiguous CPU tensor of
+    the compute dtype (float32/float64), a plain tensor in eager mode (not a trace's stand-in), the
+    backend allows them, and they built (once per process) and, under ``auto``, passed their
+    self-check."""
+    if t.device.type != "cpu" or t.dtype != cdtype or type(t) is not Tensor or not t.is_contiguous():
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    backend = kernel_backend()
+    if backend not in ("auto", "cpp"):
+        return False
+    global _cpp_decision, _cpp_note
+    if _cpp_decision is None:
+        from . import _cpu_kernels
+
+        if _cpu_kernels.load() is None:
+            _cpp_decision, _cpp_note = False, f"not built ({_cpu_kernels.load_error()})"
+            warnings.warn(
+                f"sphereconv: the C++ epilogue kernels could not be built ({_cpu_kernels.load_error()}); "
+                f"using the ATen epilogue on CPU",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return False
+        problem = None
+        if backend == "auto":
+            try:
+                problem = _cpp_self_check()
+            except Exception as error:  # noqa: BLE001 - any failure to run means: do not use
+                problem = _describe(error)
+        if problem is not None:
+            _cpp_decision, _cpp_note = False, problem
+            warnings.warn(
+                f"sphereconv: the C++ epilogue kernels {problem}; using the ATen epilogue on CPU "
+                f"(set {KERNELS_ENV}=aten to skip them)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return False
+        _cpp_decision, _cpp_note = True, _cpu_kernels.build_note
+    return _cpp_decision
+
+
+def _cpp_self_check() -> str | None:
+    """The C++ epilogue vs the ATen one on a small case, every operator, float32 and float64, forward
+    and backward (the case of :func:`_self_check`): None if they agree, else why not."""
+    from . import _cpu_kernels
+
+    for dtype, tol in ((torch.float32, _CHECK_TOL_FLOAT32), (torch.float64, _CHECK_TOL_FLOAT64)):
+        gen = torch.Generator().manual_seed(0)
+        groups, per_group, spatial = 2, 3, (8, 16)
+        channels = groups * per_group
+        chan = (groups, per_group, 1, 1)
+        inner = torch.randn(2, channels, *spatial, generator=gen, dtype=dtype).mul_(0.8)
+        r = torch.rand(2, groups, *spatial, generator=gen, dtype=dtype).add_(0.5)
+        grad = torch.randn(2, channels, *spatial, generator=gen, dtype=dtype)
+        bias = torch.randn(channels, generator=gen, dtype=dtype)
+        c = inner.unflatten(1, (groups, per_group)).mul(r.unsqueeze(2))
+        for operator in _OPERATORS:
+            need_k = operator == "learnable_sigmoid"
+            k = torch.rand(channels, generator=gen, dtype=dtype).add_(0.2) if need_k else _CHECK_K
+            k_g = k.reshape(chan) if isinstance(k, Tensor) else k
+            cos = inner.clone()
+            out, extra = _cpu_kernels.forward_epilogue(cos, r, groups, operator, k, bias, need_k)
+            expected, expected_extra = forward_epilogue(c, operator, k_g, bias.reshape(chan), keep_angle=need_k)
+            d_inner, d_sq, d_k, d_bias = _cpu_kernels.backward_epilogue(
+                grad,
+                cos,
+                extra,
+                r,
+                groups,
+                operator,
+                k,
+                need_k,
+                need_k,
+                True,
+                torch.finfo(dtype).eps,
+                _acos_derivative_cap(dtype),
+            )
+            d_c, scale, dk_elem, dk_scale = backward_epilogue(
+                grad.unflatten(1, (groups, per_group)), c, expected_extra, operator, k_g, need_k
+            )
+            d_c = d_c * scale
+            problems = [
+                _mismatch("cosine", cos, c.reshape(inner.shape), tol),
+                _mismatch("output", out, expected.reshape(inner.shape), tol),
+                _mismatch("d_inner", d_inner, (d_c * r.unsqueeze(2)).reshape(inner.shape), tol),
+                _mismatch("d_sumsq", d_sq, (d_c * c).sum(2) * r.square() * -0.5, tol),
+                _mismatch("d_bias", d_bias, grad.sum((0, 2, 3)), tol),
+            ]
+            if need_k:
+                assert dk_elem is not None  # backward_epilogue returns it when need_k
+                problems.append(_mismatch("d_k", d_k, (dk_elem.sum_to_size(chan) * dk_scale).reshape(-1), tol))
+            x = torch.randn(2, 2 * groups, *spatial, generator=gen, dtype=dtype)
+            problems.append(
+                _mismatch(
+                    "channel sum of squares", _cpu_kernels.channel_sq_sum(x, groups), channel_sq_sum(x, groups), tol
+                )
+            )
+            problem = next((p for p in problems if p is not None), None)
+            if problem is not None:
+                return f"{problem} ({operator}, {dtype})"
+        problem = _cpp_norms_mismatch(gen, dtype, tol)
+        if problem is not None:
+            return f"{problem} ({dtype})"
+    return None
+
+
+def _cpp_norms_mismatch(gen: torch.Generator, dtype: torch.dtype, tol: float) -> str | None:
+    """The C++ filter norm, peak search and their gradients vs the ATen ones (see :func:`_cpp_self_check`)."""
+    from . import _cpu_kernels
+
+    groups, eps = 2, 1e-4
+    weight = torch.randn(6, 12, generator=gen, dtype=dtype)
+    d_hat = torch.randn(6, 12, generator=gen, dtype=dtype)
+    w_hat, state = _filter_unit(weight, dtype, eps)
+    unit = _cpu_kernels.filter_unit(weight, eps, _DIRECT_RANGE)
+    if unit is None:
+        return "returned no filter norm for filters in the direct range"
+    grad_w = _filter_unit_backward(d_hat.clone(), w_hat, state, eps)
+    problems = [
+        _mismatch("unit filters", unit[0], w_hat, tol),
+        _mismatch("filter norms", unit[1], state[0], tol),
+        _mismatch("filter gradient", _cpu_kernels.filter_unit_backward(d_hat.clone(), *unit, None, eps), grad_w, tol),
+    ]
+    x = torch.randn(3, 4, 5, 6, generator=gen, dtype=dtype)
+    x[1] = -x[1]  # a negative largest element
+    sq, peak, sign, direct = _cpu_kernels.sample_stats(x, groups, _DIRECT_RANGE)
+    _, x_peak, x_sign = _sample_scale(x, groups, dtype, dtype)
+    problems += [
+        _mismatch("sums of squares", sq, channel_sq_sum(x, groups), tol),
+        _mismatch("input peaks", peak, x_peak, tol),
+        _mismatch("input peak signs", sign, x_sign, tol),
+    ]
+    share = torch.randn(3, groups, 5, 6, generator=gen, dtype=dtype)
+    d_sq = torch.randn(3, groups, 5, 6, generator=gen, dtype=dtype)
+    d_x = torch.randn(x.shape, generator=gen, dtype=dtype)
+    expected = d_x.clone()
+    expected.unflatten(1, (groups, 2)).addcmul_(x.unflatten(1, (groups, 2)), share.unsqueeze(2), value=2.0)
+    _add_at_sample_peaks(expected, x, groups, x_sign, d_sq.flatten(2).sum(2).mul_(x_peak).mul_(x_sign).mul_(2.0 * eps))
+    _cpu_kernels.input_backward(d_x, x, share, d_sq, peak, sign, None, eps)
+    problems.append(_mismatch("input gradient", d_x, expected, tol))
+    if not direct:
+        problems.append("found inputs near 1 outside the direct range")
+    return next((p for p in problems if p is not None), None)
+
+
 def _mismatch(name: str, got: Tensor | None, expected: Tensor, tol: float) -> str | None:
     """None if ``got`` is within ``tol`` of ``expected`` relative to its largest value, else a message."""
     if got is None or got.shape != expected.shape:
-        return f"returned a wrong {name} (shape {None if got is None else tuple(got.shape)}, expected {tuple(expected.shape)})"
+        shape = None if got is None else tuple(got.shape)
+        return f"returned a wrong {name} (shape {shape}, expected {tuple(expected.shape)})"
     got, expected = got.detach().double().cpu(), expected.detach().double().cpu()
     error = float((got - expected).abs().max()) / max(float(expected.abs().max()), 1e-30)
     if not error <= tol:  # also catches NaN
@@ -678,7 +899,7 @@ def _self_check(operator: str, dtype: torch.dtype, device: torch.device) -> str 
     bias = torch.randn(channels, generator=gen).to(device)
     need_k = operator == "learnable_sigmoid"
     k = (torch.rand(channels, generator=gen) + 0.2).to(device) if need_k else _CHECK_K
-    k_g = k.reshape(chan) if need_k else k
+    k_g = k.reshape(chan) if isinstance(k, Tensor) else k
     # forward
     out = _triton.forward_epilogue(inner, r, groups, operator, k, bias, torch.float32)
     c = inner.float().unflatten(1, (groups, per_group)).mul(r.unsqueeze(2))
@@ -686,26 +907,34 @@ def _self_check(operator: str, dtype: torch.dtype, device: torch.device) -> str 
     problems = [_mismatch("output", out, expected.reshape(inner.shape), _CHECK_TOL_FLOAT32)]
     # backward
     d_inner, d_sq, d_k, d_bias = _triton.backward_epilogue(grad, inner, r, groups, operator, k, need_k, True, dtype)
-    d_c, scale, dk_elem, dk_scale = backward_epilogue(grad.unflatten(1, (groups, per_group)), c, extra, operator,
-                                                      k_g, need_k)
+    d_c, scale, dk_elem, dk_scale = backward_epilogue(
+        grad.unflatten(1, (groups, per_group)), c, extra, operator, k_g, need_k
+    )
     d_c = d_c * scale
-    problems.append(_mismatch("d_inner", d_inner, (d_c * r.unsqueeze(2)).reshape(inner.shape), _CHECK_TOL_STORED[dtype]))
+    problems.append(
+        _mismatch("d_inner", d_inner, (d_c * r.unsqueeze(2)).reshape(inner.shape), _CHECK_TOL_STORED[dtype])
+    )
     problems.append(_mismatch("d_sumsq", d_sq, (d_c * c).sum(2) * r.square() * -0.5, _CHECK_TOL_FLOAT32))
     problems.append(_mismatch("d_bias", d_bias, grad.sum((0, 2, 3)), _CHECK_TOL_FLOAT32))
     if need_k:
+        assert dk_elem is not None  # backward_epilogue returns it when need_k
         problems.append(_mismatch("d_k", d_k, (dk_elem.sum_to_size(chan) * dk_scale).reshape(-1), _CHECK_TOL_FLOAT32))
     x = torch.randn(2, 2 * groups, *spatial, generator=gen).to(device)
-    problems.append(_mismatch("channel sum of squares", _triton.channel_sq_sum(x, groups),
-                              channel_sq_sum(x, groups), _CHECK_TOL_FLOAT32))
+    problems.append(
+        _mismatch(
+            "channel sum of squares", _triton.channel_sq_sum(x, groups), channel_sq_sum(x, groups), _CHECK_TOL_FLOAT32
+        )
+    )
     return next((p for p in problems if p is not None), None)
-
 
 
 class _FusedSphereConvFn(torch.autograd.Function):
     """SphereConv of any rank as one autograd node (see module docstring for the gradients)."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, k_tensor, k_float, stride, padding, dilation, groups, operator, eps, out_dtype):  # type: ignore[override]
+    def forward(
+        ctx, input, weight, bias, k_tensor, k_float, stride, padding, dilation, groups, operator, eps, out_dtype
+    ):
         dims = weight.dim() - 2
         cdtype = compute_dtype(input.dtype)
         conv_dtype = _autocast_dtype(input)
@@ -714,11 +943,30 @@ class _FusedSphereConvFn(torch.autograd.Function):
         per_group = out_channels // groups
         kernel = tuple(weight.shape[2:])
 
-        w_hat, w_state = _filter_unit(weight, cdtype, eps)
+        # The C++ kernels (CPU, contiguous float32/float64, eager; Triton first where it can run) take
+        # the filter norm, the input's peaks and sum of squares, and the epilogue, each in one pass,
+        # where no rescaling is needed (values in _DIRECT_RANGE); the ATen ops below do the rest.
+        cpp = conv_dtype is None and not _use_triton(input) and _cpp_selected(input, cdtype)
+        unit = stats = None
+        if cpp and not _always_rescale:
+            from . import _cpu_kernels
+
+            if weight.dtype == cdtype:
+                unit = _cpu_kernels.filter_unit(weight.detach().flatten(1).contiguous(), eps, _DIRECT_RANGE)
+            stats = _cpu_kernels.sample_stats(input.detach(), groups, _DIRECT_RANGE)
+            stats = stats if stats[3] else None
+        w_state: _FilterState
+        if unit is not None:
+            w_hat, w_state = unit[0].reshape(weight.shape), (unit[1], None, unit[2])
+        else:
+            w_hat, w_state = _filter_unit(weight, cdtype, eps)
         w_conv = w_hat.to(conv_dtype if conv_dtype is not None else weight.dtype)
-        x_scale, x_peak, x_sign = _sample_scale(input, groups, cdtype, conv_dtype or input.dtype)
+        if stats is not None:
+            x_scale, x_peak, x_sign = None, stats[1], stats[2]
+        else:
+            x_scale, x_peak, x_sign = _sample_scale(input, groups, cdtype, conv_dtype or input.dtype)
         rescale = x_scale is not None
-        if rescale:  # x' = s_x x, exact
+        if x_scale is not None:  # x' = s_x x, exact
             x_s = _scaled_input(input, x_scale, groups, cdtype)
             x_conv = x_s.to(conv_dtype if conv_dtype is not None else input.dtype)
         else:  # x itself (see _sample_scale)
@@ -729,8 +977,9 @@ class _FusedSphereConvFn(torch.autograd.Function):
         # the low-precision copy the convolution read is kept for its weight gradient
         x_lowp = x_conv if x_conv is not x_s and x_conv is not input else None
         used_triton = cdtype == torch.float32 and _triton_selected(operator, inner)
+        used_cpp = cpp and inner.is_contiguous()
         try:
-            x_sq = channel_sq_sum(x_s, groups, used_triton)
+            x_sq = stats[0] if stats is not None else channel_sq_sum(x_s, groups, used_triton, used_cpp)
         except Exception as error:  # noqa: BLE001 - a Triton failure after the check: fall back for good
             if not used_triton:
                 raise
@@ -746,7 +995,16 @@ class _FusedSphereConvFn(torch.autograd.Function):
         k_val = k_tensor if k_tensor is not None else k_float
         bias_c = bias.to(cdtype) if bias is not None else None
         out = None
-        if used_triton:
+        keep_angle = k_tensor is not None and k_tensor.requires_grad
+        if used_cpp:
+            from . import _cpu_kernels
+
+            # the conv output becomes the cosine; out and the sigmoids' extra come from the same pass
+            out, v = _cpu_kernels.forward_epilogue(inner, r, groups, operator, k_val, bias_c, keep_angle)
+            if out_dtype is not None and out.dtype != out_dtype:
+                out = out.to(out_dtype)
+            saved = inner
+        elif used_triton:
             from . import _triton
 
             try:
@@ -755,12 +1013,15 @@ class _FusedSphereConvFn(torch.autograd.Function):
             except Exception as error:  # noqa: BLE001 - fall back for good, like a failed self-check
                 _triton_failed(operator, inner, error)
                 used_triton = False
-        if not used_triton:
+        if not used_triton and not used_cpp:
             c_full = _cosine(inner, r, groups, cdtype)  # the conv output becomes the cosine
-            k_g = k_val.reshape(groups, per_group, *([1] * dims)) if isinstance(k_val, Tensor) and k_val.numel() > 1 else k_val
+            k_g = (
+                k_val.reshape(groups, per_group, *([1] * dims))
+                if isinstance(k_val, Tensor) and k_val.numel() > 1
+                else k_val
+            )
             bias_g = bias_c.reshape(groups, per_group, *([1] * dims)) if bias_c is not None else None
             c = c_full.unflatten(1, (groups, per_group))
-            keep_angle = k_tensor is not None and k_tensor.requires_grad
             out, v = forward_epilogue(c, operator, k_g, bias_g, keep_angle)
             # detach(): a reshape of the grouped layout is a view, and autograd forbids in-place
             # ops (e.g. ReLU(inplace=True)) on a view returned by a custom Function; the detached
@@ -771,7 +1032,9 @@ class _FusedSphereConvFn(torch.autograd.Function):
             saved = c_full
         ctx.save_for_backward(input, x_lowp, x_scale, x_peak, x_sign, w_hat, *w_state, saved, r, k_tensor, v)
         ctx.geometry = (kernel, stride, padding, dilation, groups)
-        ctx.config = (operator, k_float, conv_dtype, used_triton, eps, rescale)
+        ctx.config = (operator, k_float, conv_dtype, used_triton, used_cpp, keep_angle, eps, rescale)
+        # the C++ filter-norm / input-norm backward (rescaled or not: both paths round alike)
+        ctx.cpp_norms = (cpp and weight.dtype == cdtype, cpp)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.weight_dtype = weight.dtype
         ctx.inner_dtype = inner.dtype
@@ -779,10 +1042,12 @@ class _FusedSphereConvFn(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):  # type: ignore[override]
-        input, x_lowp, x_scale, x_peak, x_sign, w_hat, *w_state, saved, r, k_tensor, v = ctx.saved_tensors
+    def backward(ctx, grad_out):
+        input, x_lowp, x_scale, x_peak, x_sign, w_hat, w_norm, w_scale, w_signed_peak, saved, r, k_tensor, v = (
+            ctx.saved_tensors
+        )
         kernel, stride, padding, dilation, groups = ctx.geometry
-        operator, k_float, conv_dtype, used_triton, eps, rescale = ctx.config
+        operator, k_float, conv_dtype, used_triton, used_cpp, keep_angle, eps, rescale = ctx.config
         dims = len(kernel)
         cdtype = w_hat.dtype
         n, out_channels = saved.shape[0], saved.shape[1]
@@ -794,12 +1059,39 @@ class _FusedSphereConvFn(torch.autograd.Function):
         chan = (groups, per_group, *([1] * dims))
 
         with torch.autocast(device_type=input.device.type, enabled=False):
-            if used_triton:
+            if used_cpp:
+                from . import _cpu_kernels
+
+                d_inner, d_sq, d_k, d_bias = _cpu_kernels.backward_epilogue(
+                    grad_out,
+                    saved,
+                    v,
+                    r,
+                    groups,
+                    operator,
+                    k_val,
+                    keep_angle,
+                    need_k,
+                    need_b,
+                    torch.finfo(cdtype).eps,
+                    _acos_derivative_cap(cdtype),
+                )
+                if d_k is not None and k_tensor.numel() == 1:
+                    d_k = d_k.sum()
+            elif used_triton:
                 from . import _triton
 
                 try:
                     d_inner, d_sq, d_k, d_bias = _triton.backward_epilogue(
-                        grad_out, saved, r, groups, operator, k_val, need_k, need_b, ctx.inner_dtype,
+                        grad_out,
+                        saved,
+                        r,
+                        groups,
+                        operator,
+                        k_val,
+                        need_k,
+                        need_b,
+                        ctx.inner_dtype,
                     )
                 except Exception as error:  # noqa: BLE001 - fall back for good; recompute what ATen needs
                     _triton_failed(operator, saved, error)
@@ -807,7 +1099,7 @@ class _FusedSphereConvFn(torch.autograd.Function):
                     saved = _cosine(saved.to(cdtype, copy=True), r, groups, cdtype)
                     k_g = k_val.reshape(chan) if isinstance(k_val, Tensor) and k_val.numel() > 1 else k_val
                     _, v = forward_epilogue(saved.unflatten(1, (groups, per_group)), operator, k_g, None, need_k)
-            if not used_triton:
+            if not used_triton and not used_cpp:
                 grad = grad_out.to(cdtype).unflatten(1, (groups, per_group))
                 r_g = r.unsqueeze(2)
                 c = saved.unflatten(1, (groups, per_group))  # the cosine
@@ -832,13 +1124,28 @@ class _FusedSphereConvFn(torch.autograd.Function):
                 w_conv = w_hat.to(conv_dtype if conv_dtype is not None else ctx.weight_dtype)
                 x_conv = x_lowp if x_lowp is not None else (x_s if rescale else input)
                 d_x, d_w_hat, _ = torch.ops.aten.convolution_backward(
-                    d_inner, x_conv, w_conv, None, list(stride), list(padding), list(dilation), False,
-                    [0] * dims, groups, [need_x, need_w, False],
+                    d_inner,
+                    x_conv,
+                    w_conv,
+                    None,
+                    list(stride),
+                    list(padding),
+                    list(dilation),
+                    False,
+                    [0] * dims,
+                    groups,
+                    [need_x, need_w, False],
                 )
             if need_x:
                 share = box_sum_transpose(d_sq, input.shape[2:], kernel, stride, padding, dilation)
                 d_x = d_x.to(cdtype)
                 c_in = input.shape[1]
+            if need_x and ctx.cpp_norms[1] and d_x.is_contiguous():
+                from . import _cpu_kernels
+
+                _cpu_kernels.input_backward(d_x, x_s.contiguous(), share, d_sq, x_peak, x_sign, x_scale, eps)
+                grad_input = d_x.to(input.dtype)
+            elif need_x:
                 d_xg = d_x.unflatten(1, (groups, c_in // groups))
                 d_xg.addcmul_(x_s.unflatten(1, (groups, c_in // groups)), share.unsqueeze(2), value=2.0)
                 # eps m'^2 in every patch norm: dL/dm' = 2 eps m' sum_positions dL/dsumsq
@@ -847,10 +1154,22 @@ class _FusedSphereConvFn(torch.autograd.Function):
                 if rescale:
                     d_xg.mul_(x_scale.reshape(n, groups, 1, *([1] * dims)))  # dL/dx = s_x dL/dx'
                 grad_input = d_x.to(input.dtype)
-            if need_w:
-                grad_weight = _filter_unit_backward(d_w_hat.to(cdtype), w_hat, tuple(w_state), eps).to(ctx.weight_dtype)
+            if need_w and ctx.cpp_norms[0]:
+                from . import _cpu_kernels
+
+                d_hat = d_w_hat.to(cdtype).flatten(1).contiguous()
+                grad_weight = _cpu_kernels.filter_unit_backward(
+                    d_hat, w_hat.flatten(1), w_norm, w_signed_peak, w_scale, eps
+                )
+                grad_weight = grad_weight.reshape(w_hat.shape).to(ctx.weight_dtype)
+            elif need_w:
+                w_state = (w_norm, w_scale, w_signed_peak)
+                grad_weight = _filter_unit_backward(d_w_hat.to(cdtype), w_hat, w_state, eps).to(ctx.weight_dtype)
         grad_bias = d_bias.to(ctx.bias_dtype) if need_b and d_bias is not None else None
-        grad_k = d_k.reshape(k_tensor.shape).to(k_tensor.dtype) if need_k else None
+        grad_k = None
+        if need_k:
+            assert d_k is not None  # every epilogue returns dL/dk when need_k
+            grad_k = d_k.reshape(k_tensor.shape).to(k_tensor.dtype)
         return grad_input, grad_weight, grad_bias, grad_k, None, None, None, None, None, None, None, None
 
 
@@ -866,7 +1185,7 @@ class _FusedSphereLinearFn(torch.autograd.Function):
     """SphereLinear (SphereConv on whole vectors) as one autograd node."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, k_tensor, k_float, operator, eps, out_dtype):  # type: ignore[override]
+    def forward(ctx, input, weight, bias, k_tensor, k_float, operator, eps, out_dtype):
         cdtype = compute_dtype(input.dtype)
         conv_dtype = _autocast_dtype(input)
         device = input.device.type
@@ -887,8 +1206,9 @@ class _FusedSphereLinearFn(torch.autograd.Function):
         out, v = forward_epilogue(c, operator, k_val, bias_c, keep_angle)
         if out_dtype is not None and out.dtype != out_dtype:
             out = out.to(out_dtype)
-        ctx.save_for_backward(x_s, x_mm if x_mm is not x_s else None, x_scale, x_peak, x_sign,
-                              w_hat, *w_state, c, r, k_tensor, v)
+        ctx.save_for_backward(
+            x_s, x_mm if x_mm is not x_s else None, x_scale, x_peak, x_sign, w_hat, *w_state, c, r, k_tensor, v
+        )
         ctx.config = (operator, k_float, conv_dtype, eps)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.weight_dtype = weight.dtype
@@ -897,8 +1217,10 @@ class _FusedSphereLinearFn(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):  # type: ignore[override]
-        x_s, x_lowp, x_scale, x_peak, x_sign, w_hat, *w_state, c, r, k_tensor, v = ctx.saved_tensors
+    def backward(ctx, grad_out):
+        x_s, x_lowp, x_scale, x_peak, x_sign, w_hat, w_norm, w_scale, w_signed_peak, c, r, k_tensor, v = (
+            ctx.saved_tensors
+        )
         operator, k_float, conv_dtype, eps = ctx.config
         cdtype = w_hat.dtype
         need_x, need_w, need_b, need_k = ctx.needs_input_grad[:4]
@@ -926,10 +1248,16 @@ class _FusedSphereLinearFn(torch.autograd.Function):
                 grad_input = d_x.mul_(x_scale.unsqueeze(-1)).to(ctx.input_dtype)
             if need_w:
                 x_mm = x_lowp if x_lowp is not None else x_s
-                d_w_hat = torch.matmul(d_inner_mm.reshape(-1, out_features).t(), x_mm.reshape(-1, x_mm.shape[-1])).to(cdtype)
-                grad_weight = _filter_unit_backward(d_w_hat, w_hat, tuple(w_state), eps).to(ctx.weight_dtype)
+                d_w_hat = torch.matmul(d_inner_mm.reshape(-1, out_features).t(), x_mm.reshape(-1, x_mm.shape[-1])).to(
+                    cdtype
+                )
+                w_state = (w_norm, w_scale, w_signed_peak)
+                grad_weight = _filter_unit_backward(d_w_hat, w_hat, w_state, eps).to(ctx.weight_dtype)
         grad_bias = d_bias.to(ctx.bias_dtype) if need_b and d_bias is not None else None
-        grad_k = d_k.reshape(k_tensor.shape).to(k_tensor.dtype) if need_k else None
+        grad_k = None
+        if need_k:
+            assert d_k is not None  # every epilogue returns dL/dk when need_k
+            grad_k = d_k.reshape(k_tensor.shape).to(k_tensor.dtype)
         return grad_input, grad_weight, grad_bias, grad_k, None, None, None, None
 
 
@@ -950,8 +1278,19 @@ def _split_k(operator: str, sigmoid_k, cdtype: torch.dtype, out_channels: int) -
     return None, float(sigmoid_k)
 
 
-def fused_sphere_convnd(input: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
-                        operator: str, sigmoid_k, eps: float, out_dtype: torch.dtype | None) -> Tensor:
+def fused_sphere_convnd(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+    operator: str,
+    sigmoid_k,
+    eps: float,
+    out_dtype: torch.dtype | None,
+) -> Tensor:
     """Batched SphereConv through :class:`_FusedSphereConvFn`; arguments already validated.
 
     ``operator`` is canonical; ``out_dtype`` None keeps the compute dtype (autocast).
@@ -972,12 +1311,20 @@ def fused_sphere_convnd(input: Tensor, weight: Tensor, bias: Tensor | None, stri
                 f"kernel {kernel} (dilation {dilation_t}) along spatial dimension {axis}"
             )
     k_tensor, k_float = _split_k(operator, sigmoid_k, compute_dtype(input.dtype), weight.shape[0])
-    return _FusedSphereConvFn.apply(input, weight, bias, k_tensor, k_float, stride_t, padding_t, dilation_t, groups,
-                                    operator, float(eps), out_dtype)
+    return _FusedSphereConvFn.apply(
+        input, weight, bias, k_tensor, k_float, stride_t, padding_t, dilation_t, groups, operator, float(eps), out_dtype
+    )
 
 
-def fused_sphere_linear(input: Tensor, weight: Tensor, bias: Tensor | None, operator: str, sigmoid_k, eps: float,
-                        out_dtype: torch.dtype | None) -> Tensor:
+def fused_sphere_linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    operator: str,
+    sigmoid_k,
+    eps: float,
+    out_dtype: torch.dtype | None,
+) -> Tensor:
     """SphereLinear through :class:`_FusedSphereLinearFn`; arguments already validated."""
     if operator not in _OPERATORS:
         raise ValueError(f"unknown operator {operator!r}; allowed: {', '.join(_OPERATORS)}")
