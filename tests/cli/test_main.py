@@ -113,8 +113,17 @@ def test_top_level_help_imports_no_torch_numpy_or_matplotlib():
     assert imported_after("--help") == set()
 
 
-def test_train_dry_run_imports_no_matplotlib():
-    assert "matplotlib" not in imported_after("train", "--config", "fashion_mnist_quick", "--dry-run")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("train", "--config", "fashion_mnist_quick", "--dry-run"),
+        ("reproduce", "operators", "--scale", "smoke", "--dry-run"),
+        ("reproduce", "--grid", "quickstart", "--dry-run"),
+    ],
+    ids=["train", "reproduce", "reproduce-grid"],
+)
+def test_planning_without_plotting_imports_no_matplotlib(argv):
+    assert "matplotlib" not in imported_after(*argv)
 
 
 def test_import_sphereconv_is_lazy_and_the_public_names_still_work():

@@ -9,10 +9,10 @@ reports them like every other :class:`~sphereconv.errors.SphereconvError`.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from typing import NoReturn
 
+from .._validation import check_float, check_int
 from ..errors import ConfigError, SphereconvError, short_repr
 
 # Longest path printed in a message.
@@ -34,47 +34,22 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         raise CommandLineError(f"{message} (see '{self.prog} --help')")
 
 
-def _int_at_least(text: str, minimum: int, kind: str) -> int:
-    """Parse ``text`` as an integer >= ``minimum``; ``kind`` names the allowed range in the error."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {short_repr(text)}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {short_repr(value)}")
-    return value
+def _flag_value(check, **rules):
+    """An argparse type running ``check`` (from :mod:`sphereconv._validation`) on the flag's text;
+    argparse prefixes the message with the flag's name."""
+
+    def parse(text: str):
+        return check("value", text, parse_strings=True, error=argparse.ArgumentTypeError, **rules)
+
+    return parse
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    return _int_at_least(text, 1, "positive")
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _int_at_least(text, 0, "non-negative")
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {short_repr(text)}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {short_repr(text)}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    """argparse type: any finite number."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {short_repr(text)}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {short_repr(text)}")
-    return value
+# argparse types for the flags of the subcommands other than ``train`` (whose flags the config
+# declares and checks): an integer >= 1, an integer >= 0, a finite number > 0, a finite number.
+positive_int = _flag_value(check_int, minimum=1)
+non_negative_int = _flag_value(check_int, minimum=0)
+positive_float = _flag_value(check_float, low=0.0, low_open=True)
+finite_float = _flag_value(check_float)
 
 
 def device_name(text: str) -> str:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:  # matplotlib is imported by the functions that draw, so planning never loads it
+    from matplotlib.figure import Figure
 
 # Fixed output size: 8 x 5 inches at 100 dpi = 800 x 500 pixels (feature plots are wider).
 FIGURE_INCHES = (8.0, 5.0)
@@ -40,6 +41,9 @@ PERCENT_METRICS = ("test_acc", "train_acc")
 
 
 def _new_figure(inches: tuple[float, float] = FIGURE_INCHES) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=inches, dpi=DPI)
     FigureCanvasAgg(figure)
     return figure
@@ -54,6 +58,8 @@ def _save(figure: Figure, out: Path) -> Path:
 
 def _colours(count: int) -> list:
     """Distinct colours for ``count`` lines (tab10 up to 10, tab20 beyond)."""
+    from matplotlib import colormaps
+
     cmap = colormaps["tab10" if count <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(count)]
 
