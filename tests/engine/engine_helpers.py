@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -42,3 +44,33 @@ def subprocess_env() -> dict:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_command(script: Path, overrides: dict, *arguments, ranks: int = 2) -> list[str]:
+    """``torchrun`` (as ``python -m torch.distributed.run``) of ``script`` on ``ranks`` local processes,
+    with the config ``overrides`` as JSON and ``arguments`` after it; no restarts."""
+    return [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(ranks),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "--max_restarts",
+        "0",
+        str(script),
+        json.dumps(overrides),
+        *map(str, arguments),
+    ]

@@ -4,10 +4,9 @@ it at every step and the job as a whole exactly ``batch_size`` images per step."
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 
-from engine_helpers import ENGINE_TESTS, PYTHON, subprocess_env, tiny_overrides
+from engine_helpers import ENGINE_TESTS, subprocess_env, tiny_overrides, torchrun_command
 
 BATCH_COUNT_SCRIPT = ENGINE_TESTS / "batch_count_script.py"
 # Ranks of the job.
@@ -16,34 +15,11 @@ WORLD_SIZE = 2
 RUN_TIMEOUT_S = 180
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_counting(tmp_path, batch_size: int, steps: int) -> subprocess.CompletedProcess:
     overrides = tiny_overrides(
         tmp_path / "run", batch_size=batch_size, iterations=steps, eval_every=0, checkpoint_every=0, test_subset=20
     )
-    command = [
-        PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        str(WORLD_SIZE),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "--max_restarts",
-        "0",
-        str(BATCH_COUNT_SCRIPT),
-        json.dumps(overrides),
-        str(tmp_path),
-    ]
+    command = torchrun_command(BATCH_COUNT_SCRIPT, overrides, tmp_path, ranks=WORLD_SIZE)
     return subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
 
 

@@ -4,13 +4,12 @@ weights, and when one rank dies the other stops with an error within bounded tim
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 
 import pytest
 import torch
-from engine_helpers import PYTHON, TRAIN_SCRIPT, subprocess_env, tiny_overrides
+from engine_helpers import PYTHON, TRAIN_SCRIPT, free_port, subprocess_env, tiny_overrides, torchrun_command
 
 from sphereconv.engine.checkpoint import checkpoint_dir, load_checkpoint
 
@@ -22,12 +21,6 @@ EXIT_BOUND_S = 60
 RUN_TIMEOUT_S = 180
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _env() -> dict:
     env = subprocess_env()
     env["SPHERECONV_DIST_TIMEOUT"] = str(COLLECTIVE_TIMEOUT_S)
@@ -35,24 +28,7 @@ def _env() -> dict:
 
 
 def _torchrun(overrides: dict, *options) -> list[str]:
-    return [
-        PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "--max_restarts",
-        "0",
-        str(TRAIN_SCRIPT),
-        json.dumps(overrides),
-        *map(str, options),
-    ]
+    return torchrun_command(TRAIN_SCRIPT, overrides, *options)
 
 
 def test_two_ranks_hold_identical_weights(tmp_path):
@@ -97,7 +73,7 @@ def test_dead_rank_makes_the_others_exit(tmp_path):
 def test_surviving_rank_fails_on_its_own_within_bounded_time(tmp_path):
     """Without torchrun's supervision: rank 0 must notice the dead peer itself and exit with an error."""
     overrides = tiny_overrides(tmp_path / "run", iterations=200, eval_every=0, checkpoint_every=0)
-    port = str(_free_port())
+    port = str(free_port())
     processes = []
     for rank in (0, 1):
         env = _env()
