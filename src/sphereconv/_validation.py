@@ -19,7 +19,15 @@ from typing import Any
 
 from .errors import InvalidArgumentError, InvalidArgumentTypeError, short_repr
 
-__all__ = ["fail", "check_bool", "check_int", "check_float", "check_choice"]
+__all__ = [
+    "fail",
+    "check_bool",
+    "check_int",
+    "check_float",
+    "check_choice",
+    "describe_int_range",
+    "describe_float_range",
+]
 
 
 def fail(
@@ -45,7 +53,7 @@ def check_bool(name: str, value: Any, *, error: type[Exception] | None = None) -
     raise fail(name, value, "true or false", wrong_type=True, error=error)
 
 
-def _describe_int_range(minimum: int | None, maximum: int | None) -> str:
+def describe_int_range(minimum: int | None, maximum: int | None) -> str:
     if minimum is not None and maximum is not None:
         return f"an integer in [{minimum}, {maximum}]"
     if minimum == 1:
@@ -72,7 +80,7 @@ def check_int(
     Integral floats (``3.0``) and numpy integers are accepted; with ``parse_strings`` so are numeric
     strings (YAML reads ``1e3`` as text). ``allowed`` replaces the generated description.
     """
-    allowed = allowed or _describe_int_range(minimum, maximum)
+    allowed = allowed or describe_int_range(minimum, maximum)
     number = value
     if parse_strings and isinstance(number, str):
         try:
@@ -92,7 +100,7 @@ def check_int(
     return number
 
 
-def _describe_float_range(low: float, high: float, low_open: bool, high_open: bool) -> str:
+def describe_float_range(low: float, high: float, low_open: bool, high_open: bool) -> str:
     if low == -math.inf and high == math.inf:
         return "a finite number"
     if high == math.inf:
@@ -119,7 +127,7 @@ def check_float(
     ``low_open``/``high_open`` exclude the end points. Any real number is accepted (ints, numpy
     scalars), never a bool; with ``parse_strings`` numeric strings too.
     """
-    allowed = allowed or _describe_float_range(low, high, low_open, high_open)
+    allowed = allowed or describe_float_range(low, high, low_open, high_open)
     number = value
     if parse_strings and isinstance(number, str):
         try:

@@ -35,12 +35,12 @@ from typing import Any
 import yaml
 
 from .._validation import (
-    _describe_float_range,
-    _describe_int_range,
     check_bool,
     check_choice,
     check_float,
     check_int,
+    describe_float_range,
+    describe_int_range,
     fail,
 )
 from ..data.augment import AUGMENTATIONS
@@ -467,9 +467,9 @@ class KeySpec:
         elif self.kind is bool:
             text = "true or false"
         elif self.kind is int:
-            text = _describe_int_range(*self._int_bounds())
+            text = describe_int_range(*self._int_bounds())
         elif self.kind is float:
-            text = _describe_float_range(*self._float_bounds())
+            text = describe_float_range(*self._float_bounds())
         else:
             text = "a non-empty string"
         return f"{text} or null" if self.optional else text
