@@ -127,6 +127,8 @@ def check_float(
     ``low_open``/``high_open`` exclude the end points. Any real number is accepted (ints, numpy
     scalars), never a bool; with ``parse_strings`` numeric strings too.
     """
+    if type(value) is float and _within(value, low, high, low_open, high_open):
+        return value  # the common case, without building the message (layers check at every call)
     allowed = allowed or describe_float_range(low, high, low_open, high_open)
     number = value
     if parse_strings and isinstance(number, str):
@@ -139,9 +141,16 @@ def check_float(
     number = float(number)
     if not math.isfinite(number):
         raise fail(name, value, allowed, error=error)
-    if number < low or (low_open and number == low) or number > high or (high_open and number == high):
+    if not _within(number, low, high, low_open, high_open):
         raise fail(name, value, allowed, error=error)
     return number
+
+
+def _within(number: float, low: float, high: float, low_open: bool, high_open: bool) -> bool:
+    """Whether a finite ``number`` lies in the interval (NaN and infinities do not)."""
+    if not math.isfinite(number):
+        return False
+    return not (number < low or (low_open and number == low) or number > high or (high_open and number == high))
 
 
 def check_choice(
@@ -154,6 +163,8 @@ def check_choice(
 ) -> str:
     """The canonical spelling of ``value``, one of ``choices`` (case-insensitive; ``aliases`` map
     other spellings to a choice). The error suggests the closest choices."""
+    if isinstance(value, str) and value in choices:  # the canonical spelling (layers check at every call)
+        return value
     allowed = "one of " + ", ".join(choices)
     if aliases:
         allowed += " (aliases: " + ", ".join(f"{a} = {t}" for a, t in aliases.items()) + ")"

@@ -78,6 +78,71 @@ def test_cpp_kernels_match_the_aten_path_forward_and_backward(operator, geometry
         _assert_close(got, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("operator", ["linear", "sigmoid", "learnable_sigmoid"])
+def test_cpp_arcsine_blocks_match_the_aten_epilogue(operator, dtype):
+    # Blocks of cosines all within 1/2 take the arcsine's short branch: one all-small block, one with
+    # a single large cosine, one with 1/2 exactly, -1 exactly and values beyond +-1 (clamped)
+    block = _cpu_kernels.KERNEL_ARCSINE_BLOCK
+    assert f"kArcsineBlock = {block};" in _cpu_kernels._SOURCE
+    cos = torch.linspace(-0.45, 0.45, 3 * block + 17, dtype=dtype)
+    cos[block + 5] = 0.93
+    cos[2 * block + 1 : 2 * block + 5] = torch.tensor([0.5, -1.0, 1.5, -1.2], dtype=dtype)
+    cos = cos.reshape(1, 1, 1, -1)
+    r = torch.full_like(cos, 0.5)
+    grad = torch.randn(cos.shape, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    learnable = operator == "learnable_sigmoid"
+    k = torch.tensor([0.35], dtype=dtype) if learnable else 0.3
+    inner = cos / r
+    out, extra = _cpu_kernels.forward_epilogue(inner, r, 1, operator, k, None)
+    expected, expected_extra = _fused.forward_epilogue(cos.unsqueeze(1), operator, k, None, keep_angle=learnable)
+    _assert_close(inner, cos)
+    _assert_close(out, expected.reshape(out.shape))
+    eps = torch.finfo(dtype).eps
+    cap = _fused._acos_derivative_cap(dtype)
+    d_inner, d_sq, d_k, _ = _cpu_kernels.backward_epilogue(
+        grad, inner, extra, r, 1, operator, k, learnable, False, eps, cap
+    )
+    d_c, scale, d_k_elem, d_k_scale = _fused.backward_epilogue(
+        grad.unsqueeze(1), cos.unsqueeze(1), expected_extra, operator, k, learnable
+    )
+    _assert_close(d_inner, (d_c * scale).reshape(cos.shape) * r)
+    if learnable:
+        _assert_close(d_k, (d_k_elem.sum() * d_k_scale).reshape(1))
+
+
+@pytest.mark.parametrize("k", [0.3, 0.01], ids=["k=0.3", "k=0.01"])
+def test_cpp_sigmoid_matches_the_aten_epilogue_where_the_exponential_saturates(k):
+    # k = 0.01: 2u = asin(c)/k reaches +-157, beyond the float exponential's range (the kernel clamps
+    # it); k = 0.3 stays within it (the kernel skips the clamp)
+    cos = torch.linspace(-1.0, 1.0, 301).reshape(1, 1, 1, -1)
+    r = torch.ones_like(cos)
+    out, _ = _cpu_kernels.forward_epilogue(cos.clone(), r, 1, "sigmoid", k, None)
+    expected, _ = _fused.forward_epilogue(cos.unsqueeze(1), "sigmoid", k, None)
+    assert torch.isfinite(out).all()
+    _assert_close(out, expected.reshape(out.shape))
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+@pytest.mark.parametrize("operator", ["cosine", "sigmoid"])
+def test_cpp_kernels_match_the_aten_path_in_1d_and_3d(operator, dims):
+    # the windows of the patch norms and their transpose: strided, padded, dilated, grouped
+    torch.manual_seed(3)
+    conv = SF.sphere_conv1d if dims == 1 else SF.sphere_conv3d
+    x = torch.randn(2, 4, *([7] * dims)).relu_().requires_grad_()
+    w = torch.randn(6, 2, *([3] * dims), requires_grad=True)
+    inputs = [x, w]
+
+    def fn():
+        return conv(x, w, None, stride=2, padding=2, dilation=2, groups=2, operator=operator, impl="fused")
+
+    out_c, grads_c = _run("cpp", fn, inputs)
+    out_a, grads_a = _run("aten", fn, inputs)
+    _assert_close(out_c, out_a)
+    for got, expected in zip(grads_c, grads_a):
+        _assert_close(got, expected)
+
+
 @pytest.mark.parametrize("operator", OPERATORS)
 def test_cpp_kernels_match_with_rescaled_inputs_and_filters_and_signed_peaks(operator):
     # largest values outside [2^-40, 2^40] (rescaled by powers of two), negative largest elements,
@@ -108,7 +173,8 @@ def test_cpp_kernels_match_with_rescaled_inputs_and_filters_and_signed_peaks(ope
 def test_cpp_kernels_with_two_threads_match_the_aten_path():
     torch.manual_seed(2)
     layer = SphereConv2d(8, 8, 3, padding=1, operator="learnable_sigmoid")
-    x = torch.randn(6, 8, 10, 10, requires_grad=True)
+    x = torch.randn(6, 8, 32, 32, requires_grad=True)  # above the kernels' one-thread size (_GRAIN_SIZE)
+    assert x.numel() >= _cpu_kernels._GRAIN_SIZE
     inputs = [x, *layer.parameters()]
     threads = torch.get_num_threads()
     try:
@@ -124,14 +190,14 @@ def test_cpp_kernels_with_two_threads_match_the_aten_path():
 
 def test_cpp_kernels_take_the_cpu_calls_and_the_switch_turns_them_off(monkeypatch):
     calls = {"forward": 0, "backward": 0}
-    for name in calls:
-        original = getattr(_cpu_kernels, f"{name}_epilogue")
+    for name, function in (("forward", "normalized_epilogue"), ("backward", "backward_epilogue")):
+        original = getattr(_cpu_kernels, function)
 
         def counted(*args, _original=original, _name=name, **kwargs):
             calls[_name] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(_cpu_kernels, f"{name}_epilogue", counted)
+        monkeypatch.setattr(_cpu_kernels, function, counted)
     layer = SphereConv2d(3, 4, 3, padding=1)
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
     for backend, expected in (("auto", 1), ("cpp", 1), ("aten", 0), ("triton", 0)):

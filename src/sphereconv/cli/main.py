@@ -29,6 +29,7 @@ import sys
 from collections.abc import Collection, Sequence
 
 from .. import __version__
+from .._memory import keep_freed_memory
 from ..errors import SphereconvError
 from .parsing import OneLineArgumentParser
 
@@ -128,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = requested_command(argv)
         parser = build_parser([command] if command else [])
         args = parser.parse_args(argv)
+        keep_freed_memory()  # every command runs models: reuse freed blocks instead of faulting them in
         return int(args.func(args) or 0)
     except SystemExit as exc:  # --help and --version exit through argparse
         return exc.code if isinstance(exc.code, int) else 0

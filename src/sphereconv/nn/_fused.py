@@ -85,6 +85,7 @@ no custom operator needs registering. The backward is once-differentiable: doubl
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -94,6 +95,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from . import _cpu_kernels
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 # Linear operator (paper Sec. 2.1): g = 1 - 2 theta/pi = (2/pi) asin(c).
@@ -418,8 +421,6 @@ def channel_sq_sum(input: Tensor, groups: int, use_triton: bool = False, use_cpp
 
         return _triton.channel_sq_sum(input, groups)
     if use_cpp and input.is_contiguous() and input.dtype in (torch.float32, torch.float64):
-        from . import _cpu_kernels
-
         return _cpu_kernels.channel_sq_sum(input, groups)
     x = input.to(compute_dtype(input.dtype))
     n, c = x.shape[0], x.shape[1]
@@ -552,6 +553,20 @@ def _autocast_dtype(input: Tensor) -> torch.dtype | None:
     if input.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return None  # autocast leaves float64 alone
     return torch.get_autocast_dtype(device)
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without the dispatch when ``t`` has that dtype already (a layer call makes about
+    twenty such conversions, nearly all no-ops)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _autocast_off(device: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled inside; a no-op where it is off already (entering torch.autocast costs
+    about 20 us, a noticeable part of a small layer's call)."""
+    if torch.is_autocast_enabled(device):
+        return torch.autocast(device_type=device, enabled=False)
+    return contextlib.nullcontext()
 
 
 # Run the Triton kernels on CPU tensors too (only meaningful under TRITON_INTERPRET=1; tests).
@@ -733,8 +748,6 @@ def _cpp_selected(t: Tensor, cdtype: torch.dtype) -> bool:
         return False
     global _cpp_decision, _cpp_note
     if _cpp_decision is None:
-        from . import _cpu_kernels
-
         if _cpu_kernels.load() is None:
             _cpp_decision, _cpp_note = False, f"not built ({_cpu_kernels.load_error()})"
             warnings.warn(
@@ -766,14 +779,13 @@ def _cpp_selected(t: Tensor, cdtype: torch.dtype) -> bool:
 def _cpp_self_check() -> str | None:
     """The C++ epilogue vs the ATen one on a small case, every operator, float32 and float64, forward
     and backward (the case of :func:`_self_check`): None if they agree, else why not."""
-    from . import _cpu_kernels
-
     for dtype, tol in ((torch.float32, _CHECK_TOL_FLOAT32), (torch.float64, _CHECK_TOL_FLOAT64)):
         gen = torch.Generator().manual_seed(0)
         groups, per_group, spatial = 2, 3, (8, 16)
         channels = groups * per_group
         chan = (groups, per_group, 1, 1)
         inner = torch.randn(2, channels, *spatial, generator=gen, dtype=dtype).mul_(0.8)
+        inner[:, ::2].mul_(0.1)  # cosines all below 1/2 in these channels: the C++ arcsine's short branch
         r = torch.rand(2, groups, *spatial, generator=gen, dtype=dtype).add_(0.5)
         grad = torch.randn(2, channels, *spatial, generator=gen, dtype=dtype)
         bias = torch.randn(channels, generator=gen, dtype=dtype)
@@ -783,7 +795,7 @@ def _cpp_self_check() -> str | None:
             k = torch.rand(channels, generator=gen, dtype=dtype).add_(0.2) if need_k else _CHECK_K
             k_g = k.reshape(chan) if isinstance(k, Tensor) else k
             cos = inner.clone()
-            out, extra = _cpu_kernels.forward_epilogue(cos, r, groups, operator, k, bias, need_k)
+            out, extra = _cpu_kernels.forward_epilogue(cos, r, groups, operator, k, bias)
             expected, expected_extra = forward_epilogue(c, operator, k_g, bias.reshape(chan), keep_angle=need_k)
             d_inner, d_sq, d_k, d_bias = _cpu_kernels.backward_epilogue(
                 grad,
@@ -793,7 +805,6 @@ def _cpp_self_check() -> str | None:
                 groups,
                 operator,
                 k,
-                need_k,
                 need_k,
                 True,
                 torch.finfo(dtype).eps,
@@ -830,8 +841,6 @@ def _cpp_self_check() -> str | None:
 
 def _cpp_norms_mismatch(gen: torch.Generator, dtype: torch.dtype, tol: float) -> str | None:
     """The C++ filter norm, peak search and their gradients vs the ATen ones (see :func:`_cpp_self_check`)."""
-    from . import _cpu_kernels
-
     groups, eps = 2, 1e-4
     weight = torch.randn(6, 12, generator=gen, dtype=dtype)
     d_hat = torch.randn(6, 12, generator=gen, dtype=dtype)
@@ -854,13 +863,23 @@ def _cpp_norms_mismatch(gen: torch.Generator, dtype: torch.dtype, tol: float) ->
         _mismatch("input peaks", peak, x_peak, tol),
         _mismatch("input peak signs", sign, x_sign, tol),
     ]
-    share = torch.randn(3, groups, 5, 6, generator=gen, dtype=dtype)
-    d_sq = torch.randn(3, groups, 5, 6, generator=gen, dtype=dtype)
+    # patch norms and the input's gradient over windows with stride, padding and dilation
+    windows = ((3, 2), (2, 1), (1, 2), (1, 2))  # kernel, stride, padding, dilation
+    out_spatial = tuple(_out_len(length, *geometry) for length, geometry in zip(x.shape[2:], zip(*windows)))
+    inner = torch.randn(3, 2 * groups, *out_spatial, generator=gen, dtype=dtype)
+    out, _, r = _cpu_kernels.normalized_epilogue(inner.clone(), sq, peak, eps, windows, groups, "cosine", 1.0, None)
+    eps_term = x_peak.square().mul_(eps).reshape(3, groups, 1, 1)
+    expected_r = box_sum(channel_sq_sum(x, groups), *windows).clamp_min_(0.0).add_(eps_term).rsqrt_()
+    expected_out = _cosine(inner, expected_r, groups, dtype).clamp_(-1.0, 1.0)
+    problems.append(_mismatch("reciprocal patch norms", r, expected_r, tol))
+    problems.append(_mismatch("output after the patch norms", out, expected_out, tol))
+    d_sq = torch.randn(r.shape, generator=gen, dtype=dtype)
     d_x = torch.randn(x.shape, generator=gen, dtype=dtype)
+    share = box_sum_transpose(d_sq, x.shape[2:], *windows)
     expected = d_x.clone()
     expected.unflatten(1, (groups, 2)).addcmul_(x.unflatten(1, (groups, 2)), share.unsqueeze(2), value=2.0)
     _add_at_sample_peaks(expected, x, groups, x_sign, d_sq.flatten(2).sum(2).mul_(x_peak).mul_(x_sign).mul_(2.0 * eps))
-    _cpu_kernels.input_backward(d_x, x, share, d_sq, peak, sign, None, eps)
+    _cpu_kernels.input_backward(d_x, x, d_sq, peak, sign, None, eps, *windows)
     problems.append(_mismatch("input gradient", d_x, expected, tol))
     if not direct:
         problems.append("found inputs near 1 outside the direct range")
@@ -949,8 +968,6 @@ class _FusedSphereConvFn(torch.autograd.Function):
         cpp = conv_dtype is None and not _use_triton(input) and _cpp_selected(input, cdtype)
         unit = stats = None
         if cpp and not _always_rescale:
-            from . import _cpu_kernels
-
             if weight.dtype == cdtype:
                 unit = _cpu_kernels.filter_unit(weight.detach().flatten(1).contiguous(), eps, _DIRECT_RANGE)
             stats = _cpu_kernels.sample_stats(input.detach(), groups, _DIRECT_RANGE)
@@ -960,7 +977,7 @@ class _FusedSphereConvFn(torch.autograd.Function):
             w_hat, w_state = unit[0].reshape(weight.shape), (unit[1], None, unit[2])
         else:
             w_hat, w_state = _filter_unit(weight, cdtype, eps)
-        w_conv = w_hat.to(conv_dtype if conv_dtype is not None else weight.dtype)
+        w_conv = _as_dtype(w_hat, conv_dtype if conv_dtype is not None else weight.dtype)
         if stats is not None:
             x_scale, x_peak, x_sign = None, stats[1], stats[2]
         else:
@@ -968,11 +985,11 @@ class _FusedSphereConvFn(torch.autograd.Function):
         rescale = x_scale is not None
         if x_scale is not None:  # x' = s_x x, exact
             x_s = _scaled_input(input, x_scale, groups, cdtype)
-            x_conv = x_s.to(conv_dtype if conv_dtype is not None else input.dtype)
+            x_conv = _as_dtype(x_s, conv_dtype if conv_dtype is not None else input.dtype)
         else:  # x itself (see _sample_scale)
-            x_s = input.to(cdtype)
+            x_s = _as_dtype(input, cdtype)
             x_conv = input.to(conv_dtype) if conv_dtype is not None else input
-        with torch.autocast(device_type=device, enabled=False):
+        with _autocast_off(device):
             inner = _CONV[dims](x_conv, w_conv, None, stride, padding, dilation, groups)
         # the low-precision copy the convolution read is kept for its weight gradient
         x_lowp = x_conv if x_conv is not x_s and x_conv is not input else None
@@ -986,25 +1003,27 @@ class _FusedSphereConvFn(torch.autograd.Function):
             _triton_failed(operator, inner, error)
             used_triton = False
             x_sq = channel_sq_sum(x_s, groups)
-        x_sq = box_sum(x_sq, kernel, stride, padding, dilation)
         del x_s, x_conv  # recomputed from the input in backward
-        eps_term = x_peak.square().mul_(eps).reshape(n, groups, *([1] * dims))
-        r = x_sq.clamp_min_(0.0).add_(eps_term).rsqrt_()  # (N, G, *S): 1 / |x'|_e
         spatial = inner.shape[2:]
-
         k_val = k_tensor if k_tensor is not None else k_float
-        bias_c = bias.to(cdtype) if bias is not None else None
+        bias_c = _as_dtype(bias, cdtype) if bias is not None else None
         out = None
         keep_angle = k_tensor is not None and k_tensor.requires_grad
+        # the C++ kernels: the patch norms, then the conv output becomes the cosine, out and the
+        # sigmoids' extra from the same pass
+        used_cpp = used_cpp and x_sq.is_contiguous() and x_sq.dtype == inner.dtype
         if used_cpp:
-            from . import _cpu_kernels
-
-            # the conv output becomes the cosine; out and the sigmoids' extra come from the same pass
-            out, v = _cpu_kernels.forward_epilogue(inner, r, groups, operator, k_val, bias_c, keep_angle)
-            if out_dtype is not None and out.dtype != out_dtype:
-                out = out.to(out_dtype)
+            windows = (kernel, stride, padding, dilation)
+            out, v, r = _cpu_kernels.normalized_epilogue(
+                inner, x_sq, x_peak, eps, windows, groups, operator, k_val, bias_c
+            )
+            out = _as_dtype(out, out_dtype) if out_dtype is not None else out
             saved = inner
-        elif used_triton:
+        else:
+            x_sq = box_sum(x_sq, kernel, stride, padding, dilation)
+            eps_term = x_peak.square().mul_(eps).reshape(n, groups, *([1] * dims))
+            r = x_sq.clamp_min_(0.0).add_(eps_term).rsqrt_()  # (N, G, *S): 1 / |x'|_e
+        if used_triton:
             from . import _triton
 
             try:
@@ -1058,10 +1077,8 @@ class _FusedSphereConvFn(torch.autograd.Function):
         k_val = k_tensor if k_tensor is not None else k_float
         chan = (groups, per_group, *([1] * dims))
 
-        with torch.autocast(device_type=input.device.type, enabled=False):
+        with _autocast_off(input.device.type):
             if used_cpp:
-                from . import _cpu_kernels
-
                 d_inner, d_sq, d_k, d_bias = _cpu_kernels.backward_epilogue(
                     grad_out,
                     saved,
@@ -1070,7 +1087,6 @@ class _FusedSphereConvFn(torch.autograd.Function):
                     groups,
                     operator,
                     k_val,
-                    keep_angle,
                     need_k,
                     need_b,
                     torch.finfo(cdtype).eps,
@@ -1120,8 +1136,8 @@ class _FusedSphereConvFn(torch.autograd.Function):
 
             grad_input = grad_weight = None
             if need_x or need_w:
-                x_s = _scaled_input(input, x_scale, groups, cdtype) if rescale else input.to(cdtype)
-                w_conv = w_hat.to(conv_dtype if conv_dtype is not None else ctx.weight_dtype)
+                x_s = _scaled_input(input, x_scale, groups, cdtype) if rescale else _as_dtype(input, cdtype)
+                w_conv = _as_dtype(w_hat, conv_dtype if conv_dtype is not None else ctx.weight_dtype)
                 x_conv = x_lowp if x_lowp is not None else (x_s if rescale else input)
                 d_x, d_w_hat, _ = torch.ops.aten.convolution_backward(
                     d_inner,
@@ -1137,15 +1153,15 @@ class _FusedSphereConvFn(torch.autograd.Function):
                     [need_x, need_w, False],
                 )
             if need_x:
-                share = box_sum_transpose(d_sq, input.shape[2:], kernel, stride, padding, dilation)
-                d_x = d_x.to(cdtype)
+                d_x = _as_dtype(d_x, cdtype)
                 c_in = input.shape[1]
             if need_x and ctx.cpp_norms[1] and d_x.is_contiguous():
-                from . import _cpu_kernels
-
-                _cpu_kernels.input_backward(d_x, x_s.contiguous(), share, d_sq, x_peak, x_sign, x_scale, eps)
-                grad_input = d_x.to(input.dtype)
+                _cpu_kernels.input_backward(
+                    d_x, x_s.contiguous(), d_sq, x_peak, x_sign, x_scale, eps, kernel, stride, padding, dilation
+                )
+                grad_input = _as_dtype(d_x, input.dtype)
             elif need_x:
+                share = box_sum_transpose(d_sq, input.shape[2:], kernel, stride, padding, dilation)
                 d_xg = d_x.unflatten(1, (groups, c_in // groups))
                 d_xg.addcmul_(x_s.unflatten(1, (groups, c_in // groups)), share.unsqueeze(2), value=2.0)
                 # eps m'^2 in every patch norm: dL/dm' = 2 eps m' sum_positions dL/dsumsq
@@ -1153,23 +1169,21 @@ class _FusedSphereConvFn(torch.autograd.Function):
                 _add_at_sample_peaks(d_x, x_s, groups, x_sign, d_peak)
                 if rescale:
                     d_xg.mul_(x_scale.reshape(n, groups, 1, *([1] * dims)))  # dL/dx = s_x dL/dx'
-                grad_input = d_x.to(input.dtype)
+                grad_input = _as_dtype(d_x, input.dtype)
             if need_w and ctx.cpp_norms[0]:
-                from . import _cpu_kernels
-
-                d_hat = d_w_hat.to(cdtype).flatten(1).contiguous()
+                d_hat = _as_dtype(d_w_hat, cdtype).flatten(1).contiguous()
                 grad_weight = _cpu_kernels.filter_unit_backward(
                     d_hat, w_hat.flatten(1), w_norm, w_signed_peak, w_scale, eps
                 )
-                grad_weight = grad_weight.reshape(w_hat.shape).to(ctx.weight_dtype)
+                grad_weight = _as_dtype(grad_weight.reshape(w_hat.shape), ctx.weight_dtype)
             elif need_w:
                 w_state = (w_norm, w_scale, w_signed_peak)
                 grad_weight = _filter_unit_backward(d_w_hat.to(cdtype), w_hat, w_state, eps).to(ctx.weight_dtype)
-        grad_bias = d_bias.to(ctx.bias_dtype) if need_b and d_bias is not None else None
+        grad_bias = _as_dtype(d_bias, ctx.bias_dtype) if need_b and d_bias is not None else None
         grad_k = None
         if need_k:
             assert d_k is not None  # every epilogue returns dL/dk when need_k
-            grad_k = d_k.reshape(k_tensor.shape).to(k_tensor.dtype)
+            grad_k = _as_dtype(d_k.reshape(k_tensor.shape), k_tensor.dtype)
         return grad_input, grad_weight, grad_bias, grad_k, None, None, None, None, None, None, None, None
 
 
@@ -1196,7 +1210,7 @@ class _FusedSphereLinearFn(torch.autograd.Function):
         x_sign = x_sign.to(cdtype).masked_fill_(m == 0, 0.0)  # an all-zero row: no gradient through m
         x_s = input.to(cdtype) * x_scale.unsqueeze(-1)  # x' = s_x x per row, exact
         x_mm = x_s.to(conv_dtype if conv_dtype is not None else input.dtype)
-        with torch.autocast(device_type=device, enabled=False):
+        with _autocast_off(device):
             inner = F.linear(x_mm, w_mm)
         r = x_s.square().sum(-1, keepdim=True).add_(x_peak.square().mul_(eps).unsqueeze(-1)).rsqrt_()
         k_val = k_tensor if k_tensor is not None else k_float
@@ -1226,7 +1240,7 @@ class _FusedSphereLinearFn(torch.autograd.Function):
         need_x, need_w, need_b, need_k = ctx.needs_input_grad[:4]
         need_k = need_k and k_tensor is not None
         k_val = k_tensor if k_tensor is not None else k_float
-        with torch.autocast(device_type=x_s.device.type, enabled=False):
+        with _autocast_off(x_s.device.type):
             grad = grad_out.to(cdtype)
             d_c, scale, d_k, dk_scale = backward_epilogue(grad, c, v, operator, k_val, need_k)
             out_features = w_hat.shape[0]

@@ -52,6 +52,8 @@ def canonical_operator(name: str, allowed: tuple[str, ...] = ANGULAR_OPERATORS, 
     ``argument`` names the setting in the error: ``TypeError`` for a non-string, ``ValueError``
     listing ``allowed`` otherwise.
     """
+    if isinstance(name, str) and name in allowed:  # already canonical: no alias table to build
+        return name
     aliases = {alias: target for alias, target in OPERATOR_ALIASES.items() if target in allowed}
     return check_choice(argument, name, allowed, aliases=aliases)
 
