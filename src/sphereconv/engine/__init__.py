@@ -5,6 +5,7 @@ Sec. 5) and the reference code's recipe (wy1iu/SphereNet) as :func:`train`, driv
 :class:`TrainConfig`; :func:`evaluate` scores a saved checkpoint.
 """
 
+from .._memory import keep_freed_memory
 from .callbacks import Callback
 from .checkpoint import export_weights, find_latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from .config import TrainConfig, config_from_dict, config_to_dict, describe_keys, load_config, save_config
@@ -27,4 +28,5 @@ __all__ = [
     "find_latest_checkpoint",
     "export_weights",
     "load_weights",
+    "keep_freed_memory",
 ]

@@ -10,12 +10,12 @@ arccos derivative, products and reductions backward). These kernels do each step
   element), one call each for all filters;
 - :func:`sample_stats`: the largest |x| of each sample-group with its sign and ``sum x^2`` over the
   group's channels, one read of the input;
-- :func:`patch_rnorm`: ``r = 1 / |x_patch|_e``, the window sums of ``sum x^2`` over the
-  convolution's geometry (stride, padding, dilation; 1-d to 3-d) plus ``eps m^2``, one pass;
 - :func:`input_backward`: ``dL/dx += 2 x share`` with ``share`` the windows' transpose of
   ``dL/dsumsq``, plus the gradient of the largest element, found in the same pass;
-- :func:`forward_epilogue`: ``c = inner * r`` (written over the conv output, which becomes the saved
-  cosine), ``out = g(clamp(c, -1, 1)) + b`` and, for the sigmoids, ``sigmoid(2u)`` for the backward;
+- :func:`forward_epilogue`: ``r = 1 / |x_patch|_e`` (the window sums of ``sum x^2`` over the
+  convolution's geometry, stride, padding and dilation, 1-d to 3-d, plus ``eps m^2``), then ``c =
+  inner * r`` (written over the conv output, which becomes the saved cosine), ``out = g(clamp(c, -1,
+  1)) + b`` and, for the sigmoids, ``sigmoid(2u)`` for the backward;
 - :func:`backward_epilogue`: ``dL/dinner = g'(c) [|c| <= 1] dL/dout * r``, the patch-norm gradient
   ``-r^2/2 sum_p dL/dc * c`` and per-sample, per-channel partial sums for the bias and a learnable k
   (whose ``dg/dk`` takes the arcsine of the saved cosine again);
@@ -153,10 +153,10 @@ inline double asin_small(double x) { return std::asin(x); }
 // whose largest |c| is at most 1/2 take asin_small.
 constexpr int64_t kArcsineBlock = 256;
 
-// op(s, asin(clamp(c[s]))) for s in [0, count), vectorised, block by block (NaN takes either branch
-// and stays NaN).
-template <typename T, typename Op>
-inline void for_each_arcsine(const T* c, int64_t count, Op op) {
+// block(start, stop, small) over the blocks of count values of c; small: every |c| in the block is at
+// most 1/2 (a NaN does not count as larger: it takes either branch and stays NaN).
+template <typename T, typename Block>
+inline void for_each_arcsine_block(const T* c, int64_t count, Block block) {
   for (int64_t start = 0; start < count; start += kArcsineBlock) {
     const int64_t stop = start + kArcsineBlock < count ? start + kArcsineBlock : count;
     T largest = T(0);
@@ -165,14 +165,22 @@ inline void for_each_arcsine(const T* c, int64_t count, Op op) {
       T a = std::fabs(c[s]);
       largest = a > largest ? a : largest;
     }
-    if (largest <= T(0.5)) {
+    block(start, stop, largest <= T(0.5));
+  }
+}
+
+// op(s, asin(clamp(c[s]))) for s in [0, count), vectorised, block by block.
+template <typename T, typename Op>
+inline void for_each_arcsine(const T* c, int64_t count, Op op) {
+  for_each_arcsine_block(c, count, [&](int64_t start, int64_t stop, bool small) {
+    if (small) {
 #pragma omp simd
       for (int64_t s = start; s < stop; ++s) op(s, asin_small(c[s]));
     } else {
 #pragma omp simd
       for (int64_t s = start; s < stop; ++s) op(s, fast_asin(clamp_unit(c[s])));
     }
-  }
+  });
 }
 
 // The sigmoid's per-channel constants from its k (Sec. 2.1): 1/k, s_k = 1/tanh(pi/4k) and the
@@ -320,19 +328,12 @@ void backward(const T* grad, const T* cos, const T* extra, const T* r, const T* 
           if (!part_k) {
             step.template run<false, false>(0, positions, bias_sum, k_sum);
           } else {  // a learnable k: dg/dk needs 2u = asin(c) / k again (the arcsine block by block)
-            for (int64_t start = 0; start < positions; start += kArcsineBlock) {
-              const int64_t stop = start + kArcsineBlock < positions ? start + kArcsineBlock : positions;
-              T largest = T(0);
-#pragma omp simd reduction(max : largest)
-              for (int64_t s = start; s < stop; ++s) {
-                T a = std::fabs(cc[s]);
-                largest = a > largest ? a : largest;
-              }
-              if (largest <= T(0.5))
+            for_each_arcsine_block(cc, positions, [&](int64_t start, int64_t stop, bool small) {
+              if (small)
                 step.template run<true, true>(start, stop, bias_sum, k_sum);
               else
                 step.template run<true, false>(start, stop, bias_sum, k_sum);
-            }
+            });
           }
         }
         if (part_bias) part_bias[n * channels + ch] = bias_sum;
@@ -456,14 +457,14 @@ void patch_rnorm(const T* sq, const T* peak, T* r, int64_t planes, const int64_t
   }
 }
 
-// patch_rnorm into r (N, G, S_out), then forward with it: the patch norms and the epilogue in one call.
+// forward, after computing r (N, G, S_out) with patch_rnorm from sq and peak if sq is given (the patch
+// norms and the epilogue in one call); else r is the caller's.
 template <typename T>
 void normalized_forward(T* inner, T* r, const T* sq, const T* peak, const int64_t* geometry, T eps, const T* k,
                         int64_t k_stride, const T* bias, T* out, T* extra, int64_t n_samples, int64_t channels,
-                        int64_t groups, int op, int threads) {
-  patch_rnorm<T>(sq, peak, r, n_samples * groups, geometry, eps, threads);
-  forward<T>(inner, r, k, k_stride, bias, out, extra, n_samples, channels, groups, Windows(geometry).out_size(), op,
-             threads);
+                        int64_t groups, int64_t positions, int op, int threads) {
+  if (sq) patch_rnorm<T>(sq, peak, r, n_samples * groups, geometry, eps, threads);
+  forward<T>(inner, r, k, k_stride, bias, out, extra, n_samples, channels, groups, positions, op, threads);
 }
 
 // sum x^2 over each group's channels: (N, C, S) -> (N, G, S)
@@ -632,11 +633,6 @@ void filter_unit_backward(T* d, const T* w_hat, const T* norm, const T* signed_p
 }  // namespace
 
 #define SPHERECONV_EXPORT(T, suffix)                                                                          \
-  extern "C" void sphereconv_forward_##suffix(T* inner, const T* r, const T* k, int64_t k_stride,             \
-                                              const T* bias, T* out, T* extra, int64_t n, int64_t c,           \
-                                              int64_t g, int64_t s, int op, int threads) {                     \
-    forward<T>(inner, r, k, k_stride, bias, out, extra, n, c, g, s, op, threads);                             \
-  }                                                                                                            \
   extern "C" void sphereconv_backward_##suffix(const T* grad, const T* cos, const T* extra, const T* r,       \
                                                const T* k, int64_t k_stride, T* d_inner,                       \
                                                T* d_sq, T* d_bias, T* d_k, int64_t n, int64_t c,               \
@@ -656,9 +652,10 @@ void filter_unit_backward(T* d, const T* w_hat, const T* norm, const T* signed_p
   extern "C" void sphereconv_normalized_forward_##suffix(T* inner, T* r, const T* sq, const T* peak,           \
                                                          const int64_t* geometry, double eps, const T* k,       \
                                                          int64_t k_stride, const T* bias, T* out, T* extra,     \
-                                                         int64_t n, int64_t c, int64_t g, int op, int threads) { \
+                                                         int64_t n, int64_t c, int64_t g, int64_t s, int op,    \
+                                                         int threads) {                                         \
     normalized_forward<T>(inner, r, sq, peak, geometry, static_cast<T>(eps), k, k_stride, bias, out, extra, n, c, g, \
-                          op, threads);                                                                        \
+                          s, op, threads);                                                                     \
   }                                                                                                            \
   extern "C" void sphereconv_input_backward_##suffix(T* dx, const T* x, const T* d_sq, const T* peak,          \
                                                      const T* sign, const T* scale, double eps, int64_t n,     \
@@ -711,7 +708,6 @@ def _build_root() -> Path:
 def _declare(lib: ctypes.CDLL) -> None:
     ptr, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     for suffix in ("f32", "f64"):
-        getattr(lib, f"sphereconv_forward_{suffix}").argtypes = [ptr] * 3 + [i64] + [ptr] * 3 + [i64] * 4 + [i32] * 2
         getattr(lib, f"sphereconv_backward_{suffix}").argtypes = (
             [ptr] * 5
             + [i64]
@@ -727,19 +723,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"sphereconv_channel_sq_sum_{suffix}").argtypes = [ptr] * 2 + [i64] * 4 + [i32]
         getattr(lib, f"sphereconv_sample_stats_{suffix}").argtypes = [ptr] * 4 + [i64] * 4 + [f64, f64, i32]
         getattr(lib, f"sphereconv_normalized_forward_{suffix}").argtypes = (
-            [ptr] * 5 + [f64, ptr, i64] + [ptr] * 3 + [i64] * 3 + [i32] * 2
+            [ptr] * 5 + [f64, ptr, i64] + [ptr] * 3 + [i64] * 4 + [i32] * 2
         )
         getattr(lib, f"sphereconv_input_backward_{suffix}").argtypes = [ptr] * 6 + [f64] + [i64] * 3 + [ptr, i32]
         getattr(lib, f"sphereconv_filter_unit_{suffix}").argtypes = [ptr] * 5 + [i64] * 2 + [f64] * 3
         getattr(lib, f"sphereconv_filter_unit_backward_{suffix}").argtypes = [ptr] * 5 + [i64] * 2 + [f64]
-        for name in (
-            "forward",
-            "backward",
-            "channel_sq_sum",
-            "normalized_forward",
-            "input_backward",
-            "filter_unit_backward",
-        ):
+        for name in ("backward", "channel_sq_sum", "normalized_forward", "input_backward", "filter_unit_backward"):
             getattr(lib, f"sphereconv_{name}_{suffix}").restype = None
         for name in ("sample_stats", "filter_unit"):
             getattr(lib, f"sphereconv_{name}_{suffix}").restype = i32
@@ -843,24 +832,47 @@ def _dims(t: Tensor, groups: int) -> tuple[int, int, int, int]:
 
 
 def forward_epilogue(
-    inner: Tensor, r: Tensor, groups: int, operator: str, k, bias: Tensor | None
-) -> tuple[Tensor, Tensor | None]:
-    """``(out, extra)`` for the contiguous conv output ``inner`` (N, C, *S), which is overwritten
-    with the cosine ``c = inner * r``, and ``r`` (N, G, *S) of the same dtype (float32/float64).
+    inner: Tensor,
+    r: Tensor | None,
+    groups: int,
+    operator: str,
+    k,
+    bias: Tensor | None,
+    norms: tuple[Tensor, Tensor, float, tuple[tuple[int, ...], ...]] | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(out, extra, r)`` for the contiguous conv output ``inner`` (N, C, *S) of float32/float64,
+    which is overwritten with the cosine ``c = inner * r``.
 
-    ``extra`` is ``sigmoid(2u)`` for the sigmoids (what :func:`backward_epilogue` reads), else None.
+    ``r`` (N, G, *S), the reciprocal patch norms, is given, or ``None`` with ``norms = (sq, peak,
+    eps, windows)``: then ``r = 1 / sqrt(sum over each window of sq + eps m^2)`` (a sum below zero
+    counts as zero) is computed in the same call from the channels' sum of squares ``sq`` (N, G,
+    *S_in, contiguous, the dtype of ``inner``), the largest |x| per sample-group ``peak`` (N, G) and
+    the convolution's ``windows`` (kernel, stride, padding, dilation). ``extra`` is
+    ``sigmoid(2u)`` for the sigmoids (what :func:`backward_epilogue` reads), else None.
     """
     lib = load()
     n, c, g, s = _dims(inner, groups)
-    r = r.contiguous()
-    out = torch.empty_like(inner)
+    if norms is None:
+        assert r is not None  # given when the norms are not
+        r, sq, peak, eps, geometry = r.contiguous(), None, None, 0.0, None
+    else:
+        sq, peak, eps, windows = norms
+        r = torch.empty((n, g, *inner.shape[2:]), dtype=inner.dtype)
+        geometry = _windows(tuple(sq.shape[2:]), tuple(inner.shape[2:]), *windows)
+        peak = (peak if peak.dtype == inner.dtype else peak.to(inner.dtype)).contiguous()
     op = OPERATOR_CODES[operator]
+    out = torch.empty_like(inner)
     extra = torch.empty_like(inner) if op == 2 else None
     k_values, k_stride = _k_values(operator, k, inner)
-    bias = (bias if bias.dtype == inner.dtype else bias.to(inner.dtype)).contiguous() if bias is not None else None
-    getattr(lib, f"sphereconv_forward_{_suffix(inner)}")(
+    if bias is not None:
+        bias = (bias if bias.dtype == inner.dtype else bias.to(inner.dtype)).contiguous()
+    getattr(lib, f"sphereconv_normalized_forward_{_suffix(inner)}")(
         _ptr(inner),
         _ptr(r),
+        _ptr(sq),
+        _ptr(peak),
+        geometry,
+        eps,
         _ptr(k_values),
         k_stride,
         _ptr(bias),
@@ -873,7 +885,7 @@ def forward_epilogue(
         op,
         _threads(inner),
     )
-    return out, extra
+    return out, extra, r
 
 
 def backward_epilogue(
@@ -967,53 +979,6 @@ def _windows(
     for part, fill in ((in_spatial, 1), (out_spatial, 1), (kernel, 1), (stride, 1), (padding, 0), (dilation, 1)):
         values += [fill] * lead + [int(v) for v in part]
     return (ctypes.c_int64 * 18)(*values)
-
-
-def normalized_epilogue(
-    inner: Tensor,
-    sq: Tensor,
-    peak: Tensor,
-    eps: float,
-    windows: tuple[tuple[int, ...], ...],
-    groups: int,
-    operator: str,
-    k,
-    bias: Tensor | None,
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """:func:`forward_epilogue` with the reciprocal patch norms computed in the same call: ``r = 1 /
-    sqrt(sum over each window of sq + eps m^2)`` (a sum below zero counts as zero) from the channels'
-    sum of squares ``sq`` (N, G, *S_in, contiguous, the dtype of ``inner``) and the largest |x| per
-    sample-group ``peak`` (N, G). ``windows``: the convolution's (kernel, stride, padding, dilation).
-    Returns ``(out, extra, r)``."""
-    lib = load()
-    n, c, g, _ = _dims(inner, groups)
-    r = torch.empty((n, g, *inner.shape[2:]), dtype=inner.dtype)
-    geometry = _windows(tuple(sq.shape[2:]), tuple(inner.shape[2:]), *windows)
-    peak = (peak if peak.dtype == inner.dtype else peak.to(inner.dtype)).contiguous()
-    out = torch.empty_like(inner)
-    op = OPERATOR_CODES[operator]
-    extra = torch.empty_like(inner) if op == 2 else None
-    k_values, k_stride = _k_values(operator, k, inner)
-    bias = (bias if bias.dtype == inner.dtype else bias.to(inner.dtype)).contiguous() if bias is not None else None
-    getattr(lib, f"sphereconv_normalized_forward_{_suffix(inner)}")(
-        _ptr(inner),
-        _ptr(r),
-        _ptr(sq),
-        _ptr(peak),
-        geometry,
-        eps,
-        _ptr(k_values),
-        k_stride,
-        _ptr(bias),
-        _ptr(out),
-        _ptr(extra),
-        n,
-        c,
-        g,
-        op,
-        _threads(inner),
-    )
-    return out, extra, r
 
 
 def input_backward(

@@ -795,7 +795,7 @@ def _cpp_self_check() -> str | None:
             k = torch.rand(channels, generator=gen, dtype=dtype).add_(0.2) if need_k else _CHECK_K
             k_g = k.reshape(chan) if isinstance(k, Tensor) else k
             cos = inner.clone()
-            out, extra = _cpu_kernels.forward_epilogue(cos, r, groups, operator, k, bias)
+            out, extra, _ = _cpu_kernels.forward_epilogue(cos, r, groups, operator, k, bias)
             expected, expected_extra = forward_epilogue(c, operator, k_g, bias.reshape(chan), keep_angle=need_k)
             d_inner, d_sq, d_k, d_bias = _cpu_kernels.backward_epilogue(
                 grad,
@@ -867,7 +867,8 @@ def _cpp_norms_mismatch(gen: torch.Generator, dtype: torch.dtype, tol: float) ->
     windows = ((3, 2), (2, 1), (1, 2), (1, 2))  # kernel, stride, padding, dilation
     out_spatial = tuple(_out_len(length, *geometry) for length, geometry in zip(x.shape[2:], zip(*windows)))
     inner = torch.randn(3, 2 * groups, *out_spatial, generator=gen, dtype=dtype)
-    out, _, r = _cpu_kernels.normalized_epilogue(inner.clone(), sq, peak, eps, windows, groups, "cosine", 1.0, None)
+    norms = (sq, peak, eps, windows)
+    out, _, r = _cpu_kernels.forward_epilogue(inner.clone(), None, groups, "cosine", 1.0, None, norms)
     eps_term = x_peak.square().mul_(eps).reshape(3, groups, 1, 1)
     expected_r = box_sum(channel_sq_sum(x, groups), *windows).clamp_min_(0.0).add_(eps_term).rsqrt_()
     expected_out = _cosine(inner, expected_r, groups, dtype).clamp_(-1.0, 1.0)
@@ -1013,10 +1014,8 @@ class _FusedSphereConvFn(torch.autograd.Function):
         # sigmoids' extra from the same pass
         used_cpp = used_cpp and x_sq.is_contiguous() and x_sq.dtype == inner.dtype
         if used_cpp:
-            windows = (kernel, stride, padding, dilation)
-            out, v, r = _cpu_kernels.normalized_epilogue(
-                inner, x_sq, x_peak, eps, windows, groups, operator, k_val, bias_c
-            )
+            norms = (x_sq, x_peak, eps, (kernel, stride, padding, dilation))
+            out, v, r = _cpu_kernels.forward_epilogue(inner, None, groups, operator, k_val, bias_c, norms)
             out = _as_dtype(out, out_dtype) if out_dtype is not None else out
             saved = inner
         else:
