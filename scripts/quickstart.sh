@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: SphereNet-9 (cosine) against its CNN-9 baseline on Fashion-MNIST, 2 seeds each, in
 # regime S of the pre-registered sweep (width 1/4, batch 128, crop+flip, 600 iterations, full 10k
-# test set; the grid "quickstart" shipped in src/sphereconv/configs/sweeps/). About 18 minutes on 2
+# test set; the grid "quickstart" shipped in src/sphereconv/configs/sweeps/). About 13 minutes on 2
 # CPU cores. The report gives the measured difference with its 95% interval and what the full sweep
 # (docs/RESULTS.md) found so far.
 #
