@@ -11,7 +11,7 @@ import yaml
 
 from cli_helpers import run_cli
 from sphereconv.cli import train as train_command
-from sphereconv.cli.parsing import mapping_text
+from sphereconv.cli.parsing import Nullable, mapping_text
 from sphereconv.engine.config import TrainConfig, key_specs, yaml_text
 
 # Flags of the train command that are not config keys.
@@ -42,6 +42,9 @@ def test_every_key_has_a_flag_with_its_type_default_and_choices():
             assert action.type is mapping_text, key.name
         elif key.kind is list:
             assert (action.type, action.nargs) == (key.item_kind, "+"), key.name
+        elif key.optional:  # null resets the key
+            assert isinstance(action.type, Nullable) and action.type.kind is key.kind, key.name
+            assert action.type("null") is None and action.type(" None ") is None, key.name
         else:
             assert action.type is key.kind, key.name
         assert action.choices is None, key.name  # the config's check decides (aliases, case)
@@ -108,6 +111,17 @@ def test_flags_set_every_kind_of_key(tmp_path):
     path.write_text("loss: cosface\nloss_kwargs: {scale: 30}\nbatch_norm: false\n")
     config = resolve("--config", str(path), "--margin", "0.2", "--batch-norm")
     assert config.loss_kwargs == {"scale": 30, "margin": 0.2} and config.batch_norm is True
+
+
+def test_null_resets_an_optional_key_a_config_file_set(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("grad_clip: 1.0\ntest_subset: 500\nfc_operator: linear\n")
+    assert (resolve("--config", str(path)).grad_clip, resolve("--config", str(path)).test_subset) == (1.0, 500)
+    config = resolve("--config", str(path), "--grad-clip", "null", "--test-subset", "None", "--fc-operator", "~")
+    assert (config.grad_clip, config.test_subset, config.fc_operator) == (None, None, None)
+    # a key that may not be null still refuses it, naming the flag
+    code, _, err = run_cli("train", "--batch-size", "null", "--dry-run")
+    assert code == 2 and "--batch-size" in err and "null" in err
 
 
 def test_dry_run_prints_a_config_file_marking_the_changed_keys(tmp_path):

@@ -62,6 +62,25 @@ def device_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+# What a flag of an optional config key takes for null (YAML's spellings, any case).
+NULL_WORDS = ("null", "none", "~")
+
+
+class Nullable:
+    """argparse type of a flag whose config key may be null: ``null`` (or ``none``, ``~``) gives
+    None, anything else goes through ``kind`` (argparse names ``kind`` in its error message)."""
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+        self.__name__ = kind.__name__
+
+    def __call__(self, text: str):
+        return None if text.strip().lower() in NULL_WORDS else self.kind(text)
+
+    def __repr__(self) -> str:
+        return f"Nullable({self.kind.__name__})"
+
+
 def mapping_text(text: str) -> dict:
     """argparse type: a mapping written as YAML or JSON (``{margin: 4}``) or as ``KEY=VALUE`` (the
     value read as YAML, so ``margin=4`` gives the number 4). Read like a config file (no aliases,

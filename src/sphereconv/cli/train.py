@@ -19,7 +19,7 @@ import os
 import sys
 
 from ..errors import ConfigError
-from .parsing import CommandLineError, finite_float, mapping_text
+from .parsing import CommandLineError, Nullable, finite_float, mapping_text
 
 # Exit code of a run stopped by a signal (the CLI's convention for interrupts).
 EXIT_INTERRUPTED = 1
@@ -54,7 +54,8 @@ def add_key_flag(parser: argparse.ArgumentParser, key) -> argparse.Action:
     if key.kind is list:
         return parser.add_argument(key.flag, type=key.item_kind, nargs="+", metavar=METAVARS[key.item_kind], **options)
     metavar = "NAME" if key.choices() is not None else METAVARS[key.kind]
-    return parser.add_argument(key.flag, type=key.kind, metavar=metavar, **options)
+    kind = Nullable(key.kind) if key.optional else key.kind  # "--grad-clip null" resets a config file's value
+    return parser.add_argument(key.flag, type=kind, metavar=metavar, **options)
 
 
 def register(subparsers) -> None:
@@ -86,7 +87,7 @@ def register(subparsers) -> None:
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """TrainConfig overrides for exactly the flags given on the command line, each checked by its
     key's check (a bad value is a one-line error naming the flag)."""
-    from ..engine.config import key_specs
+    from ..engine.config import NULL, key_specs
 
     given = vars(args)
     if "epochs" in given and "iterations" in given:
@@ -95,9 +96,10 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     for key in key_specs():
         if key.name in given:
             try:
-                overrides[key.name] = key.check(given[key.name])
+                value = key.check(given[key.name])
             except ConfigError as exc:
                 raise CommandLineError(f"argument {key.flag}: {exc}") from None
+            overrides[key.name] = NULL if value is None else value  # "--grad-clip null" resets the key
     # A length given here replaces the config file's length of the other kind (load_config does it).
     return overrides
 

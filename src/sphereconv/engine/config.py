@@ -776,10 +776,22 @@ def read_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+class _Null:
+    """The type of :data:`NULL`."""
+
+    def __repr__(self) -> str:
+        return "NULL"
+
+
+# An override that sets a key to null (``--grad-clip null``); a None override means "not given".
+NULL = _Null()
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
     """Resolve a :class:`TrainConfig`: defaults, then the YAML file at ``path``, then ``overrides``.
 
-    ``overrides`` holds explicitly given values (command-line flags); ``None`` values are ignored.
+    ``overrides`` holds explicitly given values (command-line flags); ``None`` values are ignored,
+    :data:`NULL` sets a key to null.
     Keys may use ``-`` or ``_``. Unknown keys raise ConfigError with the closest valid names.
     With ``resume`` set and no ``path``, the ``config.yaml`` of the run in ``out`` (if any), with
     the amendments of earlier resumes, is the file layer, so ``--out DIR --resume`` alone continues
@@ -788,7 +800,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     """
     if overrides is not None and not isinstance(overrides, Mapping):
         raise ConfigError(f"overrides must be a mapping of keys to values, not {type(overrides).__name__}")
-    given = _normalise_keys({k: v for k, v in (overrides or {}).items() if v is not None}, "overrides")
+    given = {k: None if v is NULL else v for k, v in (overrides or {}).items() if v is not None}
+    given = _normalise_keys(given, "overrides")
     values = config_to_dict(TrainConfig())
     if path is None and given.get("resume") is True:
         # Continue a run with the settings it was started with (and later amended).
