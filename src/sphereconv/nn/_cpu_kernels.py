@@ -789,6 +789,12 @@ def load_error() -> str | None:
     return _load_error
 
 
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without the dispatch when ``t`` has that dtype already (a layer call makes about
+    twenty such conversions, nearly all no-ops; the fused path uses this too)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -859,13 +865,13 @@ def forward_epilogue(
         sq, peak, eps, windows = norms
         r = torch.empty((n, g, *inner.shape[2:]), dtype=inner.dtype)
         geometry = _windows(tuple(sq.shape[2:]), tuple(inner.shape[2:]), *windows)
-        peak = (peak if peak.dtype == inner.dtype else peak.to(inner.dtype)).contiguous()
+        peak = as_dtype(peak, inner.dtype).contiguous()
     op = OPERATOR_CODES[operator]
     out = torch.empty_like(inner)
     extra = torch.empty_like(inner) if op == 2 else None
     k_values, k_stride = _k_values(operator, k, inner)
     if bias is not None:
-        bias = (bias if bias.dtype == inner.dtype else bias.to(inner.dtype)).contiguous()
+        bias = as_dtype(bias, inner.dtype).contiguous()
     getattr(lib, f"sphereconv_normalized_forward_{_suffix(inner)}")(
         _ptr(inner),
         _ptr(r),
@@ -906,7 +912,7 @@ def backward_epilogue(
     value per channel (the caller sums a scalar k), ``dL/dbias`` shape (C,)."""
     lib = load()
     n, c, g, s = _dims(cos, groups)
-    grad_out = (grad_out if grad_out.dtype == cos.dtype else grad_out.to(cos.dtype)).contiguous()
+    grad_out = as_dtype(grad_out, cos.dtype).contiguous()
     r = r.contiguous()
     op = OPERATOR_CODES[operator]
     need_k = need_k and op == 2

@@ -97,6 +97,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _cpu_kernels
+from ._cpu_kernels import as_dtype as _as_dtype
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 # Linear operator (paper Sec. 2.1): g = 1 - 2 theta/pi = (2/pi) asin(c).
@@ -553,12 +554,6 @@ def _autocast_dtype(input: Tensor) -> torch.dtype | None:
     if input.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return None  # autocast leaves float64 alone
     return torch.get_autocast_dtype(device)
-
-
-def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t.to(dtype)``, without the dispatch when ``t`` has that dtype already (a layer call makes about
-    twenty such conversions, nearly all no-ops)."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _autocast_off(device: str) -> contextlib.AbstractContextManager:
@@ -1189,7 +1184,7 @@ class _FusedSphereConvFn(torch.autograd.Function):
 def _cosine(inner: Tensor, r: Tensor, groups: int, cdtype: torch.dtype) -> Tensor:
     """The cosine ``inner * r`` (N, C_out, *S) in the compute dtype, in place when the conv output
     already has that dtype."""
-    c_full = inner if inner.dtype == cdtype else inner.to(cdtype)
+    c_full = _as_dtype(inner, cdtype)
     c_full.unflatten(1, (groups, inner.shape[1] // groups)).mul_(r.unsqueeze(2))
     return c_full
 
@@ -1214,7 +1209,7 @@ class _FusedSphereLinearFn(torch.autograd.Function):
         r = x_s.square().sum(-1, keepdim=True).add_(x_peak.square().mul_(eps).unsqueeze(-1)).rsqrt_()
         k_val = k_tensor if k_tensor is not None else k_float
         bias_c = bias.to(cdtype) if bias is not None else None
-        c = (inner if inner.dtype == cdtype else inner.to(cdtype)).mul_(r)
+        c = _as_dtype(inner, cdtype).mul_(r)
         keep_angle = k_tensor is not None and k_tensor.requires_grad
         out, v = forward_epilogue(c, operator, k_val, bias_c, keep_angle)
         if out_dtype is not None and out.dtype != out_dtype:
