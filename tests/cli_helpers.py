@@ -25,6 +25,34 @@ TINY = [
 ]
 
 
+# Keys every metrics.jsonl record and every summary.json of a training run carries.
+METRIC_KEYS = {
+    "step",
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "lr",
+    "seconds",
+    "images_per_second",
+}
+SUMMARY_KEYS = {
+    "final_test_acc",
+    "best_test_acc",
+    "best_step",
+    "steps",
+    "images_per_second",
+    "model",
+    "operator",
+    "dataset",
+    "loss",
+    "seed",
+    "seconds",
+    "skipped_steps",
+}
+
+
 def run_cli(*argv) -> tuple[int, str, str]:
     """``sphereconv ARGV`` in this process: ``(exit code, stdout, stderr)``."""
     stdout, stderr = io.StringIO(), io.StringIO()

@@ -14,32 +14,12 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from cli_helpers import METRIC_KEYS, SUMMARY_KEYS  # noqa: E402
 from png_checks import CURVE_PLOT_SIZE, assert_png  # noqa: E402
 
 from sphereconv.cli.main import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-METRIC_KEYS = {
-    "step",
-    "epoch",
-    "train_loss",
-    "train_acc",
-    "test_loss",
-    "test_acc",
-    "lr",
-    "seconds",
-    "images_per_second",
-}
-SUMMARY_KEYS = {
-    "final_test_acc",
-    "best_test_acc",
-    "best_step",
-    "steps",
-    "images_per_second",
-    "model",
-    "operator",
-    "dataset",
-}
 
 
 @pytest.fixture(scope="module")

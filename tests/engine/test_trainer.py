@@ -11,6 +11,7 @@ import signal
 import pytest
 import torch
 import yaml
+from cli_helpers import METRIC_KEYS, SUMMARY_KEYS
 from engine_helpers import tiny_overrides
 
 from sphereconv.data import load_dataset
@@ -19,31 +20,6 @@ from sphereconv.engine import loaders as loaders_module
 from sphereconv.engine.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from sphereconv.errors import CheckpointError, ConfigError, SphereconvError, TrainingDivergedError
 
-METRIC_KEYS = {
-    "step",
-    "epoch",
-    "train_loss",
-    "train_acc",
-    "test_loss",
-    "test_acc",
-    "lr",
-    "seconds",
-    "images_per_second",
-}
-SUMMARY_KEYS = {
-    "final_test_acc",
-    "best_test_acc",
-    "best_step",
-    "steps",
-    "images_per_second",
-    "model",
-    "operator",
-    "dataset",
-    "loss",
-    "seed",
-    "seconds",
-    "skipped_steps",
-}
 _CACHE: dict = {}
 
 
