@@ -14,5 +14,5 @@ bash scripts/setup_env.sh
 out="${SPHERECONV_OUT:-runs/quickstart}"
 scale=()
 if [ -n "${SPHERECONV_SCALE:-}" ]; then scale=(--scale "$SPHERECONV_SCALE"); fi
+# Prints the measured difference and the full sweep's findings in plain words, then the report's path.
 .venv/bin/sphereconv reproduce --grid quickstart "${scale[@]}" --download --out "$out"
-echo "report: $out/quickstart/report.md"

@@ -42,6 +42,9 @@ def test_main_job_runs_as_written_at_smoke_scale(tmp_path):
     assert "| 2 |" in row and re.search(r"\[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", row), row
     # ... and what the committed full sweep has found, with a link to the results page.
     assert "What the full sweep" in report and "docs/RESULTS.md" in report
+    # The same in plain words, at the top of the report and on the terminal.
+    assert "In regime `S`, SphereNet-9 cosine ended " in report.split("## Verdicts")[0]
+    assert "In regime `S`, SphereNet-9 cosine ended " in proc.stdout and "these numbers mean nothing" in proc.stdout
     pngs = list(report_dir.glob("*.png"))
     assert pngs and all(p.stat().st_size > 1000 for p in pngs)
 

@@ -11,7 +11,7 @@ from png_checks import CURVE_PLOT_SIZE, assert_png
 
 from sphereconv.cli.main import main
 from sphereconv.errors import ConfigError
-from sphereconv.experiments.sweep import load_grid, plan_grid
+from sphereconv.experiments.sweep import load_grid, plan_grid, results_path, write_grid_report
 
 ROOT = Path(__file__).resolve().parents[2]
 CLAIMS = ROOT / "configs" / "sweeps" / "claims.yaml"
@@ -168,6 +168,97 @@ def test_report_has_paired_effect_plots_and_the_other_grids_summary(tmp_path, ca
     summary = quick_report.split("What the full sweep", 1)[1]
     assert summary.count("SphereNet-9 cosine vs CNN-9: pending (1/3 paired seeds)") == 2  # regimes A and B
     assert "4 of 4 runs finished" in quick_report and "`B` (width 0.125, batch 16" in quick_report
+
+
+def record(plan, accuracies: dict[tuple[str, str, int], float]) -> None:
+    """Results files for the runs of ``plan`` named in ``accuracies`` ((regime, model, seed) -> final
+    test accuracy), as the sweep writes them (no training)."""
+    for run in plan.runs:
+        accuracy = accuracies.get((run.regime.name, run.model.name, run.seed))
+        if accuracy is None:
+            continue
+        path = results_path(plan, run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        document = {
+            "grid": plan.grid.name,
+            "regime": run.regime.name,
+            "model": run.model.name,
+            "seed": run.seed,
+            "settings": run.settings,
+            "finished": "2026-11-29 10:00 UTC",
+            "summary": {"final_test_acc": accuracy, "best_test_acc": accuracy, "images_per_second": 100.0},
+            "metrics": [{"step": 10, "test_acc": accuracy}],
+        }
+        path.write_text(json.dumps(document))
+
+
+def in_short_section(report: Path) -> str:
+    text = report.read_text()
+    return text[text.index("## In short") : text.index("## Verdicts")]
+
+
+def test_report_opens_with_each_difference_in_plain_words(tmp_path):
+    sweep_file = write_grid(
+        tmp_path / "sweep.yaml",
+        name="sweep",
+        seeds=[0, 1, 2],
+        results=str(tmp_path / "committed"),
+        regimes={"A": {"label": "narrow", "width_mult": 0.25}, "B": {"label": "wide", "width_mult": 0.5}},
+        stages=[{"regime": "A", "models": ["cnn", "cosine"]}, {"regime": "B", "models": ["cnn", "cosine"]}],
+    )
+    sweep = plan_grid(load_grid(sweep_file), out=tmp_path / "out", progress=False)
+    # A: the SphereNet below in every pair (a verdict); B: one pair up, one down (an interval across zero).
+    record(sweep, {("A", "cnn", s): 0.87 for s in range(3)})
+    record(sweep, {("A", "cosine", 0): 0.855, ("A", "cosine", 1): 0.86, ("A", "cosine", 2): 0.858})
+    record(sweep, {("B", "cnn", 0): 0.88, ("B", "cnn", 1): 0.885, ("B", "cnn", 2): 0.882})
+    record(sweep, {("B", "cosine", 0): 0.886, ("B", "cosine", 1): 0.881, ("B", "cosine", 2): 0.884})
+    opening = in_short_section(write_grid_report(sweep, "test"))
+    assert "In regime `A`, SphereNet-9 cosine ended 1.23 points below CNN-9 (85.77% vs 87.00%" in opening
+    assert (
+        "3 seed pair(s)): the whole interval is below zero, so at this size the SphereNet is less accurate." in opening
+    )
+    assert "In regime `B`, SphereNet-9 cosine ended 0.13 points above CNN-9" in opening
+    assert "the interval includes zero, so no difference is detectable." in opening
+
+    # A quick grid repeating regime A (same settings) with 2 seeds, summarising the sweep.
+    quick_file = write_grid(
+        tmp_path / "quick.yaml",
+        name="quick",
+        seeds=[0, 1],
+        results=str(tmp_path / "quick"),
+        summary_from="sweep.yaml",
+        regimes={"A": {"label": "narrow", "width_mult": 0.25}},
+    )
+    quick = plan_grid(load_grid(quick_file), out=tmp_path / "out", progress=False)
+    record(quick, {("A", "cnn", 0): 0.87, ("A", "cnn", 1): 0.872, ("A", "cosine", 0): 0.861, ("A", "cosine", 1): 0.875})
+    opening = in_short_section(write_grid_report(quick, "test"))
+    assert (
+        "ended 0.30 points below CNN-9" in opening
+        and "2 seed pair(s)): with 2 seed pairs the interval is wide" in opening
+    )
+    assert (
+        "The full sweep ran the same regime `A` with 3 seed pairs: SphereNet-9 cosine 1.23 points below CNN-9"
+        in opening
+    )
+    assert (
+        "the sweep has 2 finished comparison(s) of 3 or more seed pairs: 1 with no detectable difference, " in opening
+    )
+    assert "1 with the SphereNet less accurate" in opening
+
+    # The same regime name with other settings is not presented as the same regime.
+    other_file = write_grid(
+        tmp_path / "other.yaml",
+        name="other",
+        seeds=[0],
+        results=str(tmp_path / "other"),
+        summary_from="sweep.yaml",
+        regimes={"A": {"label": "narrow", "width_mult": 0.125}},
+    )
+    other = plan_grid(load_grid(other_file), out=tmp_path / "out", progress=False)
+    record(other, {("A", "cnn", 0): 0.86, ("A", "cosine", 0): 0.85})
+    opening = in_short_section(write_grid_report(other, "test"))
+    assert "one seed pair gives no interval" in opening and "ran the same regime" not in opening
+    assert "2 finished comparison(s)" in opening
 
 
 @pytest.mark.parametrize(

@@ -577,6 +577,91 @@ def claim_conclusions(plan: GridPlan, comparisons: list[Comparison]) -> list[str
     return lines
 
 
+def _in_words(comparison: Comparison) -> str:
+    """What a comparison's final-accuracy interval says, in words a first-time reader follows."""
+    n = comparison.accuracy.n
+    if n < 2:
+        return "one seed pair gives no interval, so this is not yet evidence either way"
+    if n < MIN_SEEDS_FOR_VERDICT:
+        return (
+            f"with {n} seed pairs the interval is wide; the protocol needs {MIN_SEEDS_FOR_VERDICT} before it "
+            "calls a difference"
+        )
+    return {
+        "SphereNet worse": "the whole interval is below zero, so at this size the SphereNet is less accurate",
+        "SphereNet better": "the whole interval is above zero, so at this size the SphereNet is more accurate",
+        "no detectable difference": "the interval includes zero, so no difference is detectable",
+    }[verdict(comparison.accuracy)]
+
+
+def in_short(plan: GridPlan, cells: list[Cell], comparisons: list[Comparison]) -> list[str]:
+    """The report's opening: each finished comparison as one sentence, then the tally of the grid it
+    summarises (``summary_from``), if any."""
+    means = {(c.regime.name, c.model.name): mean_interval(list(c.values("final_test_acc").values())) for c in cells}
+    baseline = plan.grid.models[plan.grid.baseline]
+    lines = []
+    for c in comparisons:
+        if c.accuracy.n == 0:
+            continue
+        d = c.accuracy.difference
+        side = "above" if d.mean > 0 else "below"
+        interval = "" if d.n < 2 else f", 95% interval {100 * d.low:+.2f} to {100 * d.high:+.2f}"
+        ours, theirs = means[(c.regime.name, c.model.name)], means[(c.regime.name, baseline.name)]
+        lines.append(
+            f"In regime `{c.regime.name}`, {c.model.label} ended {abs(100 * d.mean):.2f} points {side} "
+            f"{baseline.label} ({_pct(ours.mean)}% vs {_pct(theirs.mean)}% final test accuracy; paired by seed"
+            f"{interval}; {c.accuracy.n} seed pair(s)): {_in_words(c)}."
+        )
+    lines = lines or ["No comparison has a finished pair of runs yet."]
+    if plan.smoke:
+        lines.insert(0, "Smoke scale (a check of the plumbing, a few iterations per run): these numbers mean nothing.")
+    return lines
+
+
+def _run_settings(grid: Grid, regime: Named, model: Named) -> dict:
+    return {**grid.base, **regime.overrides, **model.overrides}
+
+
+def _other_grid_in_short(path: Path, plan: GridPlan) -> list[str]:
+    """The opening's lines on the grid at ``path`` (``summary_from``): its comparisons that this grid
+    repeats with the same settings, and how all its comparisons of 3 or more seed pairs came out."""
+    other_plan = plan_grid(load_grid(path), progress=False)
+    cells, _ = collect_cells(other_plan, strict=False)
+    comparisons = compare_cells(other_plan, cells)
+    mine = {(r.regime.name, r.model.name): _run_settings(plan.grid, r.regime, r.model) for r in plan.runs}
+    lines = []
+    for c in comparisons:
+        key = (c.regime.name, c.model.name)
+        same = mine.get(key) == _run_settings(other_plan.grid, c.regime, c.model)
+        if same and c.accuracy.n >= MIN_SEEDS_FOR_VERDICT:
+            d = c.accuracy.difference
+            lines.append(
+                f"The full sweep ran the same regime `{c.regime.name}` with {c.accuracy.n} seed pairs: "
+                f"{c.model.label} {abs(100 * d.mean):.2f} points {'above' if d.mean > 0 else 'below'} "
+                f"{other_plan.grid.models[other_plan.grid.baseline].label}, 95% interval {100 * d.low:+.2f} to "
+                f"{100 * d.high:+.2f}: {_in_words(c)}."
+            )
+    counts: dict[str, int] = {}
+    for c in comparisons:
+        if c.accuracy.n >= MIN_SEEDS_FOR_VERDICT:
+            counts[verdict(c.accuracy)] = counts.get(verdict(c.accuracy), 0) + 1
+    if counts:
+        parts = [
+            f"{counts[key]} {words}"
+            for key, words in (
+                ("SphereNet better", "with the SphereNet more accurate"),
+                ("no detectable difference", "with no detectable difference"),
+                ("SphereNet worse", "with the SphereNet less accurate"),
+            )
+            if key in counts
+        ]
+        lines.append(
+            f"Over all its regimes and operators, the sweep has {sum(counts.values())} finished comparison(s) of "
+            f"{MIN_SEEDS_FOR_VERDICT} or more seed pairs: {', '.join(parts)} (listed in the last section)."
+        )
+    return lines
+
+
 def _effect_groups(
     plan: GridPlan, comparisons: list[Comparison], vary: str
 ) -> dict[str, list[tuple[float, float, float, float]]]:
@@ -628,6 +713,9 @@ def write_grid_report(plan: GridPlan, command: str) -> Path:
         parts.append(
             "- **smoke scale**: every run shrunk to a few iterations on a few hundred images; the numbers mean nothing"
         )
+    parts += ["", "## In short", ""] + in_short(plan, cells, comparisons)
+    if grid.summary_from is not None:
+        parts += [line for text in _other_grid_in_short(grid.summary_from, plan) for line in ("", text)]
     parts += ["", "## Verdicts (pre-registered rules; primary measure: final test accuracy)", ""]
     parts += [f"- {line}" for line in claim_conclusions(plan, comparisons)]
     parts += [
@@ -770,6 +858,11 @@ def run_grid(grid_file: str | os.PathLike, *, command: str, log: Callable[[str],
         execute_grid(plan, command, log)
     finally:  # stopped by a signal or an error: the report still covers every finished run
         report = write_grid_report(plan, command)
+    cells, _ = collect_cells(plan)
+    for line in in_short(plan, cells, compare_cells(plan, cells)):
+        log(line)
+    for line in _other_grid_in_short(grid.summary_from, plan) if grid.summary_from is not None else []:
+        log(line)
     return report
 
 
