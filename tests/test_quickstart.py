@@ -43,7 +43,7 @@ def test_main_job_runs_as_written_at_smoke_scale(tmp_path):
     # ... and what the committed full sweep has found, with a link to the results page.
     assert "What the full sweep" in report and "docs/RESULTS.md" in report
     # The same in plain words, at the top of the report and on the terminal.
-    assert "In regime `S`, SphereNet-9 cosine ended " in report.split("## Verdicts")[0]
+    assert "- In regime `S`, SphereNet-9 cosine ended " in report.split("## Verdicts")[0]
     assert "In regime `S`, SphereNet-9 cosine ended " in proc.stdout and "these numbers mean nothing" in proc.stdout
     pngs = list(report_dir.glob("*.png"))
     assert pngs and all(p.stat().st_size > 1000 for p in pngs)

@@ -213,7 +213,7 @@ def test_report_opens_with_each_difference_in_plain_words(tmp_path):
     record(sweep, {("B", "cnn", 0): 0.88, ("B", "cnn", 1): 0.885, ("B", "cnn", 2): 0.882})
     record(sweep, {("B", "cosine", 0): 0.886, ("B", "cosine", 1): 0.881, ("B", "cosine", 2): 0.884})
     opening = in_short_section(write_grid_report(sweep, "test"))
-    assert "In regime `A`, SphereNet-9 cosine ended 1.23 points below CNN-9 (85.77% vs 87.00%" in opening
+    assert "- In regime `A`, SphereNet-9 cosine ended 1.23 points below CNN-9 (85.77% vs 87.00%" in opening
     assert (
         "3 seed pair(s)): the whole interval is below zero, so at this size the SphereNet is less accurate." in opening
     )

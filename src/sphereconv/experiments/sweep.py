@@ -713,7 +713,7 @@ def write_grid_report(plan: GridPlan, command: str) -> Path:
         parts.append(
             "- **smoke scale**: every run shrunk to a few iterations on a few hundred images; the numbers mean nothing"
         )
-    parts += ["", "## In short", ""] + in_short(plan, cells, comparisons)
+    parts += ["", "## In short", ""] + [f"- {line}" for line in in_short(plan, cells, comparisons)]
     if grid.summary_from is not None:
         parts += [line for text in _other_grid_in_short(grid.summary_from, plan) for line in ("", text)]
     parts += ["", "## Verdicts (pre-registered rules; primary measure: final test accuracy)", ""]
