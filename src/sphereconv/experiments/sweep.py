@@ -595,8 +595,8 @@ def _in_words(comparison: Comparison) -> str:
 
 
 def in_short(plan: GridPlan, cells: list[Cell], comparisons: list[Comparison]) -> list[str]:
-    """The report's opening: each finished comparison as one sentence, then the tally of the grid it
-    summarises (``summary_from``), if any."""
+    """The report's opening: each comparison with a finished pair of runs as one sentence (the
+    difference, its interval, the seed pairs and what they allow one to conclude)."""
     means = {(c.regime.name, c.model.name): mean_interval(list(c.values("final_test_acc").values())) for c in cells}
     baseline = plan.grid.models[plan.grid.baseline]
     lines = []
