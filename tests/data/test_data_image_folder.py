@@ -65,6 +65,47 @@ def test_mixed_sizes_are_resized_to_the_default_or_to_image_size(tmp_path, caplo
     assert int(x[0].max()) == 0 and int(x[1].min()) >= 250  # JPEG of a flat image stays near 255
 
 
+def save_with_orientation(path, array, orientation: int) -> None:
+    """``array`` stored as is, with an EXIF orientation tag saying how to show it upright."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(array).save(path, exif=exif)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_turns_photos_upright(tmp_path, orientation):
+    from PIL import ImageOps
+
+    stored = np.random.default_rng(orientation).integers(0, 256, (3, 5, 3), dtype=np.uint8)  # 3 rows, 5 columns
+    path = tmp_path / "train" / "a" / "0.png"
+    save_with_orientation(path, stored, orientation)
+    save_png(tmp_path / "test" / "a" / "0.png", stored)
+    with Image.open(path) as image:  # Pillow's own rule is the reference
+        upright = np.array(ImageOps.exif_transpose(image).convert("RGB"))
+    assert upright.shape == ((5, 3, 3) if orientation >= 5 else (3, 5, 3))
+    x, _ = load_dataset("folder", "train", data_dir=tmp_path)
+    assert torch.equal(x[0], torch.from_numpy(upright).permute(2, 0, 1))
+    # Orientation 6 (a phone held upright, camera rotated): the stored left column becomes the top row.
+    if orientation == 6:
+        assert torch.equal(x[0][:, 0, :], torch.from_numpy(stored[::-1, 0].copy()).permute(1, 0))
+    assert dataset_info("folder", data_dir=tmp_path).image_size == tuple(upright.shape[:2])
+
+
+def test_rotated_photos_are_resized_upright(tmp_path):
+    # A JPEG stored 48 wide and 24 high, top half white and bottom half black, shown rotated 90 degrees
+    # clockwise (orientation 6): upright it is 24 wide and 48 high, white on the right.
+    stored = np.zeros((24, 48, 3), np.uint8)
+    stored[:12] = 255
+    save_with_orientation(tmp_path / "train" / "a" / "0.jpg", stored, 6)
+    save_png(tmp_path / "train" / "a" / "1.png", np.zeros((48, 24, 3), np.uint8))
+    (tmp_path / "test" / "a").mkdir(parents=True)
+    assert dataset_info("folder", data_dir=tmp_path).image_size == (48, 24)  # one upright size: kept
+    x, _ = load_dataset("folder", "train", data_dir=tmp_path, image_size=(16, 8))
+    assert x.shape == (2, 3, 16, 8)
+    assert int(x[0, :, :, 6:].min()) >= 230 and int(x[0, :, :, :2].max()) <= 25
+
+
 def test_flat_layout_split_rule_is_a_stable_partition(tmp_path):
     names = [f"img_{i:03d}.png" for i in range(60)]
     for name in names:

@@ -12,7 +12,9 @@ Two layouts are accepted:
 
 Labels are the indices of the sorted class names. Images with the extensions in
 ``IMAGE_EXTENSIONS`` are read with Pillow (an optional dependency: ``pip install pillow`` or the
-``images`` extra) and converted to RGB (``channels=3``) or greyscale (``channels=1``).
+``images`` extra) and converted to RGB (``channels=3``) or greyscale (``channels=1``). A photo whose
+EXIF orientation tag says it is stored rotated or mirrored (as phone cameras write them) is turned
+upright first, as image viewers show it; sizes below are those of the upright image.
 
 Sizes: the network needs one input size. With ``image_size`` given (an int for square images or
 ``(height, width)``; the ``image_size`` config key and ``--image-size`` flag) every image is resized
@@ -30,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import struct
 import warnings
 from pathlib import Path
 
@@ -45,6 +48,20 @@ FLAT_TEST_FRACTION = 0.2
 SPLIT_DIRS = {"train": ("train",), "test": ("test", "val")}
 # Pillow image modes for the supported channel counts.
 CHANNEL_MODES = {1: "L", 3: "RGB"}
+# The EXIF Orientation tag (TIFF/EXIF 2.3, tag 0x0112) and, for each of its values other than 1
+# (upright), the Pillow transpose that shows the image upright: 2 mirrored, 3 rotated 180 degrees,
+# 4 flipped, 5-8 the four with width and height exchanged.
+EXIF_ORIENTATION_TAG = 0x0112
+_UPRIGHT = {
+    2: "FLIP_LEFT_RIGHT",
+    3: "ROTATE_180",
+    4: "FLIP_TOP_BOTTOM",
+    5: "TRANSPOSE",
+    6: "ROTATE_270",
+    7: "TRANSVERSE",
+    8: "ROTATE_90",
+}
+_SIDES_EXCHANGED = frozenset((5, 6, 7, 8))
 # Bits of the name hash used to place an image in the flat layout's split.
 _HASH_BITS = 32
 # Side to which images of mixed or large sizes are resized when image_size is not given: 32, the
@@ -196,14 +213,36 @@ def _open(image_module, path: Path):
     return image
 
 
+def _orientation(image) -> int:
+    """The EXIF orientation of an opened image (1, upright, when it has none or an invalid one)."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except (OSError, ValueError, SyntaxError, struct.error):  # a damaged EXIF block: read the pixels as stored
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
+def _upright_size(image) -> tuple[int, int]:
+    """``(height, width)`` of an opened image as shown upright (see :func:`_orientation`)."""
+    if _orientation(image) in _SIDES_EXCHANGED:
+        return image.width, image.height
+    return image.height, image.width
+
+
 def _read(image_module, path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
-    """The pixels of ``path`` in ``mode``, resized to ``size`` = (height, width) if needed, as HWC uint8."""
+    """The pixels of ``path`` in ``mode``, turned upright (EXIF orientation) and resized to ``size`` =
+    (height, width) if needed, as HWC uint8."""
     height, width = size
     with _open(image_module, path) as image:
         try:
-            if (image.height, image.width) != size:
-                image.draft(mode, (width, height))  # JPEG: decode at a reduced scale, much faster for photos
+            orientation = _orientation(image)
+            stored = (width, height) if orientation in _SIDES_EXCHANGED else (height, width)
+            if (image.height, image.width) != stored:
+                # JPEG: decode at a reduced scale, much faster for photos (the scale of the stored image)
+                image.draft(mode, (stored[1], stored[0]))
             image = image.convert(mode)
+            if orientation in _UPRIGHT:
+                image = image.transpose(getattr(image_module.Transpose, _UPRIGHT[orientation]))
             if (image.height, image.width) != size:
                 image = image.resize((width, height), image_module.Resampling.BILINEAR)
             return np.asarray(image, dtype=np.uint8).reshape(height, width, len(mode))
@@ -229,7 +268,7 @@ def folder_image_size(
     sizes = set()
     for path, _ in items:
         with _open(image_module, path) as image:
-            sizes.add((image.height, image.width))
+            sizes.add(_upright_size(image))
     if len(sizes) == 1 and max(next(iter(sizes))) <= MAX_NATIVE_SIDE:
         return sizes.pop()
     size = (DEFAULT_FOLDER_IMAGE_SIZE, DEFAULT_FOLDER_IMAGE_SIZE)
