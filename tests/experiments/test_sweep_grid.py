@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from png_checks import CURVE_PLOT_SIZE, assert_png
 
 from sphereconv.cli.main import main
 from sphereconv.errors import ConfigError
-from sphereconv.experiments.sweep import load_grid, plan_grid, results_path, write_grid_report
+from sphereconv.experiments.sweep import describe_plan, load_grid, plan_grid, results_path, write_grid_report
 
 ROOT = Path(__file__).resolve().parents[2]
 CLAIMS = ROOT / "configs" / "sweeps" / "claims.yaml"
@@ -259,6 +260,27 @@ def test_report_opens_with_each_difference_in_plain_words(tmp_path):
     opening = in_short_section(write_grid_report(other, "test"))
     assert "one seed pair gives no interval" in opening and "ran the same regime" not in opening
     assert "2 finished comparison(s)" in opening
+
+
+def test_dry_run_plan_shows_progress_and_who_trains(tmp_path):
+    plan = plan_grid(load_grid(write_grid(tmp_path / "tiny.yaml")), out=tmp_path / "out", results=tmp_path / "r")
+    record(plan, {("A", "cnn", 0): 0.8})
+    partial = plan.runs[1]  # A-cosine-s0: a checkpoint at step 200, and a live process holding its lock
+    (partial.planned.out / "checkpoints").mkdir(parents=True)
+    (partial.planned.out / "checkpoints" / "step_00000200.pt").write_bytes(b"")
+    (partial.planned.out.parent / f"{partial.run_id}.lock").write_text(str(os.getpid()))
+    gone = plan.runs[2]  # A-cnn-s1: a lock file left by a process that no longer exists
+    gone_lock = gone.planned.out.parent / f"{gone.run_id}.lock"
+    gone_lock.write_text("999999999")
+    lines = describe_plan(plan)
+    assert lines[0].startswith("    1. A-cnn-s0: recorded;")
+    iterations = partial.planned.config.iterations
+    assert (
+        f"2. A-cosine-s0: partial (checkpoint at step 200 of {iterations:,}), being trained by process {os.getpid()};"
+        in (lines[1])
+    )
+    assert lines[2].startswith("    3. A-cnn-s1: new;") and not gone_lock.exists()
+    assert lines[-1] == "  1 recorded, 1 partial, 2 new (of 4 runs)"
 
 
 @pytest.mark.parametrize(

@@ -337,6 +337,21 @@ def _lock_path(run: GridRun) -> Path:
     return run.planned.out.parent / f"{run.run_id}.lock"
 
 
+def _lock_owner(run: GridRun) -> int | None:
+    """The process id of the live process that holds the run's lock file, else None (a lock file
+    left by a process that is gone is removed)."""
+    lock = _lock_path(run)
+    try:
+        owner = int(lock.read_text().strip() or 0)
+        os.kill(owner, 0)
+        return owner
+    except FileNotFoundError:
+        return None
+    except (ValueError, ProcessLookupError, PermissionError):
+        lock.unlink(missing_ok=True)
+        return None
+
+
 def _claim(run: GridRun) -> bool:
     """Take the run for this process (a lock file beside its directory); False if another live process has it."""
     lock = _lock_path(run)
@@ -344,13 +359,8 @@ def _claim(run: GridRun) -> bool:
     try:
         descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        try:
-            owner = int(lock.read_text().strip() or 0)
-            os.kill(owner, 0)
-            return owner == os.getpid()
-        except (ValueError, ProcessLookupError, PermissionError, FileNotFoundError):
-            lock.unlink(missing_ok=True)  # left by a process that is gone
-            return _claim(run)
+        owner = _lock_owner(run)
+        return owner == os.getpid() if owner is not None else _claim(run)
     with os.fdopen(descriptor, "w") as handle:
         handle.write(str(os.getpid()))
     return True
@@ -867,14 +877,26 @@ def run_grid(grid_file: str | os.PathLike, *, command: str, log: Callable[[str],
 
 
 def describe_plan(plan: GridPlan) -> list[str]:
-    """One line per run: order, id, status and the key settings (for ``--dry-run``)."""
+    """One line per run: order, id, status (for a partial run, the step its checkpoint holds and
+    whether a process is training it now) and the key settings; then the count per status (for
+    ``--dry-run``)."""
+    from ..engine.checkpoint import checkpoint_dir, list_checkpoints
+
     lines = []
+    counts: dict[str, int] = {}
     for index, run in enumerate(plan.runs, start=1):
         config = run.planned.config
         state = "recorded" if results_path(plan, run).is_file() else run_status(run.planned)
+        counts[state] = counts.get(state, 0) + 1
+        if state == "partial":
+            steps = list_checkpoints(checkpoint_dir(run.planned.out))
+            state += f" (checkpoint at step {steps[-1][0]:,} of {config.iterations:,})" if steps else ""
+        if state != "recorded" and (owner := _lock_owner(run)) is not None:
+            state += f", being trained by process {owner}"
         lines.append(
             f"  {index:3d}. {run.run_id}: {state}; operator={config.operator} width_mult={config.width_mult:g} "
             f"batch_size={config.batch_size} augment={config.augment} iterations={config.iterations} "
             f"eval_every={config.eval_every}"
         )
+    lines.append("  " + ", ".join(f"{n} {state}" for state, n in counts.items()) + f" (of {len(plan.runs)} runs)")
     return lines
