@@ -216,7 +216,9 @@ def _open(image_module, path: Path):
 def _orientation(image) -> int:
     """The EXIF orientation of an opened image (1, upright, when it has none or an invalid one)."""
     try:
-        value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+        with warnings.catch_warnings():  # Pillow warns about each damaged tag; the pixels are still read
+            warnings.simplefilter("ignore")
+            value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
     except (OSError, ValueError, SyntaxError, struct.error):  # a damaged EXIF block: read the pixels as stored
         return 1
     return value if value in _UPRIGHT else 1
