@@ -43,6 +43,7 @@ DEBUG_ENV = "SPHERECONV_DEBUG"
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a model"),
     "eval": ("evaluate", "evaluate a checkpoint on its test set"),
+    "export": ("export", "export a trained network for inference (ONNX, torch.export, safetensors)"),
     "inspect": ("inspect", "per-layer statistics and plots of a run or checkpoint"),
     "list-models": ("listing", "list the registered models"),
     "list-datasets": ("listing", "list the supported datasets"),

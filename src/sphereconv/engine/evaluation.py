@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..data import DeviceLoader, dataset_info, load_dataset, subset
+from ..data import DatasetInfo, DeviceLoader, dataset_info, load_dataset, subset
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import load_checkpoint, load_model_state
 from .config import TrainConfig, config_from_dict, resolve_device_name
@@ -25,11 +25,13 @@ SPLITS = ("train", "test")
 
 @dataclass
 class RestoredCheckpoint:
-    """A checkpoint rebuilt into its network: the run's config, the raw state and the module (CPU)."""
+    """A checkpoint rebuilt into its network: the run's config, the raw state, the module (CPU) and
+    the dataset's shape and class names it was built for."""
 
     config: TrainConfig
     state: dict[str, Any]
     module: TrainingModule
+    info: DatasetInfo
 
 
 def restore_checkpoint(
@@ -57,7 +59,7 @@ def restore_checkpoint(
     if loss_module is not None:
         load_model_state(loss_module, state.get("loss") or {}, source + " (loss module)")
     module = TrainingModule(model, loss_module, config.label_smoothing if loss_module is None else 0.0)
-    return RestoredCheckpoint(config, state, module)
+    return RestoredCheckpoint(config, state, module, info)
 
 
 def evaluate(
