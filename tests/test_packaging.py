@@ -88,6 +88,13 @@ def test_the_installed_package_is_the_wheel(installed, tmp_path):
     assert Path(package_file).is_relative_to(installed.parent), package_file  # not the checkout's src/
     assert Path(preset).is_relative_to(installed.parent) and Path(preset).is_file()
     assert (Path(package_file).parent / "py.typed").is_file()
+    # The C++ kernels' source ships as package data and builds from the installed copy.
+    assert (Path(package_file).parent / "nn" / "csrc" / "cpu_kernels.cpp").is_file()
+    kernels = "from sphereconv.nn import _cpu_kernels as k; print(k.load() is not None, k.load_error())"
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"))
+    proc = subprocess.run([installed / "python", "-c", kernels], cwd=tmp_path, env=env, capture_output=True, text=True)
+    if shutil.which("g++") or shutil.which("c++") or shutil.which("clang++"):
+        assert proc.stdout.split()[0] == "True", proc.stdout + proc.stderr
 
 
 def test_reproduce_runs_from_the_wheel(installed, tmp_path):

@@ -87,7 +87,7 @@ def test_cpp_arcsine_blocks_match_the_aten_epilogue(operator, dtype):
     # Blocks of cosines all within 1/2 take the arcsine's short branch: one all-small block, one with
     # a single large cosine, one with 1/2 exactly, -1 exactly and values beyond +-1 (clamped)
     block = _cpu_kernels.KERNEL_ARCSINE_BLOCK
-    assert f"kArcsineBlock = {block};" in _cpu_kernels._SOURCE
+    assert f"kArcsineBlock = {block};" in _cpu_kernels.source()
     cos = torch.linspace(-0.45, 0.45, 3 * block + 17, dtype=dtype)
     cos[block + 5] = 0.93
     cos[2 * block + 1 : 2 * block + 5] = torch.tensor([0.5, -1.0, 1.5, -1.2], dtype=dtype)
