@@ -14,9 +14,9 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from cli_helpers import METRIC_KEYS, SUMMARY_KEYS  # noqa: E402
 from png_checks import CURVE_PLOT_SIZE, assert_png  # noqa: E402
 
+from cli_helpers import METRIC_KEYS, SUMMARY_KEYS  # noqa: E402
 from sphereconv.cli.main import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,12 +10,12 @@ import zipfile
 
 import pytest
 import torch
-from cli_helpers import run_cli
 from engine_helpers import tiny_overrides
 
+from cli_helpers import run_cli
 from sphereconv.data import load_dataset, normalize_pixels
-from sphereconv.engine import load_config, train
 from sphereconv.engine import export as export_module
+from sphereconv.engine import load_config, train
 from sphereconv.engine.checkpoint import checkpoint_dir, find_latest_checkpoint, read_weights
 from sphereconv.engine.evaluation import restore_checkpoint
 from sphereconv.errors import CheckpointError, ConfigError

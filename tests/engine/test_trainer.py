@@ -11,9 +11,9 @@ import signal
 import pytest
 import torch
 import yaml
-from cli_helpers import METRIC_KEYS, SUMMARY_KEYS
 from engine_helpers import tiny_overrides
 
+from cli_helpers import METRIC_KEYS, SUMMARY_KEYS
 from sphereconv.data import load_dataset
 from sphereconv.engine import Callback, config_to_dict, evaluate, load_config, train
 from sphereconv.engine import loaders as loaders_module

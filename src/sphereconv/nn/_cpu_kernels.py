@@ -30,11 +30,12 @@ Inputs that need the power-of-two rescaling (largest values outside the fused pa
 take the ATen filter norm and peak search; the gradients then take the kernels with the scales.
 
 The source (``csrc/cpu_kernels.cpp``, package data) is plain C++ with C entry points, called through
-:mod:`ctypes` on contiguous float32/float64 tensors: without PyTorch's headers it builds in a few seconds. It is built once per
-source, compiler and flags (which follow PyTorch's CPU capability) into the PyTorch extensions
-directory (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and loaded from there
-afterwards. Without a C++ compiler, or if building or loading fails for any reason, :func:`load`
-returns None and the fused path keeps its ATen ops (:mod:`sphereconv.nn._fused` warns once).
+:mod:`ctypes` on contiguous float32/float64 tensors: without PyTorch's headers it builds in a few
+seconds. It is built once per source, compiler and flags (which follow PyTorch's CPU capability)
+into the PyTorch extensions directory (``$TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``) and loaded from there afterwards. Without a C++ compiler, or if
+building or loading fails for any reason, :func:`load` returns None and the fused path keeps its
+ATen ops (:mod:`sphereconv.nn._fused` warns once).
 """
 
 from __future__ import annotations
