@@ -12,7 +12,14 @@ from png_checks import CURVE_PLOT_SIZE, assert_png
 
 from sphereconv.cli.main import main
 from sphereconv.errors import ConfigError
-from sphereconv.experiments.sweep import describe_plan, load_grid, plan_grid, results_path, write_grid_report
+from sphereconv.experiments.sweep import (
+    describe_plan,
+    load_grid,
+    plan_grid,
+    results_path,
+    select_runs,
+    write_grid_report,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CLAIMS = ROOT / "configs" / "sweeps" / "claims.yaml"
@@ -94,13 +101,18 @@ def test_claims_grid_is_the_registered_protocol(tmp_path):
 def test_grid_runs_skips_resumes_and_reports(tmp_path, capsys):
     grid = write_grid(tmp_path / "tiny.yaml")
     out, results = tmp_path / "out", tmp_path / "results"
-    assert grid_main(grid, out, "--results", str(results)) == 0
+    # Split between two workers by --only: each trains its cells, numbered by their place in the grid.
+    assert grid_main(grid, out, "--results", str(results), "--only", "A/cosine") == 0
+    log = capsys.readouterr().out
+    assert [line.split(":")[0] for line in log.splitlines() if line.startswith("[")] == [
+        "[2/4] A-cosine-s0",
+        "[4/4] A-cosine-s1",
+    ]
+    assert grid_main(grid, out, "--results", str(results), "--only", "A/cnn") == 0
     log = capsys.readouterr().out
     assert [line.split(":")[0] for line in log.splitlines() if line.startswith("[")] == [
         "[1/4] A-cnn-s0",
-        "[2/4] A-cosine-s0",
         "[3/4] A-cnn-s1",
-        "[4/4] A-cosine-s1",
     ]
     files = sorted(p.name for p in (results / "runs").iterdir())
     assert files == ["A-cnn-s0.json", "A-cnn-s1.json", "A-cosine-s0.json", "A-cosine-s1.json"]
@@ -281,6 +293,36 @@ def test_dry_run_plan_shows_progress_and_who_trains(tmp_path):
     )
     assert lines[2].startswith("    3. A-cnn-s1: new;") and not gone_lock.exists()
     assert lines[-1] == "  1 recorded, 1 partial, 2 new (of 4 runs)"
+
+
+def test_only_selects_cells_and_names_what_a_bad_selector_may_say(tmp_path, capsys):
+    plan = plan_grid(load_grid(CLAIMS), out=tmp_path, progress=False)
+    assert [r.run_id for r in select_runs(plan, "Q/linear,Q/sigmoid")] == [
+        f"Q-{model}-s{seed}" for seed in (0, 1, 2) for model in ("linear", "sigmoid")
+    ]
+    assert [r.run_id for r in select_runs(plan, "WL")] == [f"WL-{m}-s{s}" for s in (0, 1, 2) for m in ("cnn", "cosine")]
+    assert select_runs(plan, None) == plan.runs
+    for only, message in (
+        ("XL", "names regime 'XL'; grid claims has regimes S, Q, L, WS, WL, FS"),
+        ("Q/mlp", "names model 'mlp'; grid claims has models cnn, cosine, linear, sigmoid"),
+        ("FS/sigmoid", "no stage of grid claims runs 'FS/sigmoid'"),
+        ("WL/linear", "no stage of grid claims runs 'WL/linear'"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            select_runs(plan, only)
+        assert message in str(info.value) and f"--only {only!r}" in str(info.value)
+
+    # The dry run lists only the selected runs, numbered by their place in the whole grid.
+    grid = write_grid(tmp_path / "tiny.yaml")
+    assert (
+        main(["reproduce", "--grid", str(grid), "--dry-run", "--out", str(tmp_path / "o"), "--only", "A/cosine"]) == 0
+    )
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("    ")]
+    assert [line.split(":")[0].strip() for line in lines] == ["2. A-cosine-s0", "4. A-cosine-s1"]
+    assert main(["reproduce", "--grid", str(grid), "--dry-run", "--only", "B"]) == 2
+    assert "invalid --only 'B'" in capsys.readouterr().err
+    assert main(["reproduce", "convergence", "--only", "A"]) == 2
+    assert "--only A applies only with --grid" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,13 @@ def register(subparsers) -> None:
         help="--grid only: folder of the results files and report (default: the grid's)",
     )
     parser.add_argument(
+        "--only",
+        default=None,
+        metavar="CELLS",
+        help="--grid only: train only these cells, comma-separated REGIME or REGIME/MODEL (e.g. WL or "
+        "Q/linear,Q/sigmoid), to split a grid between workers or machines; the report covers every recorded run",
+    )
+    parser.add_argument(
         "--scale",
         choices=list(SCALES),
         default=None,
@@ -139,7 +146,7 @@ def _grid_command(args: argparse.Namespace) -> str:
 def run_grid_command(args: argparse.Namespace) -> int:
     """``reproduce --grid FILE``: train the grid's missing runs and write its report."""
     from ..configs import find_grid
-    from ..experiments.sweep import describe_plan, load_grid, plan_grid, run_grid
+    from ..experiments.sweep import describe_plan, load_grid, plan_grid, run_grid, select_runs
 
     if args.experiment is not None:
         raise ConfigError(f"give either an experiment ({args.experiment!r}) or --grid, not both")
@@ -168,13 +175,14 @@ def run_grid_command(args: argparse.Namespace) -> int:
     }
     if args.dry_run:
         plan = plan_grid(load_grid(grid_file), **options)
+        runs = select_runs(plan, args.only)
         print(
             f"grid {plan.grid.name}: {len(plan.runs)} run(s) -> results {plan.results_dir}, "
             f"training in {plan.train_dir}"
         )
-        print("\n".join(describe_plan(plan)))
+        print("\n".join(describe_plan(plan, runs)))
         return 0
-    report = run_grid(grid_file, command=_grid_command(args), **options)
+    report = run_grid(grid_file, command=_grid_command(args), only=args.only, **options)
     print(f"report: {report}")
     return 0
 
@@ -188,6 +196,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.experiment is None:
         raise ConfigError(f"name an experiment ({', '.join(EXPERIMENTS)} or {ALL}) or pass --grid FILE")
+    for flag, value in (("--results", args.results), ("--only", args.only)):
+        if value is not None:
+            raise ConfigError(f"{flag} {value} applies only with --grid, not to the experiment {args.experiment!r}")
     args.scale = args.scale or DEFAULT_SCALE
     names = list(EXPERIMENTS) if args.experiment == ALL else [args.experiment]
     if args.dry_run:

@@ -366,10 +366,43 @@ def _claim(run: GridRun) -> bool:
     return True
 
 
-def execute_grid(plan: GridPlan, command: str, log: Callable[[str], None] = print) -> None:
-    """Train every run without a results file, in order, rewriting the report after each."""
-    total = len(plan.runs)
+def select_runs(plan: GridPlan, only: str | None) -> list[GridRun]:
+    """The runs of ``plan`` in the cells ``only`` names, in run order (all runs when None).
+
+    ``only`` is a comma-separated list of ``REGIME`` or ``REGIME/MODEL`` (``WL``, ``Q/linear,Q/sigmoid``):
+    it splits a grid between workers or machines. Which process trains a run does not change its
+    results file, and the report always covers every recorded run.
+    """
+    if only is None:
+        return list(plan.runs)
+    grid, cells = plan.grid, []
+    for selector in only.split(","):
+        regime, _, model = selector.strip().partition("/")
+        if regime not in grid.regimes:
+            raise ConfigError(
+                f"invalid --only {only!r}: {selector.strip()!r} names regime {regime!r}; "
+                f"grid {grid.name} has regimes {', '.join(grid.regimes)} (write REGIME or REGIME/MODEL)"
+            )
+        if model and model not in grid.models:
+            raise ConfigError(
+                f"invalid --only {only!r}: {selector.strip()!r} names model {model!r}; "
+                f"grid {grid.name} has models {', '.join(grid.models)}"
+            )
+        if not any(r.regime.name == regime and model in ("", r.model.name) for r in plan.runs):
+            raise ConfigError(f"invalid --only {only!r}: no stage of grid {grid.name} runs {selector.strip()!r}")
+        cells.append((regime, model))
+    return [r for r in plan.runs if any(r.regime.name == g and m in ("", r.model.name) for g, m in cells)]
+
+
+def execute_grid(
+    plan: GridPlan, command: str, log: Callable[[str], None] = print, runs: list[GridRun] | None = None
+) -> None:
+    """Train every run (of ``runs``, default all) without a results file, in order, rewriting the
+    report after each."""
+    total, chosen = len(plan.runs), {r.run_id for r in (plan.runs if runs is None else runs)}
     for index, run in enumerate(plan.runs, start=1):
+        if run.run_id not in chosen:
+            continue
         tag = f"[{index}/{total}] {run.run_id}"
         if load_recorded(plan, run) is not None:
             log(f"{tag}: in {plan.results_dir / RUNS_DIR}, skipped")
@@ -854,18 +887,28 @@ def summary_of_other_grid(path: Path, report_dir: Path) -> list[str]:
     return lines
 
 
-def run_grid(grid_file: str | os.PathLike, *, command: str, log: Callable[[str], None] = print, **options) -> Path:
-    """Plan, train what is missing, and report; returns the report's path (options: :func:`plan_grid`)."""
+def run_grid(
+    grid_file: str | os.PathLike,
+    *,
+    command: str,
+    log: Callable[[str], None] = print,
+    only: str | None = None,
+    **options,
+) -> Path:
+    """Plan, train what is missing (of the cells ``only`` names, see :func:`select_runs`), and
+    report; returns the report's path (options: :func:`plan_grid`)."""
     grid = load_grid(grid_file)
     plan = plan_grid(grid, **options)
+    runs = select_runs(plan, only)
     source_version()  # the code this process runs, before anyone edits the tree
     done = sum(results_path(plan, r).is_file() for r in plan.runs)
+    selected = f" ({len(runs)} selected by --only {only})" if only is not None else ""
     log(
-        f"grid {grid.name}: {len(plan.runs)} run(s), {done} already in {plan.results_dir / RUNS_DIR}; "
+        f"grid {grid.name}: {len(plan.runs)} run(s){selected}, {done} already in {plan.results_dir / RUNS_DIR}; "
         f"training in {plan.train_dir}"
     )
     try:
-        execute_grid(plan, command, log)
+        execute_grid(plan, command, log, runs)
     finally:  # stopped by a signal or an error: the report still covers every finished run
         report = write_grid_report(plan, command)
     cells, _ = collect_cells(plan)
@@ -876,15 +919,18 @@ def run_grid(grid_file: str | os.PathLike, *, command: str, log: Callable[[str],
     return report
 
 
-def describe_plan(plan: GridPlan) -> list[str]:
-    """One line per run: order, id, status (for a partial run, the step its checkpoint holds and
-    whether a process is training it now) and the key settings; then the count per status (for
-    ``--dry-run``)."""
+def describe_plan(plan: GridPlan, runs: list[GridRun] | None = None) -> list[str]:
+    """One line per run (of ``runs``, default all): order, id, status (for a partial run, the step
+    its checkpoint holds and whether a process is training it now) and the key settings; then the
+    count per status (for ``--dry-run``)."""
     from ..engine.checkpoint import checkpoint_dir, list_checkpoints
 
     lines = []
     counts: dict[str, int] = {}
+    chosen = {r.run_id for r in (plan.runs if runs is None else runs)}
     for index, run in enumerate(plan.runs, start=1):
+        if run.run_id not in chosen:
+            continue
         config = run.planned.config
         state = "recorded" if results_path(plan, run).is_file() else run_status(run.planned)
         counts[state] = counts.get(state, 0) + 1
@@ -898,5 +944,8 @@ def describe_plan(plan: GridPlan) -> list[str]:
             f"batch_size={config.batch_size} augment={config.augment} iterations={config.iterations} "
             f"eval_every={config.eval_every}"
         )
-    lines.append("  " + ", ".join(f"{n} {state}" for state, n in counts.items()) + f" (of {len(plan.runs)} runs)")
+    of = (
+        f"{len(chosen)} selected of {len(plan.runs)} runs" if len(chosen) < len(plan.runs) else f"{len(plan.runs)} runs"
+    )
+    lines.append("  " + ", ".join(f"{n} {state}" for state, n in counts.items()) + f" (of {of})")
     return lines
