@@ -274,6 +274,23 @@ def test_report_opens_with_each_difference_in_plain_words(tmp_path):
     assert "2 finished comparison(s)" in opening
 
 
+def test_an_effect_from_one_seed_pair_is_shown_without_an_interval(tmp_path):
+    grid = write_grid(
+        tmp_path / "sweep.yaml",
+        seeds=[0, 1, 2],
+        regimes={"A": {"label": "narrow", "width_mult": 0.25}, "B": {"label": "wide", "width_mult": 0.5}},
+        stages=[{"regime": "A", "models": ["cnn", "cosine"]}, {"regime": "B", "models": ["cnn", "cosine"]}],
+    )
+    plan = plan_grid(load_grid(grid), out=tmp_path / "out", results=tmp_path / "r", progress=False)
+    record(plan, {("A", "cnn", s): 0.87 for s in range(3)})
+    record(plan, {("A", "cosine", 0): 0.855, ("A", "cosine", 1): 0.86, ("A", "cosine", 2): 0.858})
+    record(plan, {("B", "cnn", 0): 0.88, ("B", "cosine", 0): 0.886})  # one pair so far
+    report = write_grid_report(plan, "test").read_text()
+    width_line = next(line for line in report.splitlines() if line.startswith("- **The gain grows with width**"))
+    assert "0.25 -> -1.23 [" in width_line and "0.5 -> +0.60 (one seed pair, no interval)" in width_line
+    assert "nan" not in report
+
+
 def test_dry_run_plan_shows_progress_and_who_trains(tmp_path):
     plan = plan_grid(load_grid(write_grid(tmp_path / "tiny.yaml")), out=tmp_path / "out", results=tmp_path / "r")
     record(plan, {("A", "cnn", 0): 0.8})

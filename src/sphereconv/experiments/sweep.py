@@ -576,6 +576,13 @@ def _grouped(by_outcome: dict[str, list[str]]) -> str:
     return "; ".join(parts) or "no results yet"
 
 
+def _interval_text(low: float, high: float) -> str:
+    """``[low, high]`` in signed points, or what stands in for it where one seed pair gives none."""
+    return (
+        f"[{low:+.2f}, {high:+.2f}]" if math.isfinite(low) and math.isfinite(high) else "(one seed pair, no interval)"
+    )
+
+
 def claim_conclusions(plan: GridPlan, comparisons: list[Comparison]) -> list[str]:
     """The protocol's claims, each with the verdicts so far, in plain words."""
     by_verdict: dict[str, list[str]] = {}
@@ -605,7 +612,7 @@ def claim_conclusions(plan: GridPlan, comparisons: list[Comparison]) -> list[str
         if groups:
             trend = "; ".join(
                 f"{label}: "
-                + ", ".join(f"{x:g} -> {mean:+.2f} [{low:+.2f}, {high:+.2f}]" for x, mean, low, high in points)
+                + ", ".join(f"{x:g} -> {mean:+.2f} {_interval_text(low, high)}" for x, mean, low, high in points)
                 for label, points in groups.items()
             )
             lines.append(
