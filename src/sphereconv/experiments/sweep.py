@@ -375,7 +375,7 @@ def select_runs(plan: GridPlan, only: str | None) -> list[GridRun]:
     """
     if only is None:
         return list(plan.runs)
-    grid, cells = plan.grid, []
+    grid, chosen = plan.grid, set()
     for selector in only.split(","):
         regime, _, model = selector.strip().partition("/")
         if regime not in grid.regimes:
@@ -388,10 +388,17 @@ def select_runs(plan: GridPlan, only: str | None) -> list[GridRun]:
                 f"invalid --only {only!r}: {selector.strip()!r} names model {model!r}; "
                 f"grid {grid.name} has models {', '.join(grid.models)}"
             )
-        if not any(r.regime.name == regime and model in ("", r.model.name) for r in plan.runs):
+        matched = {r.run_id for r in plan.runs if r.regime.name == regime and model in ("", r.model.name)}
+        if not matched:
             raise ConfigError(f"invalid --only {only!r}: no stage of grid {grid.name} runs {selector.strip()!r}")
-        cells.append((regime, model))
-    return [r for r in plan.runs if any(r.regime.name == g and m in ("", r.model.name) for g, m in cells)]
+        chosen |= matched
+    return [r for r in plan.runs if r.run_id in chosen]
+
+
+def _numbered(plan: GridPlan, runs: list[GridRun] | None) -> list[tuple[int, GridRun]]:
+    """``(place in the whole grid, run)`` for each of ``runs`` (default: all), in run order."""
+    chosen = {r.run_id for r in (plan.runs if runs is None else runs)}
+    return [(index, run) for index, run in enumerate(plan.runs, start=1) if run.run_id in chosen]
 
 
 def execute_grid(
@@ -399,10 +406,8 @@ def execute_grid(
 ) -> None:
     """Train every run (of ``runs``, default all) without a results file, in order, rewriting the
     report after each."""
-    total, chosen = len(plan.runs), {r.run_id for r in (plan.runs if runs is None else runs)}
-    for index, run in enumerate(plan.runs, start=1):
-        if run.run_id not in chosen:
-            continue
+    total = len(plan.runs)
+    for index, run in _numbered(plan, runs):
         tag = f"[{index}/{total}] {run.run_id}"
         if load_recorded(plan, run) is not None:
             log(f"{tag}: in {plan.results_dir / RUNS_DIR}, skipped")
@@ -934,10 +939,8 @@ def describe_plan(plan: GridPlan, runs: list[GridRun] | None = None) -> list[str
 
     lines = []
     counts: dict[str, int] = {}
-    chosen = {r.run_id for r in (plan.runs if runs is None else runs)}
-    for index, run in enumerate(plan.runs, start=1):
-        if run.run_id not in chosen:
-            continue
+    numbered = _numbered(plan, runs)
+    for index, run in numbered:
         config = run.planned.config
         state = "recorded" if results_path(plan, run).is_file() else run_status(run.planned)
         counts[state] = counts.get(state, 0) + 1
@@ -952,7 +955,9 @@ def describe_plan(plan: GridPlan, runs: list[GridRun] | None = None) -> list[str
             f"eval_every={config.eval_every}"
         )
     of = (
-        f"{len(chosen)} selected of {len(plan.runs)} runs" if len(chosen) < len(plan.runs) else f"{len(plan.runs)} runs"
+        f"{len(numbered)} selected of {len(plan.runs)} runs"
+        if len(numbered) < len(plan.runs)
+        else f"{len(plan.runs)} runs"
     )
     lines.append("  " + ", ".join(f"{n} {state}" for state, n in counts.items()) + f" (of {of})")
     return lines
