@@ -138,6 +138,7 @@ def test_short_run_defaults_and_reference_configs():
     for name in PAPER_CONFIGS:
         config = load_config(ROOT / "configs" / f"{name}.yaml", {})
         assert config.bn_momentum == REFERENCE_BN_MOMENTUM and config.label_smoothing == 0.01, name
+        assert (config.iterations, config.epochs) == (64000, None), name  # the reference's length
         model = build_model(config, 10, 3, 32)
         assert {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {REFERENCE_BN_MOMENTUM}
 

@@ -29,7 +29,12 @@ TINY_GRID = {
     "title": "Tiny grid",
     "seeds": [0, 1],
     "baseline": "cnn",
-    "base": {"model": "spherenet9", "model_kwargs": {"bn_momentum": 0.1}, "dataset": "fashion-mnist"},
+    "base": {
+        "model": "spherenet9",
+        "model_kwargs": {"bn_momentum": 0.1},
+        "dataset": "fashion-mnist",
+        "iterations": 600,
+    },
     "models": {
         "cnn": {"label": "CNN-9", "operator": "none"},
         "cosine": {"label": "SphereNet-9 cosine", "operator": "cosine"},
@@ -351,6 +356,10 @@ def test_only_selects_cells_and_names_what_a_bad_selector_may_say(tmp_path, caps
         ({"baseline": "vgg"}, "baseline 'vgg' is not a model"),
         ({"seeds": [0, -1]}, "seeds must be a non-empty list"),
         ({"regimes": {"A": {"label": "A", "width_mult": -1}}}, "regime 'A', model 'cnn'"),
+        (
+            {"base": {**TINY_GRID["base"], "iterations": None}},
+            "regime 'A' sets no iterations (its runs would last epochs=10)",
+        ),
     ],
 )
 def test_bad_grid_files_get_one_line_errors(tmp_path, changes, message):

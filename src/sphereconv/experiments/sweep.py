@@ -229,6 +229,12 @@ def plan_grid(
                     config = load_config(None, {**settings, **execution, "out": str(run_dir)})
                 except ConfigError as exc:
                     raise ConfigError(f"{grid.path}: regime {regime_name!r}, model {model_name!r}: {exc}") from None
+                if config.iterations is None:  # lengths, curves and convergence are compared in steps
+                    raise ConfigError(
+                        f"{grid.path}: regime {regime_name!r} sets no iterations (its runs would last "
+                        f"epochs={config.epochs:g}); a grid's runs need a length in optimizer steps: set "
+                        "iterations in its base or regimes"
+                    )
                 variant = Variant(model_name, model.label, model.overrides)
                 runs.append(GridRun(regime, model, seed, _plain(settings), PlannedRun(variant, seed, run_dir, config)))
     return GridPlan(grid, runs, train_dir, results_dir, smoke)
