@@ -18,11 +18,12 @@ convolution ``<w, x>``, since ``|w|_e |x|_e cos(theta) = <w, x>``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.common_types import _size_1_t, _size_2_t, _size_3_t
+from torch.nn.common_types import _size_any_t
 
 from .._validation import check_bool, check_float
 from . import functional as SF
@@ -45,7 +46,45 @@ class _SphereNormMixin(_SphereConvNd):
     beta: nn.Parameter
     magnitude_logit: nn.Parameter | None
 
-    def _init_norm(self, out_channels: int, learn_magnitude: bool, magnitude_init: float) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_any_t,
+        stride: _size_any_t = 1,
+        padding: _size_any_t | str = 0,
+        dilation: _size_any_t = 1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: PaddingMode = "zeros",
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+        *,
+        operator: str = "cosine",
+        sigmoid_k: float = DEFAULT_SIGMOID_K,
+        eps: float = DEFAULT_EPS,
+        learn_magnitude: bool = True,
+        magnitude_init: float = DEFAULT_MAGNITUDE_INIT,
+    ) -> None:
+        # The SphereConv{1,2,3}d that follows this mixin in the method resolution order (typed as
+        # a plain callable: statically, super() is the _ConvNd below it).
+        sphere_conv_init: Callable[..., None] = super().__init__
+        sphere_conv_init(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+            operator=operator,
+            sigmoid_k=sigmoid_k,
+            eps=eps,
+        )
         check_bool("learn_magnitude", learn_magnitude)
         magnitude_init = check_float("magnitude_init", magnitude_init, low=0.0, high=1.0, low_open=True, high_open=True)
         factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
@@ -126,130 +165,13 @@ _NORM_DOC = """{dims}-d SphereNorm (Liu et al. 2017, SphereConv Sec. 2.1 used as
 class SphereNorm1d(_SphereNormMixin, SphereConv1d):
     __doc__ = _NORM_DOC.format(dims=1)
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: _size_1_t,
-        stride: _size_1_t = 1,
-        padding: _size_1_t | str = 0,
-        dilation: _size_1_t = 1,
-        groups: int = 1,
-        bias: bool = False,
-        padding_mode: PaddingMode = "zeros",
-        device: Device = None,
-        dtype: torch.dtype | None = None,
-        *,
-        operator: str = "cosine",
-        sigmoid_k: float = DEFAULT_SIGMOID_K,
-        eps: float = DEFAULT_EPS,
-        learn_magnitude: bool = True,
-        magnitude_init: float = DEFAULT_MAGNITUDE_INIT,
-    ) -> None:
-        SphereConv1d.__init__(
-            self,
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-            device,
-            dtype,
-            operator=operator,
-            sigmoid_k=sigmoid_k,
-            eps=eps,
-        )
-        self._init_norm(out_channels, learn_magnitude, magnitude_init)
-
 
 class SphereNorm2d(_SphereNormMixin, SphereConv2d):
     __doc__ = _NORM_DOC.format(dims=2)
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: _size_2_t,
-        stride: _size_2_t = 1,
-        padding: _size_2_t | str = 0,
-        dilation: _size_2_t = 1,
-        groups: int = 1,
-        bias: bool = False,
-        padding_mode: PaddingMode = "zeros",
-        device: Device = None,
-        dtype: torch.dtype | None = None,
-        *,
-        operator: str = "cosine",
-        sigmoid_k: float = DEFAULT_SIGMOID_K,
-        eps: float = DEFAULT_EPS,
-        learn_magnitude: bool = True,
-        magnitude_init: float = DEFAULT_MAGNITUDE_INIT,
-    ) -> None:
-        SphereConv2d.__init__(
-            self,
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-            device,
-            dtype,
-            operator=operator,
-            sigmoid_k=sigmoid_k,
-            eps=eps,
-        )
-        self._init_norm(out_channels, learn_magnitude, magnitude_init)
-
 
 class SphereNorm3d(_SphereNormMixin, SphereConv3d):
     __doc__ = _NORM_DOC.format(dims=3)
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: _size_3_t,
-        stride: _size_3_t = 1,
-        padding: _size_3_t | str = 0,
-        dilation: _size_3_t = 1,
-        groups: int = 1,
-        bias: bool = False,
-        padding_mode: PaddingMode = "zeros",
-        device: Device = None,
-        dtype: torch.dtype | None = None,
-        *,
-        operator: str = "cosine",
-        sigmoid_k: float = DEFAULT_SIGMOID_K,
-        eps: float = DEFAULT_EPS,
-        learn_magnitude: bool = True,
-        magnitude_init: float = DEFAULT_MAGNITUDE_INIT,
-    ) -> None:
-        SphereConv3d.__init__(
-            self,
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            padding_mode,
-            device,
-            dtype,
-            operator=operator,
-            sigmoid_k=sigmoid_k,
-            eps=eps,
-        )
-        self._init_norm(out_channels, learn_magnitude, magnitude_init)
 
 
 SPHERE_NORM_TYPES = (SphereNorm1d, SphereNorm2d, SphereNorm3d)
