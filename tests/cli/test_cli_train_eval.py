@@ -84,6 +84,12 @@ def test_train_writes_config_metrics_and_summary(trained_run):
     assert summary["steps"] == 30 and summary["final_test_acc"] == pytest.approx(records[-1]["test_acc"])
     assert summary["best_test_acc"] == pytest.approx(max(r["test_acc"] for r in records))
     assert f"done: final test acc {100 * summary['final_test_acc']:.2f}%" in stdout and str(out) in stdout
+    # Without the progress bar, the output says where the run stands: a start line, one per evaluation.
+    lines = stdout.splitlines()
+    assert lines[0] == f"training 30 steps ({30 / 16:.4g} epochs)"  # 512 images of batch 32: 16 steps an epoch
+    logged = [line for line in lines if line.startswith("step ")]
+    assert [line.split(":")[0] for line in logged] == ["step 10/30", "step 20/30", "step 30/30"]
+    assert logged[-1].endswith(f"test_acc {records[-1]['test_acc']:.4f}")
 
 
 def test_eval_reproduces_the_final_test_accuracy(trained_run, capsys):

@@ -155,8 +155,10 @@ def run(args: argparse.Namespace) -> int:
         print("config is valid (dry run: nothing trained)")
         return 0
     from ..engine import train
+    from ..engine.callbacks import PrintProgress
 
-    summary = train(config)
+    # Without the bar (--no-progress, output to a log file), plain lines say where the run stands.
+    summary = train(config, () if config.progress else (PrintProgress(),))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return EXIT_INTERRUPTED if summary.get("interrupted") else 0
     if summary.get("interrupted"):

@@ -7,7 +7,7 @@ its network for inference (ONNX, ``torch.export``, safetensors).
 """
 
 from .._memory import keep_freed_memory
-from .callbacks import Callback
+from .callbacks import Callback, PrintProgress
 from .checkpoint import export_weights, find_latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from .config import TrainConfig, config_from_dict, config_to_dict, describe_keys, load_config, save_config
 from .evaluation import evaluate
@@ -24,6 +24,7 @@ __all__ = [
     "train",
     "Trainer",
     "Callback",
+    "PrintProgress",
     "evaluate",
     "export_checkpoint",
     "save_checkpoint",

@@ -38,3 +38,28 @@ class Callback:
 
     def on_train_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         """Called with the summary when the run ends (completed or interrupted)."""
+
+
+class PrintProgress(Callback):
+    """Prints where a run stands, for a run without a progress bar (a log file): one line when
+    training starts and one per evaluation, flushed at once, from the main process only."""
+
+    def __init__(self) -> None:
+        self._total = 0
+        self._is_main = True
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self._total, self._is_main = trainer.total_steps, trainer.ctx.is_main
+        if self._is_main:
+            epochs = trainer.total_steps / trainer.steps_per_epoch
+            resumed = f", resuming at step {trainer.step}" if trainer.step else ""
+            print(f"training {trainer.total_steps} steps ({epochs:.4g} epochs){resumed}", flush=True)
+
+    def on_evaluate(self, step: int, record: dict[str, Any]) -> None:
+        if self._is_main:
+            values = " ".join(
+                f"{key} {record[key]:.4f}"
+                for key in ("train_loss", "test_loss", "test_acc")
+                if record.get(key) is not None
+            )
+            print(f"step {step}/{self._total}: {values}", flush=True)

@@ -374,7 +374,9 @@ class TrainConfig:
         low=0,
         allowed="an integer >= 0 (0 = off)",
     )
-    progress: bool = setting(True, help="show a progress bar")
+    progress: bool = setting(
+        True, help="show a progress bar; without it, train prints a start line and a line per evaluation"
+    )
     # --- execution ---------------------------------------------------------------------------
     device: str = setting("auto", help="where to train", allowed="auto, cpu, cuda, cuda:N or mps", check=_check_device)
     amp: str = setting("none", help="mixed precision (fp16 on CUDA only)", choices=AMP_MODES)
