@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 from sphereconv.configs import find_grid
-from sphereconv.experiments.sweep import RUNS_DIR, collect_cells, load_grid, plan_grid
+from sphereconv.experiments.grid import RUNS_DIR, load_grid, plan_grid
+from sphereconv.experiments.grid_report import collect_cells
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 

@@ -12,14 +12,9 @@ from png_checks import CURVE_PLOT_SIZE, assert_png
 
 from sphereconv.cli.main import main
 from sphereconv.errors import ConfigError
-from sphereconv.experiments.sweep import (
-    describe_plan,
-    load_grid,
-    plan_grid,
-    results_path,
-    select_runs,
-    write_grid_report,
-)
+from sphereconv.experiments.grid import load_grid, plan_grid, results_path, select_runs
+from sphereconv.experiments.grid_report import write_grid_report
+from sphereconv.experiments.sweep import describe_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 CLAIMS = ROOT / "configs" / "sweeps" / "claims.yaml"

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from sphereconv.experiments.grid_report import verdict
 from sphereconv.experiments.stats import (
     PairedComparison,
     mean_interval,
@@ -14,7 +15,6 @@ from sphereconv.experiments.stats import (
     student_t_cdf,
     student_t_quantile,
 )
-from sphereconv.experiments.sweep import verdict
 
 # A known small sample: SphereNet and CNN final accuracies for seeds 0, 1, 2.
 SPHERE = {0: 0.90, 1: 0.91, 2: 0.93}

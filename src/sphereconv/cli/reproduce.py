@@ -5,7 +5,7 @@ Trains every variant of the experiment for every seed into ``OUT/EXPERIMENT/<var
 and PNG plots into ``OUT/EXPERIMENT/``. ``all`` runs every experiment in turn.
 
 ``--grid FILE`` runs a grid of regimes x models x seeds instead (a file, or a grid of
-:mod:`sphereconv.configs` by name; see :mod:`sphereconv.experiments.sweep`): one small results file
+:mod:`sphereconv.configs` by name; see :mod:`sphereconv.experiments.grid`): one small results file
 per finished run in the grid's results folder, runs already there skipped, and one combined report
 with paired statistics.
 """
@@ -146,7 +146,8 @@ def _grid_command(args: argparse.Namespace) -> str:
 def run_grid_command(args: argparse.Namespace) -> int:
     """``reproduce --grid FILE``: train the grid's missing runs and write its report."""
     from ..configs import find_grid
-    from ..experiments.sweep import describe_plan, load_grid, plan_grid, run_grid, select_runs
+    from ..experiments.grid import load_grid, plan_grid, select_runs
+    from ..experiments.sweep import describe_plan, run_grid
 
     if args.experiment is not None:
         raise ConfigError(f"give either an experiment ({args.experiment!r}) or --grid, not both")

@@ -3,8 +3,9 @@
 - :mod:`.definitions`: the experiments as data (variants = TrainConfig overrides);
 - :mod:`.scales`: run sizes from a CPU smoke test to the paper's recipe;
 - :mod:`.runner`: trains every variant x seed, resumable; :mod:`.report`, :mod:`.plots`: outputs;
-- :mod:`.sweep`: ``sphereconv reproduce --grid``, pre-registered grids of regimes x models x seeds,
-  resumable run by run, with one combined report; :mod:`.stats`: Student-t intervals and paired tests;
+- ``sphereconv reproduce --grid``, pre-registered grids of regimes x models x seeds: :mod:`.grid`
+  (grid files, their runs and results files), :mod:`.sweep` (trains them, resumable run by run),
+  :mod:`.grid_report` (one combined report); :mod:`.stats`: Student-t intervals and paired tests;
 - :mod:`.overlay`: ``sphereconv plot``; :mod:`.paper`: the published numbers.
 """
 
