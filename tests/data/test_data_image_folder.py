@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import warnings
 
 import numpy as np
 import pytest
@@ -90,6 +91,32 @@ def test_exif_orientation_turns_photos_upright(tmp_path, orientation):
     if orientation == 6:
         assert torch.equal(x[0][:, 0, :], torch.from_numpy(stored[::-1, 0].copy()).permute(1, 0))
     assert dataset_info("folder", data_dir=tmp_path).image_size == tuple(upright.shape[:2])
+
+
+@pytest.mark.parametrize("damage", ["ifd_offset", "entry_count"])
+def test_a_damaged_exif_block_reads_the_photo_as_stored_without_warnings(tmp_path, damage):
+    stored = np.random.default_rng(0).integers(0, 256, (6, 4, 3), dtype=np.uint8)
+    path = tmp_path / "train" / "a" / "0.jpg"
+    save_with_orientation(path, stored, 6)
+    data = bytearray(path.read_bytes())
+    tiff = data.find(b"Exif\x00\x00") + 6  # the TIFF header inside the APP1 segment
+    if damage == "ifd_offset":  # the first IFD points far past the segment
+        data[tiff + 4 : tiff + 8] = b"\xff\xff\x00\x00"
+    else:  # the first IFD claims 255 entries
+        data[tiff + 8 : tiff + 10] = b"\xff\x00"
+    path.write_bytes(bytes(data))
+    with warnings.catch_warnings():  # Pillow warns at this open: not our loader's
+        warnings.simplefilter("ignore")
+        with Image.open(path) as image:
+            plain = np.array(image.convert("RGB"))  # the JPEG's pixels as stored
+    (tmp_path / "test" / "a").mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x, _ = load_dataset("folder", "train", data_dir=tmp_path)
+    if damage == "ifd_offset":  # no readable orientation: as stored
+        assert torch.equal(x[0], torch.from_numpy(plain).permute(2, 0, 1))
+    else:  # the tag still reads (6): turned upright, 4 rows become columns
+        assert x.shape == (1, 3, 4, 6)
 
 
 def test_rotated_photos_are_resized_upright(tmp_path):

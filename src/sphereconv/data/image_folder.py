@@ -52,6 +52,8 @@ CHANNEL_MODES = {1: "L", 3: "RGB"}
 # (upright), the Pillow transpose that shows the image upright: 2 mirrored, 3 rotated 180 degrees,
 # 4 flipped, 5-8 the four with width and height exchanged.
 EXIF_ORIENTATION_TAG = 0x0112
+# The start of Pillow's warnings about a damaged EXIF block (JpegImagePlugin and TiffImagePlugin).
+DAMAGED_EXIF_WARNINGS = "(Corrupt EXIF data|Truncated File Read)"
 _UPRIGHT = {
     2: "FLIP_LEFT_RIGHT",
     3: "ROTATE_180",
@@ -197,6 +199,9 @@ def _open(image_module, path: Path):
         with warnings.catch_warnings():
             # Pillow's own bomb warning is superseded by the limit below, which is lower.
             warnings.simplefilter("ignore", image_module.DecompressionBombWarning)
+            # A JPEG's damaged EXIF block: Pillow warns while parsing it at open; such an image is
+            # read as stored (see _orientation), and damaged pixel data still fails in _read.
+            warnings.filterwarnings("ignore", message=DAMAGED_EXIF_WARNINGS, category=UserWarning)
             image = image_module.open(path)
     except image_module.DecompressionBombError:
         image = None
