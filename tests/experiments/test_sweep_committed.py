@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sphereconv.configs import find_grid
 from sphereconv.experiments.grid import RUNS_DIR, load_grid, plan_grid
-from sphereconv.experiments.grid_report import collect_cells
+from sphereconv.experiments.grid_report import collect_cells, compare_cells
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
@@ -26,3 +26,37 @@ def test_every_run_the_report_counts_has_its_committed_results_file(monkeypatch)
     assert counted > 0, "the report counts no finished run"
     assert recorded == files
     assert len(files) >= counted, f"the report counts {counted} runs but only {len(files)} results files exist"
+
+
+# A row of the README's table of the sweep: regime, seed pairs, CNN-9 and SphereNet-9 cosine means
+# over the paired seeds, and the paired difference with its interval (absent for one pair).
+README_ROW = re.compile(
+    r"^\| `(?P<regime>\w+)`[^|]*\|[^|]*\|[^|]*\|[^|]*\| (?P<pairs>\d+) \| (?P<cnn>[\d.]+)% \| (?P<sphere>[\d.]+)% "
+    r"\| (?P<mean>[+-][\d.]+)(?: \[(?P<low>[+-][\d.]+), (?P<high>[+-][\d.]+)\])?",
+    re.M,
+)
+
+
+def test_the_readme_table_of_the_sweep_matches_the_committed_results(monkeypatch):
+    monkeypatch.chdir(REPOSITORY)
+    plan = plan_grid(load_grid(find_grid("claims")), progress=False)
+    cells, _ = collect_cells(plan, strict=True)
+    by_key = {(c.regime.name, c.model.name): c for c in cells}
+    comparisons = {c.regime.name: c for c in compare_cells(plan, cells) if c.model.name == "cosine"}
+    rows = list(README_ROW.finditer((REPOSITORY / "README.md").read_text()))
+    # Every regime with a finished cosine-vs-CNN pair has its row, and no other.
+    assert sorted(row["regime"] for row in rows) == sorted(r for r, c in comparisons.items() if c.accuracy.n > 0)
+    for row in rows:
+        regime, comparison = row["regime"], comparisons[row["regime"]]
+        seeds = comparison.accuracy.seeds
+        assert int(row["pairs"]) == len(seeds), regime
+        for column, model in (("cnn", "cnn"), ("sphere", "cosine")):
+            values = by_key[(regime, model)].values("final_test_acc")
+            assert float(row[column]) == round(100 * sum(values[s] for s in seeds) / len(seeds), 2), (regime, model)
+        difference = comparison.accuracy.difference
+        assert float(row["mean"]) == round(100 * difference.mean, 2), regime
+        if len(seeds) > 1:
+            assert (float(row["low"]), float(row["high"])) == (
+                round(100 * difference.low, 2),
+                round(100 * difference.high, 2),
+            ), regime
