@@ -289,6 +289,10 @@ def test_an_effect_from_one_seed_pair_is_shown_without_an_interval(tmp_path):
     width_line = next(line for line in report.splitlines() if line.startswith("- **The gain grows with width**"))
     assert "0.25 -> -1.23 [" in width_line and "0.5 -> +0.60 (one seed pair, no interval)" in width_line
     assert "nan" not in report
+    # The opening quotes the accuracies of the paired seeds, which differ by the difference it states.
+    record(plan, {("B", "cnn", 1): 0.80, ("B", "cnn", 2): 0.80})  # CNN seeds without a SphereNet pair
+    opening = in_short_section(write_grid_report(plan, "test"))
+    assert "In regime `B`, SphereNet-9 cosine ended 0.60 points above CNN-9 (88.60% vs 88.00% final" in opening
 
 
 def test_dry_run_plan_shows_progress_and_who_trains(tmp_path):

@@ -248,8 +248,9 @@ def _in_words(comparison: Comparison) -> str:
 
 def in_short(plan: GridPlan, cells: list[Cell], comparisons: list[Comparison]) -> list[str]:
     """The report's opening: each comparison with a finished pair of runs as one sentence (the
-    difference, its interval, the seed pairs and what they allow one to conclude)."""
-    means = {(c.regime.name, c.model.name): mean_interval(list(c.values("final_test_acc").values())) for c in cells}
+    difference, its interval, the seed pairs and what they allow one to conclude). The two accuracies
+    it quotes are means over the paired seeds, so that they differ by the difference it states."""
+    finals = {(c.regime.name, c.model.name): c.values("final_test_acc") for c in cells}
     baseline = plan.grid.models[plan.grid.baseline]
     lines = []
     for c in comparisons:
@@ -258,10 +259,13 @@ def in_short(plan: GridPlan, cells: list[Cell], comparisons: list[Comparison]) -
         d = c.accuracy.difference
         side = "above" if d.mean > 0 else "below"
         interval = "" if d.n < 2 else f", 95% interval {100 * d.low:+.2f} to {100 * d.high:+.2f}"
-        ours, theirs = means[(c.regime.name, c.model.name)], means[(c.regime.name, baseline.name)]
+        ours, theirs = (
+            sum(values[s] for s in c.accuracy.seeds) / c.accuracy.n
+            for values in (finals[(c.regime.name, c.model.name)], finals[(c.regime.name, baseline.name)])
+        )
         lines.append(
             f"In regime `{c.regime.name}`, {c.model.label} ended {abs(100 * d.mean):.2f} points {side} "
-            f"{baseline.label} ({_pct(ours.mean)}% vs {_pct(theirs.mean)}% final test accuracy; paired by seed"
+            f"{baseline.label} ({_pct(ours)}% vs {_pct(theirs)}% final test accuracy; paired by seed"
             f"{interval}; {c.accuracy.n} seed pair(s)): {_in_words(c)}."
         )
     lines = lines or ["No comparison has a finished pair of runs yet."]
