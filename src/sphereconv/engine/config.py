@@ -6,7 +6,8 @@ divided by 10 at 53% and 84% of the run (34k and 54k of its 64k iterations), bat
 orthogonality penalty 1e-4 on SphereConv filters, weight decay 5e-4 everywhere except SphereConv
 filters. Two settings serve a first run on a new dataset instead, and the paper configs
 (``configs/*_cifar*.yaml``) set the reference's values: the run length (``DEFAULT_EPOCHS`` passes
-over the training set, not 64k iterations) and the BatchNorm momentum (``BN_MOMENTUM``).
+over the training set where neither ``iterations`` nor ``epochs`` is set, not 64k iterations) and
+the BatchNorm momentum (``BN_MOMENTUM``).
 
 Every key is declared once, with :func:`setting`: its type (the annotation), default, allowed
 values (a range, or choices taken from the registry that owns them) and help text. The validation
@@ -341,7 +342,10 @@ class TrainConfig:
         None, help="optimizer steps of the run (exclusive with epochs; the paper configs: 64000)", low=1
     )
     epochs: float | None = setting(
-        DEFAULT_EPOCHS, help="passes over the training set (exclusive with iterations)", low=0.0, low_open=True
+        None,
+        help=f"passes over the training set (exclusive with iterations); with neither set, {DEFAULT_EPOCHS:g}",
+        low=0.0,
+        low_open=True,
     )
     batch_size: int = setting(
         128,
@@ -393,7 +397,8 @@ class TrainConfig:
         """Check types, ranges, choices and conflicts in place; return ``self``.
 
         Raises :class:`ConfigError` naming the first bad key, its value and what is allowed.
-        Numeric strings (YAML reads ``1e-3`` as a string) and integral floats are converted.
+        Numeric strings (YAML reads ``1e-3`` as a string) and integral floats are converted, and
+        a config that sets neither ``iterations`` nor ``epochs`` gets ``DEFAULT_EPOCHS``.
         ``check_environment=False`` skips the checks that depend on this machine (is the device
         there, does it support the chosen precision), e.g. to read a config saved elsewhere.
         """
@@ -403,11 +408,13 @@ class TrainConfig:
         return self
 
     def _check_conflicts(self, check_environment: bool) -> None:
-        if (self.iterations is None) == (self.epochs is None):
+        if self.iterations is not None and self.epochs is not None:
             raise ConfigError(
-                "set exactly one of iterations and epochs; "
+                "set at most one of iterations and epochs; "
                 f"got iterations={short_repr(self.iterations)}, epochs={short_repr(self.epochs)}"
             )
+        if self.iterations is None and self.epochs is None:
+            self.epochs = DEFAULT_EPOCHS
         if check_environment:
             device = resolve_device_name(self.device)
             if self.amp == "fp16" and not device.startswith("cuda"):
