@@ -33,6 +33,10 @@ def test_defaults_are_the_reference_recipe_but_ten_epochs_long():
     assert config.eval_every == 500
     # The run length serves a first run on any dataset: ten passes, not the reference's 64k steps.
     assert (config.epochs, config.iterations) == (DEFAULT_EPOCHS, None) == (10.0, None)
+    # Either length alone replaces that default, from Python as from a file or a flag; both are refused.
+    assert (TrainConfig(iterations=300).validate().epochs, TrainConfig(epochs=2).validate().iterations) == (None, None)
+    with pytest.raises(ConfigError, match="set at most one of iterations and epochs; got iterations=300, epochs=2"):
+        TrainConfig(iterations=300, epochs=2).validate()
 
 
 def test_every_key_is_documented():
