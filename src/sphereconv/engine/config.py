@@ -92,7 +92,7 @@ CONFIG_TABLE_COMMAND = ".venv/bin/python scripts/config_table.py"
 REFERENCE_MILESTONES = (34000 / 64000, 54000 / 64000)
 # The default run length, in passes over the training set. The reference's 64k iterations of batch
 # 128 are 164 epochs of CIFAR-10 and 8,000 of a 1,000-image folder; ten passes learn Fashion-MNIST
-# to about 90% at width 1/4 (docs/RESULTS.md, regime L: 3,000 iterations, 6.4 epochs, 91.2-91.9%)
+# to about 90% at width 1/4 (docs/RESULTS.md, regime L: 3,000 iterations, 6.4 epochs, 91.1-91.9%)
 # and keep a first run on a small dataset short. The paper configs set iterations: 64000.
 DEFAULT_EPOCHS = 10.0
 
