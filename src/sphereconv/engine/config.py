@@ -404,6 +404,8 @@ class TrainConfig:
         """
         for key in key_specs():
             setattr(self, key.name, key.check(getattr(self, key.name)))
+        if self.iterations is None and self.epochs is None:
+            self.epochs = DEFAULT_EPOCHS
         self._check_conflicts(check_environment)
         return self
 
@@ -413,8 +415,6 @@ class TrainConfig:
                 "set at most one of iterations and epochs; "
                 f"got iterations={short_repr(self.iterations)}, epochs={short_repr(self.epochs)}"
             )
-        if self.iterations is None and self.epochs is None:
-            self.epochs = DEFAULT_EPOCHS
         if check_environment:
             device = resolve_device_name(self.device)
             if self.amp == "fp16" and not device.startswith("cuda"):

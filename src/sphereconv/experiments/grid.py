@@ -76,6 +76,10 @@ class Grid:
     results: Path | None
     summary_from: Path | None
 
+    def overrides(self, regime: Named, model: Named) -> dict:
+        """The TrainConfig overrides of a run of ``model`` in ``regime``: base, then regime, then model."""
+        return {**self.base, **regime.overrides, **model.overrides}
+
 
 @dataclass
 class GridRun:
@@ -208,10 +212,10 @@ def plan_grid(
                     continue
                 seen.add((regime_name, model_name, seed))
                 model = grid.models[model_name]
-                settings = {**grid.base, **regime.overrides, **model.overrides, **shrink, "seed": seed}
+                overrides = grid.overrides(regime, model)
+                settings = {**overrides, **shrink, "seed": seed}
                 if smoke:  # keep the regimes' relative widths: 1/4 becomes the smoke scale's 1/16
-                    width = {**grid.base, **regime.overrides, **model.overrides}.get("width_mult", 1.0)
-                    settings["width_mult"] = width * SMOKE_WIDTH_FACTOR
+                    settings["width_mult"] = overrides.get("width_mult", 1.0) * SMOKE_WIDTH_FACTOR
                 run_dir = train_dir / f"{regime_name}-{model_name}-s{seed}"
                 try:
                     config = load_config(None, {**settings, **execution, "out": str(run_dir)})

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from .grid import Grid, GridPlan, Named, load_grid, load_recorded, plan_grid
+from .grid import GridPlan, Named, load_grid, load_recorded, plan_grid
 from .plots import plot_curves, plot_effects
 from .report import describe_machine
 from .results import iterations_to_reach, series, thresholds_for
@@ -274,21 +274,17 @@ def in_short(plan: GridPlan, cells: list[Cell], comparisons: list[Comparison]) -
     return lines
 
 
-def _run_settings(grid: Grid, regime: Named, model: Named) -> dict:
-    return {**grid.base, **regime.overrides, **model.overrides}
-
-
 def other_grid_in_short(path: Path, plan: GridPlan) -> list[str]:
     """The opening's lines on the grid at ``path`` (``summary_from``): its comparisons that this grid
     repeats with the same settings, and how all its comparisons of 3 or more seed pairs came out."""
     other_plan = plan_grid(load_grid(path), progress=False)
     cells, _ = collect_cells(other_plan, strict=False)
     comparisons = compare_cells(other_plan, cells)
-    mine = {(r.regime.name, r.model.name): _run_settings(plan.grid, r.regime, r.model) for r in plan.runs}
+    mine = {(r.regime.name, r.model.name): plan.grid.overrides(r.regime, r.model) for r in plan.runs}
     lines = []
     for c in comparisons:
         key = (c.regime.name, c.model.name)
-        same = mine.get(key) == _run_settings(other_plan.grid, c.regime, c.model)
+        same = mine.get(key) == other_plan.grid.overrides(c.regime, c.model)
         if same and c.accuracy.n >= MIN_SEEDS_FOR_VERDICT:
             d = c.accuracy.difference
             lines.append(
