@@ -51,8 +51,7 @@ def test_the_readme_table_of_the_sweep_matches_the_committed_results(monkeypatch
         seeds = comparison.accuracy.seeds
         assert int(row["pairs"]) == len(seeds), regime
         for column, model in (("cnn", "cnn"), ("sphere", "cosine")):
-            values = by_key[(regime, model)].values("final_test_acc")
-            assert float(row[column]) == round(100 * sum(values[s] for s in seeds) / len(seeds), 2), (regime, model)
+            assert float(row[column]) == round(100 * by_key[(regime, model)].mean_over(seeds), 2), (regime, model)
         difference = comparison.accuracy.difference
         assert float(row["mean"]) == round(100 * difference.mean, 2), regime
         if len(seeds) > 1:

@@ -47,6 +47,11 @@ class Cell:
             if "summary" in d and d["summary"].get(key) is not None
         }
 
+    def mean_over(self, seeds: tuple[int, ...], key: str = "final_test_acc") -> float:
+        """The mean of ``key`` over ``seeds`` (the seeds a paired comparison used)."""
+        values = self.values(key)
+        return sum(values[s] for s in seeds) / len(seeds)
+
     def iterations_to(self, mark: float) -> dict[int, int | None]:
         return {s: iterations_to_reach(d["metrics"], mark) for s, d in self.documents.items() if "metrics" in d}
 
@@ -250,7 +255,7 @@ def in_short(plan: GridPlan, cells: list[Cell], comparisons: list[Comparison]) -
     """The report's opening: each comparison with a finished pair of runs as one sentence (the
     difference, its interval, the seed pairs and what they allow one to conclude). The two accuracies
     it quotes are means over the paired seeds, so that they differ by the difference it states."""
-    finals = {(c.regime.name, c.model.name): c.values("final_test_acc") for c in cells}
+    by_key = {(c.regime.name, c.model.name): c for c in cells}
     baseline = plan.grid.models[plan.grid.baseline]
     lines = []
     for c in comparisons:
@@ -259,10 +264,9 @@ def in_short(plan: GridPlan, cells: list[Cell], comparisons: list[Comparison]) -
         d = c.accuracy.difference
         side = "above" if d.mean > 0 else "below"
         interval = "" if d.n < 2 else f", 95% interval {100 * d.low:+.2f} to {100 * d.high:+.2f}"
-        ours, theirs = (
-            sum(values[s] for s in c.accuracy.seeds) / c.accuracy.n
-            for values in (finals[(c.regime.name, c.model.name)], finals[(c.regime.name, baseline.name)])
-        )
+        seeds = c.accuracy.seeds
+        ours = by_key[(c.regime.name, c.model.name)].mean_over(seeds)
+        theirs = by_key[(c.regime.name, baseline.name)].mean_over(seeds)
         lines.append(
             f"In regime `{c.regime.name}`, {c.model.label} ended {abs(100 * d.mean):.2f} points {side} "
             f"{baseline.label} ({_pct(ours)}% vs {_pct(theirs)}% final test accuracy; paired by seed"
