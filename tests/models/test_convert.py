@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -151,6 +153,20 @@ def test_sphere_layers_and_conv_subclasses_are_left_untouched():
     assert net[0] is existing and existing.operator == "sigmoid"
     assert net[1] is custom
     assert isinstance(net[2], SphereConv2d) and net[2].operator == "cosine"
+
+
+@pytest.mark.parametrize("reparametrise", [torch.nn.utils.weight_norm, torch.nn.utils.spectral_norm])
+def test_a_hook_reparametrised_weight_is_reported_by_layer_name(reparametrise):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the hook-based weight_norm is deprecated
+        normed = reparametrise(nn.Conv2d(4, 4, 1))
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), normed, nn.Linear(4, 2))
+    message = r"cannot convert layer '1' \(Conv2d\): its weight is recomputed.*exclude=\['1'\]"
+    with pytest.raises(ValueError, match=message):
+        convert_model(net, "cosine")
+    assert type(net[0]) is nn.Conv2d  # nothing was replaced
+    convert_model(net, "cosine", exclude="1")
+    assert isinstance(net[0], SphereConv2d) and net[1] is normed
 
 
 def test_keeps_dtype_device_mode_and_other_dimensions():

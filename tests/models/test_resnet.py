@@ -110,6 +110,14 @@ def test_feature_dim_adds_an_embedding_like_fc6():
     assert model.forward_features(x).shape == (3, 2) and model(x).shape == (3, 10)
 
 
+@pytest.mark.parametrize("name", ["sphere_resnet32", "sphere_resnet18"])
+def test_fc_operator_without_feature_dim_is_refused_not_ignored(name):
+    # Without feature_dim there is no fc layer, so an fc_operator would have no effect at all.
+    with pytest.raises(ValueError, match="invalid fc_operator='cosine': expected None unless feature_dim"):
+        create_model(name, width_mult=0.125, fc_operator="cosine")
+    assert isinstance(create_model(name, width_mult=0.125, fc_operator=None).fc, nn.Identity)
+
+
 def test_wrong_channel_count_is_reported():
     model = create_model("sphere_resnet18", width_mult=0.125, in_channels=1)
     with pytest.raises(ValueError, match=r"\(N, 1, H, W\); got \(2, 3, 32, 32\)"):

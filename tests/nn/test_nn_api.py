@@ -111,6 +111,26 @@ def test_channel_mismatch_names_both_counts(make):
         layer(torch.randn(2, 5, 6, 6))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size", [1, 2, 5])
+@pytest.mark.parametrize("call", ["conv2d", "linear", "decoupled"])
+def test_bias_of_the_wrong_size_is_rejected_on_every_path(call, size, dtype, impl):
+    # A bias with other than one value per output channel must not be broadcast, cut short or read
+    # past (the fused kernels read one value per channel): the error names the shape and the count.
+    x, w = torch.randn(2, 4, 5, 5, dtype=dtype), torch.randn(3, 4, 3, 3, dtype=dtype)
+    forms = {
+        "conv2d": lambda b: SF.sphere_conv2d(x, w, b, operator="linear"),
+        "linear": lambda b: SF.sphere_linear(x.flatten(1)[:, :4], w.flatten(1)[:, :4], b),
+        "decoupled": lambda b: decoupled_conv2d(x, w, b),
+    }
+    expected = rf"bias must be 1-d with one value per output channel \(3\); got shape \({size},\)"
+    with pytest.raises(ValueError, match=expected):
+        forms[call](torch.ones(size, dtype=dtype))
+    with pytest.raises(ValueError, match=r"got shape \(3, 1\)"):
+        forms[call](torch.ones(3, 1, dtype=dtype))
+    assert forms[call](torch.ones(3, dtype=dtype)).shape[1] == 3
+
+
 def test_unknown_magnitude_and_bad_decoupled_coefficients():
     x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
     allowed = r"expected one of sphere, ball, tanh, linear, seg, log, mix"

@@ -19,6 +19,9 @@ Which layers are converted:
   usual networks (``fc`` of a ResNet, the 1x1 score conv of a fully convolutional net, the
   ``classifier`` of this package's models) is the one producing the logits. Networks that register
   their head earlier, or have several heads, should name them in ``exclude``.
+- A selected layer whose ``weight`` is not a Parameter but recomputed by a forward pre-hook (the
+  hook-based ``torch.nn.utils.weight_norm`` and ``spectral_norm``) cannot be adopted: that raises
+  ``ValueError`` naming it (remove the reparametrisation, or leave the layer out with ``exclude``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collections.abc import Callable, Iterable
 from torch import Tensor, nn
 
 from .._validation import check_bool, fail
+from ..errors import InvalidArgumentError
 from ..nn.angular import DEFAULT_EPS, DEFAULT_SIGMOID_K, SPHERE_OPERATORS, canonical_operator, check_positive
 from ..nn.conv import SphereConv1d, SphereConv2d, SphereConv3d, SphereLinear
 
@@ -151,6 +155,14 @@ def convert_model(
             continue
         if exclude_fn is not None and exclude_fn(name, module):
             continue
+        if not isinstance(module.weight, nn.Parameter):
+            # weight_norm / spectral_norm (hook-based) rebuild ``weight`` from other parameters before
+            # every forward; the Sphere layer could adopt neither that tensor nor the hook.
+            raise InvalidArgumentError(
+                f"cannot convert layer {name!r} ({type(module).__name__}): its weight is recomputed by a "
+                "reparametrisation hook (torch.nn.utils.weight_norm or spectral_norm), not a Parameter; "
+                f"remove the reparametrisation first or leave the layer out with exclude=[{name!r}]"
+            )
         replacements[id(module)] = _sphere_copy(module, operator, sigmoid_k, eps)
 
     if id(model) in replacements:

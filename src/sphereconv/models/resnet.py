@@ -129,7 +129,8 @@ class SphereResNet(nn.Module):
     for the other convolutions, ``sigmoid_k``, ``batch_norm``, ``sphere_norm``, ``bn_eps``,
     ``bn_momentum``. After global average pooling, ``feature_dim`` (if given) adds an embedding
     ``fc``: a 1x1 ``fc_operator`` conv (``None``: same as ``operator``) followed by BN and no ReLU,
-    like SphereNet's fc6; the 2-D feature experiment uses ``feature_dim=2``. The classifier is a
+    like SphereNet's fc6 (``fc_operator`` without ``feature_dim`` is an error: there is no fc layer
+    for it to apply to); the 2-D feature experiment uses ``feature_dim=2``. The classifier is a
     bias-free ``nn.Linear``. ``image_size`` is accepted for the models' common interface but not
     needed: the global average pool makes any input size work (32x32 gives SphereResNet-32's 8x8).
     """
@@ -185,6 +186,9 @@ class SphereResNet(nn.Module):
         bn_eps, bn_momentum = check_bn_hyperparameters(bn_eps, bn_momentum)
         if feature_dim is not None:
             check_int("feature_dim", feature_dim, minimum=1)
+        elif fc_operator is not None:
+            # Without feature_dim there is no fc layer: an fc_operator would be accepted and ignored.
+            raise fail("fc_operator", fc_operator, "None unless feature_dim adds the fc layer it applies to")
 
         def bn(channels: int) -> nn.Module:
             return batch_norm_layer(channels, batch_norm, bn_eps, bn_momentum)

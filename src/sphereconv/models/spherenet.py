@@ -8,6 +8,12 @@ wy1iu/SphereNet (``spherenet.py``):
     fc6: a conv whose kernel covers the whole remaining map (4x4 at 32x32 input) -> BN, no ReLU
     classifier: a 1x1 conv (here the equivalent bias-free ``nn.Linear``) on the fc6 output
 
+BatchNorm after fc6 follows the specification's "BatchNorm after every SphereConv" and the
+reference's linear and sigmoid examples (``examples/spherenet_*_sphereconv.py``: ``bn=True``); the
+reference's cosine network (``spherenet.py``) and its CNN-9 (``baseline/baseline_cnn.py``) leave fc6
+without it (``bn=False``). Here every network of the family has it, so that the operators and the CNN
+are compared with one architecture.
+
 with L = 3, 6, 12, 23 conv layers per stage for SphereNet-9, -18, -36 and -69. With
 ``operator="none"`` every layer is a plain convolution (CNN-9 etc.), otherwise a SphereConv.
 """

@@ -182,6 +182,7 @@ def _decoupled_forward(
     """Shared body of the functional and module forms; ``rho`` maps the patch norms to the radius."""
     dims = weight.dim() - 2
     SF._check_conv_args(input, weight, groups, dims)
+    SF._check_bias(bias, weight, input)
     unbatched = input.dim() == dims + 1
     if unbatched:
         input = input.unsqueeze(0)

@@ -115,7 +115,9 @@ def _check_conv_args(input: Tensor, weight: Tensor, groups: int, dims: int) -> N
             f"weight must have {dims + 2} dimensions (out, in/groups, kernel...) for a {dims}-d SphereConv; "
             f"got shape {tuple(weight.shape)}"
         )
-    if input.dim() not in (dims + 1, dims + 2):
+    # Two comparisons, not ``in (dims + 1, dims + 2)``: under torch.compile(dynamic=True) ``dims`` can be a
+    # symbolic int, and Dynamo evaluates ``int in (symbol, ...)`` as False.
+    if input.dim() != dims + 1 and input.dim() != dims + 2:
         raise ValueError(
             f"input must have {dims + 2} dimensions (N, C, {'spatial...' if dims > 1 else 'L'}) or {dims + 1} "
             f"without batch for a {dims}-d SphereConv; got shape {tuple(input.shape)}"
@@ -130,6 +132,22 @@ def _check_conv_args(input: Tensor, weight: Tensor, groups: int, dims: int) -> N
         )
     if weight.shape[0] % groups:
         raise ValueError(f"out_channels {weight.shape[0]} must be divisible by groups {groups}")
+
+
+def _check_bias(bias: Tensor | None, weight: Tensor, input: Tensor) -> None:
+    """``bias`` must be None or a 1-d tensor of ``weight.shape[0]`` values on the input's device, as
+    for ``torch.nn.functional.conv2d`` / ``linear``: the fused kernels read one value per output
+    channel and would otherwise broadcast, ignore or read past a wrong-sized bias."""
+    if bias is None:
+        return
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a tensor or None; got {type(bias).__name__}")
+    if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"bias must be 1-d with one value per output channel ({weight.shape[0]}); got shape {tuple(bias.shape)}"
+        )
+    if bias.device != input.device:
+        raise ValueError(f"bias is on {bias.device} but the input is on {input.device}")
 
 
 def patch_sq_norm(
@@ -239,6 +257,7 @@ def sphere_convnd(
     if operator in ("sigmoid", "learnable_sigmoid") and not _traced_tensor(sigmoid_k):
         check_positive("sigmoid_k", sigmoid_k)
     _check_conv_args(input, weight, groups, dims)
+    _check_bias(bias, weight, input)
     unbatched = input.dim() == dims + 1
     if unbatched:
         input = input.unsqueeze(0)
@@ -380,6 +399,7 @@ def sphere_linear(
         raise ValueError(
             f"input's last dimension must be in_features = {weight.shape[1]}; got shape {tuple(input.shape)}"
         )
+    _check_bias(bias, weight, input)
     cdtype = compute_dtype(input.dtype)
     out_dtype = (
         torch.promote_types(input.dtype, weight.dtype) if not torch.is_autocast_enabled(input.device.type) else None
