@@ -49,6 +49,18 @@ def test_val_folder_and_greyscale(tmp_path):
     assert x.shape == (1, 3, 4, 4) and (x == 50).all()
 
 
+def test_sixteen_bit_greyscale_is_scaled_to_eight_bits_not_clipped(tmp_path):
+    pixels = np.array([[0, 255, 256, 4095], [32768, 40000, 65280, 65535]], np.uint16)
+    save_png(tmp_path / "train" / "a" / "0.png", pixels)
+    save_png(tmp_path / "test" / "a" / "0.png", pixels)
+    assert Image.open(tmp_path / "train" / "a" / "0.png").mode.startswith("I")
+    expected = torch.from_numpy((pixels >> 8).astype(np.uint8))
+    x, _ = load_dataset("folder", "train", data_dir=tmp_path, channels=1)
+    assert torch.equal(x[0, 0], expected)
+    x, _ = load_dataset("folder", "test", data_dir=tmp_path)
+    assert x.shape == (1, 3, 2, 4) and all(torch.equal(channel, expected) for channel in x[0])
+
+
 def test_mixed_sizes_are_resized_to_the_default_or_to_image_size(tmp_path, caplog):
     save_png(tmp_path / "train" / "a" / "big.png", np.zeros((16, 16, 3), np.uint8))
     Image.fromarray(np.full((8, 12, 3), 255, np.uint8)).save(tmp_path / "train" / "a" / "small.jpg")
@@ -152,6 +164,27 @@ def test_flat_layout_split_rule_is_a_stable_partition(tmp_path):
     save_png(tmp_path / "birds" / "new.png", np.zeros((2, 2, 3), np.uint8))
     _, test_after = list_image_folder(tmp_path, "test")
     assert test_names <= {p.name for p, _ in test_after}
+
+
+def test_class_folder_without_images_is_refused_naming_it(tmp_path):
+    """A class of only unread formats would be an output the model never trains."""
+    for layout in ("split", "flat"):
+        root = tmp_path / layout
+        base = root / "train" if layout == "split" else root
+        save_png(base / "cat" / "0.png", np.zeros((4, 4, 3), np.uint8))
+        (base / "dog").mkdir(parents=True)
+        (base / "dog" / "0.gif").write_bytes(b"GIF89a")
+        (base / "dog" / "notes.txt").write_text("not an image")
+        if layout == "split":
+            save_png(root / "test" / "cat" / "0.png", np.zeros((4, 4, 3), np.uint8))
+        for split in ("train", "test"):
+            with pytest.raises(DatasetError, match=r"class folders without images \(\.png.*\): 'dog';"):
+                list_image_folder(root, split)
+        with pytest.raises(DatasetError, match="'dog'"):
+            dataset_info("folder", data_dir=root)
+        save_png(base / "dog" / "0.png", np.zeros((4, 4, 3), np.uint8))
+        classes, _ = list_image_folder(root, "train")
+        assert classes == ("cat", "dog")
 
 
 def test_folder_errors(tmp_path):

@@ -78,6 +78,12 @@ def test_not_a_checkpoint(tmp_path):
     text.write_text("hello, not a checkpoint\n")
     with pytest.raises(CheckpointError, match="not a readable checkpoint|truncated or corrupt"):
         ckpt.load_checkpoint(text)
+    # Bytes that are no pickle (zeros, a safetensors file) are not reported as carrying code.
+    for name, data in (("zeros.pt", bytes(30)), ("model.safetensors", b"\x90\x00\x00\x00\x00\x00\x00\x00{}")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match="not a readable checkpoint") as info:
+            ckpt.load_checkpoint(tmp_path / name)
+        assert "pickled code" not in str(info.value)
     other = tmp_path / "weights.pt"
     torch.save({"weight": torch.ones(2)}, other)
     with pytest.raises(CheckpointError, match="not a sphereconv checkpoint"):

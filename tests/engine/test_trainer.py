@@ -184,6 +184,37 @@ def test_resume_of_a_different_model_is_refused(tmp_path):
     assert "\n" not in message
 
 
+def test_image_folder_changed_after_training_is_refused_naming_the_difference(tmp_path):
+    """The classes and image size of a folder come from its contents: a checkpoint records them, so a
+    renamed class (same count: labels would silently mean other classes) or a new image size is a
+    one-line error in eval, export and resume instead of a wrong result or a shape mismatch."""
+    Image = pytest.importorskip("PIL.Image")
+    root = tmp_path / "images"
+    rng = torch.Generator().manual_seed(0)
+    for name in ("cat", "dog"):
+        for split, count in (("train", 4), ("test", 2)):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8, generator=rng).numpy()
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    overrides = dict(dataset="folder", data_dir=str(root), train_subset=None, test_subset=None, batch_size=4)
+    train(load_config(None, tiny_overrides(tmp_path / "run", **overrides, iterations=2, eval_every=0)))
+    checkpoint = list_checkpoints(checkpoint_dir(tmp_path / "run"))[-1][1]
+    assert evaluate(checkpoint, device="cpu")["images"] == 4
+    for split in ("train", "test"):
+        (root / split / "dog").rename(root / split / "fox")
+    with pytest.raises(CheckpointError, match="other data.*class 1 'dog' there but 'fox' here"):
+        evaluate(checkpoint, device="cpu")
+    resumed = tiny_overrides(tmp_path / "run", **overrides, iterations=4, eval_every=0, resume=True)
+    with pytest.raises(CheckpointError, match="class 1 'dog' there but 'fox' here"):
+        train(load_config(None, resumed))
+    for split in ("train", "test"):
+        (root / split / "fox").rename(root / split / "dog")
+    Image.fromarray(torch.zeros(12, 12, 3, dtype=torch.uint8).numpy()).save(root / "train" / "cat" / "big.png")
+    with pytest.raises(CheckpointError, match="image_size=8 there but 32 here"):
+        evaluate(checkpoint, device="cpu")
+
+
 def test_resume_without_checkpoint_starts_at_zero(tmp_path, caplog):
     summary = train(_config(tmp_path, iterations=3, eval_every=0, resume=True))
     assert summary["steps"] == 3

@@ -10,9 +10,13 @@ Two layouts are accepted:
   to train. The rule depends only on the names, so adding images never moves existing ones between
   splits, and every run and machine sees the same split.
 
+A class folder (of ``train/`` in the split layout) without one image of these formats is an error:
+it would become a class the model never trains.
+
 Labels are the indices of the sorted class names. Images with the extensions in
 ``IMAGE_EXTENSIONS`` are read with Pillow (an optional dependency: ``pip install pillow`` or the
-``images`` extra) and converted to RGB (``channels=3``) or greyscale (``channels=1``). A photo whose
+``images`` extra) and converted to RGB (``channels=3``) or greyscale (``channels=1``), 16-bit
+greyscale scaled to 8 bits (its high byte). A photo whose
 EXIF orientation tag says it is stored rotated or mirrored (as phone cameras write them) is turned
 upright first, as image viewers show it; sizes below are those of the upright image.
 
@@ -64,6 +68,8 @@ _UPRIGHT = {
     8: "ROTATE_90",
 }
 _SIDES_EXCHANGED = frozenset((5, 6, 7, 8))
+# Most class names quoted in one error message.
+MAX_NAMED_CLASSES = 5
 # Bits of the name hash used to place an image in the flat layout's split.
 _HASH_BITS = 32
 # Side to which images of mixed or large sizes are resized when image_size is not given: 32, the
@@ -130,6 +136,23 @@ def _split_dir(root: Path, split: str) -> Path | None:
     return None
 
 
+def _check_classes_have_images(root: Path, class_root: Path, classes: tuple[str, ...]) -> None:
+    """A class folder without one readable image (say, only .gif or .webp files) would still become a
+    class, an output the model never trains: refuse it, naming the folders and the extensions read."""
+    if not classes:
+        raise DatasetError(
+            f"image folder {root} has no class subfolders; expected root/<class>/<image> or root/train/<class>/<image>"
+        )
+    empty = [name for name in classes if not _images_in(class_root / name)]
+    if empty:
+        shown = ", ".join(repr(name) for name in empty[:MAX_NAMED_CLASSES])
+        more = f" and {len(empty) - MAX_NAMED_CLASSES} more" if len(empty) > MAX_NAMED_CLASSES else ""
+        raise DatasetError(
+            f"image folder {class_root} has class folders without images ({', '.join(IMAGE_EXTENSIONS)}): "
+            f"{shown}{more}; add images, convert them to one of these formats, or remove the folders"
+        )
+
+
 def list_image_folder(root: str | os.PathLike | None, split: str) -> tuple[tuple[str, ...], list[tuple[Path, int]]]:
     """The class names and the ``(path, label)`` pairs of ``split``, in a fixed order.
 
@@ -147,6 +170,7 @@ def list_image_folder(root: str | os.PathLike | None, split: str) -> tuple[tuple
                 "folder; add one, or use the flat layout root/<class>/<image>"
             )
         label_of = {name: i for i, name in enumerate(classes)}
+        _check_classes_have_images(root, train_dir, classes)
         items = []
         for class_dir in _subdirs(split_dir):
             if class_dir.name not in label_of:
@@ -156,16 +180,13 @@ def list_image_folder(root: str | os.PathLike | None, split: str) -> tuple[tuple
             items += [(p, label_of[class_dir.name]) for p in _images_in(class_dir)]
     else:
         classes = tuple(d.name for d in _subdirs(root))
+        _check_classes_have_images(root, root, classes)
         items = [
             (p, label)
             for label, name in enumerate(classes)
             for p in _images_in(root / name)
             if flat_split_of(name, p.name) == split
         ]
-    if not classes:
-        raise DatasetError(
-            f"image folder {root} has no class subfolders; expected root/<class>/<image> or root/train/<class>/<image>"
-        )
     if not items:
         raise DatasetError(f"image folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)}) for split {split!r}")
     return classes, items
@@ -247,6 +268,9 @@ def _read(image_module, path: Path, mode: str, size: tuple[int, int]) -> np.ndar
             if (image.height, image.width) != stored:
                 # JPEG: decode at a reduced scale, much faster for photos (the scale of the stored image)
                 image.draft(mode, (stored[1], stored[0]))
+            if image.mode.startswith("I"):
+                # 16-bit greyscale (PNG): Pillow's conversion to 8 bits clips at 255 instead of scaling.
+                image = image_module.fromarray((np.asarray(image).clip(0, 65535) >> 8).astype(np.uint8))
             image = image.convert(mode)
             if orientation in _UPRIGHT:
                 image = image.transpose(getattr(image_module.Transpose, _UPRIGHT[orientation]))

@@ -57,6 +57,11 @@ _CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.pt$")
 
 # Longest excerpt of an underlying error quoted in a one-line message.
 EXCERPT_CHARS = 200
+# What torch's weights-only unpickler says when it refuses to import or call something (a global,
+# a reduce, a class), as opposed to bytes that are no pickle ("Unsupported operand 0"), and where
+# its own reason starts in the message.
+_REFUSED_OBJECT = re.compile(r"global|reduce|new object|can only build", re.IGNORECASE)
+_UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)")
 # Longest repr of a configuration value quoted in a one-line message.
 VALUE_CHARS = 60
 # Configuration keys besides the network's (objective.MODEL_CONFIG_KEYS) that a checkpoint's run
@@ -255,7 +260,13 @@ def _verified_payload(path: Path, data: bytes) -> memoryview:
 
 def _load_failure(path: Path, exc: Exception) -> str:
     text = " ".join(str(exc).split())
-    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text.lower():
+    unpickler_failed = isinstance(exc, pickle.UnpicklingError) or "weights_only" in text.lower()
+    if unpickler_failed and not _REFUSED_OBJECT.search(text):
+        # Bytes that are no pickle at all (zeros, text, a safetensors file): nothing was refused.
+        detail = _UNPICKLER_DETAIL.search(text)
+        reason = detail.group(1) if detail else text
+        return f"{str(path)!r} is not a readable checkpoint (not a torch.save file: {reason[:EXCERPT_CHARS]})"
+    if unpickler_failed:
         first = text.split(". ")[0][:EXCERPT_CHARS]
         return (
             f"refused to load {str(path)!r}: it contains pickled code or objects that are not plain "
@@ -312,6 +323,43 @@ def check_config_compatible(saved: Mapping[str, Any], current: Mapping[str, Any]
         )
         names = "" if _describe(saved) == _describe(current) else f" ({_describe(saved)}, not {_describe(current)})"
         raise CheckpointError(f"{source} belongs to a different model{names}: {changes}")
+
+
+def dataset_record(info: Any) -> dict[str, Any]:
+    """What a checkpoint records of the dataset it was trained on (a ``DatasetInfo``): the classes and
+    the image size, which an image folder takes from its contents."""
+    size = info.image_size
+    return {
+        "class_names": list(info.class_names),
+        "image_size": list(size) if isinstance(size, tuple) else size,
+    }
+
+
+def check_dataset_compatible(saved: Mapping[str, Any] | None, info: Any, source: str) -> None:
+    """Raise CheckpointError (one line) if the dataset found now (a ``DatasetInfo``) has other classes
+    or another image size than the one recorded by :func:`dataset_record` (checkpoints without the
+    record pass: they were written before it existed)."""
+    if not isinstance(saved, Mapping):
+        return
+    current = dataset_record(info)
+    changes = []
+    size, here = saved.get("image_size", current["image_size"]), current["image_size"]
+    if size != here:
+        changes.append(f"image_size={short_value(size)} there but {short_value(here)} here")
+    names, here = saved.get("class_names", current["class_names"]), current["class_names"]
+    names = list(names) if isinstance(names, (list, tuple)) else []
+    if names != here:
+        # The first label whose class differs (the longer list's next name when one is a prefix).
+        label = next(i for i, (a, b) in enumerate(zip([*names, None], [*here, None])) if a != b)
+        first = [short_value(n[label]) if label < len(n) else "none" for n in (names, here)]
+        changes.append(
+            f"{len(names)} classes there but {len(here)} here, class {label} {first[0]} there but {first[1]} here"
+        )
+    if changes:
+        raise CheckpointError(
+            f"{source} was trained on other data than {info.name!r} holds now: {'; '.join(changes)}; point data_dir "
+            "(--data-dir) at the data the run was trained on"
+        )
 
 
 def check_state_compatible(saved: Mapping[str, torch.Tensor], model: nn.Module, source: str) -> None:

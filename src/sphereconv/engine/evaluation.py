@@ -15,7 +15,7 @@ import torch
 
 from ..data import DatasetInfo, DeviceLoader, dataset_info, load_dataset, subset
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import load_checkpoint, load_model_state
+from .checkpoint import check_dataset_compatible, load_checkpoint, load_model_state
 from .config import TrainConfig, config_from_dict, resolve_device_name
 from .loaders import SUBSET_SEED
 from .objective import TrainingModule, build_loss_module, build_model, evaluate_batches
@@ -53,6 +53,7 @@ def restore_checkpoint(
     if data_dir is not None:
         config.data_dir = os.fspath(data_dir)
     info = dataset_info(config.dataset, config.data_dir, image_size=config.image_size)
+    check_dataset_compatible(state.get("dataset_info"), info, source)
     model = build_model(config, info.num_classes, info.in_channels, info.image_size)
     loss_module = build_loss_module(config, model, info.num_classes)
     load_model_state(model, state["model"], source)

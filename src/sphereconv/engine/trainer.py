@@ -31,13 +31,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import DeviceLoader, dataset_info
+from ..data import DatasetInfo, DeviceLoader, dataset_info
 from ..errors import CheckpointError, ConfigError, SphereconvError, TrainingDivergedError
 from .callbacks import Callback
 from .checkpoint import (
     EXCERPT_CHARS,
     capture_rng_state,
     check_config_compatible,
+    check_dataset_compatible,
+    dataset_record,
     find_latest_checkpoint,
     load_model_state,
     restore_rng_state,
@@ -81,6 +83,7 @@ class Trainer:
     train_loader: DeviceLoader
     test_loader: DeviceLoader
     num_classes: int
+    info: DatasetInfo
 
     def __init__(self, config: TrainConfig, callbacks: Sequence[Callback] = ()) -> None:
         self.config = config
@@ -166,6 +169,7 @@ class Trainer:
         self.model, self.loss_module = model, loss_module
         self.module = TrainingModule(model, loss_module, cfg.label_smoothing if loss_module is None else 0.0)
         self.num_classes = info.num_classes
+        self.info = info
 
     def _build_optimization(self) -> None:
         cfg = self.config
@@ -187,6 +191,7 @@ class Trainer:
         source = f"checkpoint {str(path)!r}"
         check_resumed_length(self.config, self.total_steps, state, source)
         check_config_compatible(state["config"], config_to_dict(self.config), source)
+        check_dataset_compatible(state.get("dataset_info"), self.info, source)
         load_model_state(self.model, state["model"], source)
         try:
             if self.loss_module is not None:
@@ -314,6 +319,7 @@ class Trainer:
                 "rng": capture_rng_state(),
                 "progress": self.progress.to_state(),
                 "total_steps": self.total_steps,
+                "dataset_info": dataset_record(self.info),
             }
             path = save_checkpoint(state, run_dir.checkpoints, self.step, self.config.keep_checkpoints)
             self.last_checkpoint = path
