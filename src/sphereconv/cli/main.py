@@ -31,12 +31,11 @@ from collections.abc import Collection, Sequence
 from .. import __version__
 from .._memory import keep_freed_memory
 from ..errors import SphereconvError
-from .parsing import OneLineArgumentParser
+from .parsing import EXIT_INTERRUPTED, OneLineArgumentParser
 
 PROG = "sphereconv"
-# Exit codes: 2 for user errors (argparse's convention), 1 for an interrupted run.
+# Exit code for user errors (argparse's convention); EXIT_INTERRUPTED (1) for a run stopped by a signal.
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 1
 DEBUG_ENV = "SPHERECONV_DEBUG"
 
 # Command -> (module of sphereconv.cli whose register(subparsers) adds it, one-line summary for --help).

@@ -15,6 +15,8 @@ from typing import NoReturn
 from .._validation import check_float, check_int
 from ..errors import ConfigError, SphereconvError, short_repr
 
+# Exit code of a run stopped by a signal (the CLI's convention for interrupts; user errors exit 2).
+EXIT_INTERRUPTED = 1
 # Longest path printed in a message.
 MAX_PATH_CHARS = 200
 # Longest message of argparse's own errors printed (it lists unrecognized arguments in full).

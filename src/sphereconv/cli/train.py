@@ -19,10 +19,8 @@ import os
 import sys
 
 from ..errors import ConfigError
-from .parsing import CommandLineError, Nullable, finite_float, mapping_text
+from .parsing import EXIT_INTERRUPTED, CommandLineError, Nullable, finite_float, mapping_text
 
-# Exit code of a run stopped by a signal (the CLI's convention for interrupts).
-EXIT_INTERRUPTED = 1
 # Placeholder of a flag's value in the usage line, by the key's type.
 METAVARS = {int: "N", float: "X", str: "TEXT"}
 
