@@ -8,7 +8,10 @@ The payload holds plain data only (tensors, numbers, strings, lists, dicts, tupl
 loads with ``torch.load(weights_only=True)``: the unpickler then refuses anything that would run
 code. It holds everything a resumed run needs to continue bit for bit: model, optimizer,
 scheduler, grad scaler and loss-module state, the step, the data loader's position, the RNG states
-of torch, CUDA, numpy and Python, the progress counters and the resolved configuration.
+of torch, CUDA, numpy and Python, the progress counters and the resolved configuration. It also
+records the dataset's class names and image size (:func:`dataset_record`), which an image folder
+takes from its contents: a folder changed since training is refused by name
+(:func:`check_dataset_compatible`) instead of relabelling classes in silence.
 Checkpoints of format version 1 (a bare ``torch.save`` file, no digest) still load, with a warning.
 
 Writes are atomic: the file is written to a temporary name in the same directory, flushed and
