@@ -11,10 +11,11 @@ import yaml
 from png_checks import CURVE_PLOT_SIZE, assert_png
 
 from sphereconv.cli.main import main
+from sphereconv.engine import save_config
 from sphereconv.errors import ConfigError
 from sphereconv.experiments.grid import load_grid, plan_grid, results_path, select_runs
-from sphereconv.experiments.grid_report import write_grid_report
-from sphereconv.experiments.sweep import describe_plan
+from sphereconv.experiments.grid_report import summary_of_other_grid, write_grid_report
+from sphereconv.experiments.sweep import describe_plan, execute_grid
 
 ROOT = Path(__file__).resolve().parents[2]
 CLAIMS = ROOT / "configs" / "sweeps" / "claims.yaml"
@@ -295,6 +296,20 @@ def test_an_effect_from_one_seed_pair_is_shown_without_an_interval(tmp_path):
     assert "In regime `B`, SphereNet-9 cosine ended 0.60 points above CNN-9 (88.60% vs 88.00% final" in opening
 
 
+def test_the_other_grids_summary_says_when_its_results_folder_is_not_found(tmp_path, monkeypatch):
+    sweep = write_grid(tmp_path / "sweep.yaml", name="sweep", results="committed")  # relative to the working directory
+    plan = plan_grid(load_grid(sweep), out=tmp_path / "out", results=tmp_path / "committed", progress=False)
+    record(plan, {("A", "cnn", 0): 0.8})
+    monkeypatch.chdir(tmp_path)
+    assert "1 of 4 runs finished" in "\n".join(summary_of_other_grid(sweep, tmp_path / "quick"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    text = "\n".join(summary_of_other_grid(sweep, tmp_path / "quick"))
+    assert "results folder `committed` is not found from the working directory" in text
+    assert "No run of the sweep has finished yet" not in text
+
+
 def test_dry_run_plan_shows_progress_and_who_trains(tmp_path):
     plan = plan_grid(load_grid(write_grid(tmp_path / "tiny.yaml")), out=tmp_path / "out", results=tmp_path / "r")
     record(plan, {("A", "cnn", 0): 0.8})
@@ -314,6 +329,46 @@ def test_dry_run_plan_shows_progress_and_who_trains(tmp_path):
     )
     assert lines[2].startswith("    3. A-cnn-s1: new;") and not gone_lock.exists()
     assert lines[-1] == "  1 recorded, 1 partial, 2 new (of 4 runs)"
+
+
+def finished_run_dir(run) -> None:
+    """The run directory ``sphereconv train`` leaves for ``run``: its config, metrics and summary (no training)."""
+    save_config(run.planned.config, run.planned.out / "config.yaml")
+    (run.planned.out / "metrics.jsonl").write_text(json.dumps({"step": 8, "test_acc": 0.5}) + "\n")
+    (run.planned.out / "summary.json").write_text(json.dumps({"final_test_acc": 0.5, "best_test_acc": 0.5}))
+
+
+def test_a_finished_run_of_other_settings_in_the_training_folder_is_not_recorded(tmp_path):
+    # A smoke run leaves its training folder where the full-size run of the same grid trains.
+    grid = load_grid(write_grid(tmp_path / "tiny.yaml"))
+    smoke = plan_grid(grid, out=tmp_path / "out", results=tmp_path / "smoke", smoke=True, progress=False)
+    finished_run_dir(smoke.runs[0])
+    full = plan_grid(grid, out=tmp_path / "out", results=tmp_path / "full", progress=False)
+    assert full.runs[0].planned.out == smoke.runs[0].planned.out
+    with pytest.raises(ConfigError) as info:
+        execute_grid(full, "test", log=lambda line: None, runs=full.runs[:1])
+    assert "holds a finished run with different settings" in str(info.value) and "iterations" in str(info.value)
+    assert not results_path(full, full.runs[0]).exists()
+    assert not (full.runs[0].planned.out.parent / f"{full.runs[0].run_id}.lock").exists()
+    # The same finished run is recorded for the plan whose settings it has.
+    execute_grid(smoke, "test", log=lambda line: None, runs=smoke.runs[:1])
+    document = json.loads(results_path(smoke, smoke.runs[0]).read_text())
+    assert document["summary"]["final_test_acc"] == 0.5 and document["settings"] == smoke.runs[0].settings
+
+
+def test_a_results_file_that_is_not_an_object_is_a_one_line_error(tmp_path):
+    plan = plan_grid(load_grid(write_grid(tmp_path / "tiny.yaml")), out=tmp_path / "out", results=tmp_path / "r")
+    record(plan, {("A", "cnn", 0): 0.8, ("A", "cosine", 0): 0.81})
+    results_path(plan, plan.runs[1]).write_text("[]\n")
+    with pytest.raises(ConfigError, match="A-cosine-s0.json does not hold a JSON object"):
+        write_grid_report(plan, "test")
+    # A file without the time it finished is still reported.
+    path = results_path(plan, plan.runs[1])
+    document = {**json.loads(results_path(plan, plan.runs[0]).read_text()), "model": "cosine"}
+    document["settings"] = plan.runs[1].settings
+    del document["finished"]
+    path.write_text(json.dumps(document))
+    assert "runs finished: 2 of 4, between" in write_grid_report(plan, "test").read_text()
 
 
 def test_only_selects_cells_and_names_what_a_bad_selector_may_say(tmp_path, capsys):
@@ -350,6 +405,7 @@ def test_only_selects_cells_and_names_what_a_bad_selector_may_say(tmp_path, caps
     ("changes", "message"),
     [
         ({"regims": {}}, "unknown key(s) regims"),
+        ({"stages": []}, "stages is empty"),
         ({"stages": [{"regime": "Z", "models": ["cnn"]}]}, "stage 1 names regime 'Z'"),
         ({"stages": [{"regime": "A", "models": ["mlp"]}]}, "stage 1 models must be a list drawn from: cnn, cosine"),
         ({"baseline": "vgg"}, "baseline 'vgg' is not a model"),

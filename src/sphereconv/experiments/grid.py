@@ -151,6 +151,8 @@ def load_grid(path: str | os.PathLike) -> Grid:
                 f"{path}: stage {number} models must be a list drawn from: {', '.join(models)}; got {names!r}"
             )
         stages.append((regime, tuple(names)))
+    if not stages:
+        raise ConfigError(f"{path}: stages is empty")
     summary_from = raw.get("summary_from")
     return Grid(
         name=str(raw["name"]),
@@ -321,6 +323,8 @@ def load_recorded(plan: GridPlan, run: GridRun) -> dict | None:
         document = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc.msg}); delete it to rerun that run") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path} does not hold a JSON object; delete it to rerun that run")
     saved = document.get("settings", {})
     differing = sorted(k for k in set(saved) | set(run.settings) if saved.get(k) != run.settings.get(k))
     if differing:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from .grid import GridPlan, Named, load_grid, load_recorded, plan_grid
+from .grid import RUNS_DIR, GridPlan, Named, load_grid, load_recorded, plan_grid
 from .plots import plot_curves, plot_effects
 from .report import describe_machine
 from .results import iterations_to_reach, series, thresholds_for
@@ -354,7 +354,7 @@ def write_grid_report(plan: GridPlan, command: str) -> Path:
     comparisons = compare_cells(plan, cells)
     thresholds = [t for t in thresholds_for(plan.runs[0].planned.config.dataset)][:3]
     done = sum(len(c.documents) for c in cells)
-    finished = sorted(d["finished"] for c in cells for d in c.documents.values())
+    finished = sorted(d["finished"] for c in cells for d in c.documents.values() if d.get("finished"))
     machines = sorted({d.get("machine", "") for c in cells for d in c.documents.values()})
     parts = [
         f"# {grid.title} (grid `{grid.name}`)",
@@ -491,6 +491,13 @@ def summary_of_other_grid(path: Path, report_dir: Path) -> list[str]:
     if ignored:
         link += f" ({ignored} results file(s) made with settings other than the grid file's are left out.)"
     title = f"## What the full sweep (`{other.path}`) has found so far"
+    if done == 0 and not (plan.results_dir / RUNS_DIR).is_dir():
+        return [
+            title,
+            "",
+            f"Its results folder `{plan.results_dir}` is not found from the working directory `{Path.cwd()}` "
+            f"(the grid file gives it relative to the working directory). {link}",
+        ]
     if done == 0:
         return [title, "", f"No run of the sweep has finished yet ({len(plan.runs)} planned). {link}"]
     comparisons = compare_cells(plan, cells)

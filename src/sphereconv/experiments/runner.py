@@ -196,7 +196,8 @@ def _comparable(values: dict) -> dict:
     return yaml.safe_load(yaml.safe_dump({k: v for k, v in values.items() if k not in EXECUTION_KEYS}))
 
 
-def _check_finished_run_matches(run: PlannedRun) -> None:
+def check_finished_run_matches(run: PlannedRun) -> None:
+    """:class:`ConfigError` if ``run.out`` holds a run made with settings other than ``run.config``'s."""
     from ..engine.config import config_to_dict
     from ..engine.run_dir import resumed_config_values
 
@@ -256,7 +257,7 @@ def execute_plan(plan: Plan, log: Callable[[str], None] = print) -> None:
         status = run_status(run)
         tag = f"[{index}/{total}] {plan.experiment.name}/{run.variant.name}/seed{run.seed}"
         if status == "finished":
-            _check_finished_run_matches(run)
+            check_finished_run_matches(run)
             log(f"{tag}: already finished, skipped")
             continue
         if status == "diverged":

@@ -27,7 +27,7 @@ from .grid import (
     source_version,
 )
 from .grid_report import collect_cells, compare_cells, in_short, other_grid_in_short, write_grid_report
-from .runner import run_status, train_run
+from .runner import check_finished_run_matches, run_status, train_run
 
 
 def _lock_path(run: GridRun) -> Path:
@@ -87,6 +87,7 @@ def execute_grid(
             status = run_status(run.planned)
             started = time.perf_counter()
             if status in ("finished", "diverged"):
+                check_finished_run_matches(run.planned)  # a run of other settings (a smoke run, say) is not recorded
                 outcome = f"{status} earlier in {run.planned.out}, recorded"
             else:
                 outcome = train_run(run.planned, status) + f" in {time.perf_counter() - started:.0f} s"
