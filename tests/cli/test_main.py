@@ -106,6 +106,19 @@ def test_user_mistakes_are_one_line(argv, fragment, capsys):
     assert fragment in one_line_error(main(argv), capsys.readouterr().err)
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """``sphereconv list-models | head -0``: no BrokenPipeError traceback, the shell's SIGPIPE status."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sphereconv.cli.main", "list-models"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdout.close()  # before the command has printed anything
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == cli_main.EXIT_BROKEN_PIPE, stderr.decode()
+    assert b"Traceback" not in stderr and b"BrokenPipeError" not in stderr, stderr.decode()
+
+
 # ---------------------------------------------------------------- imports
 
 

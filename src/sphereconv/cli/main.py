@@ -36,6 +36,8 @@ from .parsing import EXIT_INTERRUPTED, OneLineArgumentParser
 PROG = "sphereconv"
 # Exit code for user errors (argparse's convention); EXIT_INTERRUPTED (1) for a run stopped by a signal.
 EXIT_USER_ERROR = 2
+# Exit code when stdout's reader has gone: 128 + SIGPIPE (13), what a shell reports for a process SIGPIPE ends.
+EXIT_BROKEN_PIPE = 141
 DEBUG_ENV = "SPHERECONV_DEBUG"
 
 # Command -> (module of sphereconv.cli whose register(subparsers) adds it, one-line summary for --help).
@@ -138,6 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of stdout went away (``sphereconv ... | head``): stop quietly, as other commands do.
+        # Point stdout at /dev/null so that the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except (SphereconvError, OSError) as exc:
         if _debug() or not (isinstance(exc, SphereconvError) or is_path_error(exc)):
             raise
