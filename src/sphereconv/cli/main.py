@@ -1,7 +1,7 @@
 """Entry point of the ``sphereconv`` command line.
 
-Subcommands: ``train``, ``eval``, ``inspect``, ``list-models``, ``list-datasets``, ``reproduce`` (the paper's
-experiments, Liu et al. NIPS 2017 Sec. 5), ``plot``, ``selftest`` and ``bench``.
+Subcommands: ``train``, ``eval``, ``export``, ``inspect``, ``list-models``, ``list-datasets``, ``reproduce``
+(the paper's experiments, Liu et al. NIPS 2017 Sec. 5), ``plot``, ``selftest`` and ``bench``.
 
 Only the parser of the command being run gets its arguments (and imports what their choices need),
 so ``sphereconv --help`` imports no torch; the command modules import torch, numpy and

@@ -7,7 +7,9 @@ orthogonality penalty 1e-4 on SphereConv filters, weight decay 5e-4 everywhere e
 filters. Two settings serve a first run on a new dataset instead, and the paper configs
 (``configs/*_cifar*.yaml``) set the reference's values: the run length (``DEFAULT_EPOCHS`` passes
 over the training set where neither ``iterations`` nor ``epochs`` is set, not 64k iterations) and
-the BatchNorm momentum (``BN_MOMENTUM``).
+the BatchNorm momentum (``BN_MOMENTUM``). Label smoothing (the reference's 0.01) and augmentation
+(the reference's horizontal flip, or crop + flip on CIFAR-10+) are also off by default; the paper
+configs set them.
 
 Every key is declared once, with :func:`setting`: its type (the annotation), default, allowed
 values (a range, or choices taken from the registry that owns them) and help text. The validation
@@ -298,8 +300,12 @@ class TrainConfig:
         None, help="where the dataset files are; null = search the usual places", check=_check_text
     )
     download: bool = setting(False, help="download the dataset when it is missing")
-    train_subset: int | None = setting(None, help="use only the first N training images", low=1)
-    test_subset: int | None = setting(None, help="evaluate on only the first N test images", low=1)
+    train_subset: int | None = setting(
+        None, help="train on N of the training images (the same class-balanced sample every run)", low=1
+    )
+    test_subset: int | None = setting(
+        None, help="evaluate on N of the test images (the same class-balanced sample every run)", low=1
+    )
     image_size: int | None = setting(
         None,
         help=(

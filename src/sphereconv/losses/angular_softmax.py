@@ -61,7 +61,7 @@ class WeightNormalizedSoftmaxLoss(AngularSoftmaxLoss):
     """Weight-normalised softmax (Liu et al. 2017, Sec. 2.2): ``logit_j = |x| g(theta_j)``.
 
     ``theta_j`` is the angle between the feature x and classifier row w_j (normalised, no bias);
-    ``|x|`` is the feature norm ``sqrt(sum x^2 + eps)``. With cosine g the logits are
+    ``|x|`` is the feature norm ``sqrt(sum x^2 + eps m_x^2)`` (``m_x`` its largest |x|). With cosine g the logits are
     ``<x, w_j / |w_j|>``. ``operator`` is one of ``linear``, ``cosine``, ``sigmoid`` (steepness
     ``sigmoid_k``), ``square_cosine``.
     """

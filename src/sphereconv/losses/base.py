@@ -9,7 +9,7 @@ softmax both score class j through the angle theta_j between the feature x and t
 :class:`ClassifierLoss` holds the weight, the input checks and the cross-entropy (with optional
 label smoothing). :class:`AngularSoftmaxLoss` adds the angular part shared by every margin loss:
 
-    cos(theta_j) = <x, w_j> / (|x|_e |w_j|_e),   |v|_e = sqrt(sum v^2 + eps),
+    cos(theta_j) = <x, w_j> / (|x|_e |w_j|_e),   |v|_e = sqrt(sum v^2 + eps m_v^2),
     logit_j      = s(x) * a(theta_j)                 (prediction: no margin)
     logit_y      = s(x) * t(theta_y)                 (training: the true class y gets a margin)
 
@@ -130,7 +130,7 @@ class ClassifierLoss(nn.Module):
 class AngularSoftmaxLoss(ClassifierLoss):
     """Base of the angular softmax family: ``logit_j = s(x) a(theta_j)``, margin on the true class.
 
-    ``cos(theta_j) = <x, w_j> / (|x|_e |w_j|_e)`` with ``|v|_e = sqrt(sum v^2 + eps)``, clamped to
+    ``cos(theta_j) = <x, w_j> / (|x|_e |w_j|_e)`` with ``|v|_e = sqrt(sum v^2 + eps m_v^2)``, clamped to
     [-1, 1]. Prediction logits are ``s(x) * a(theta_j)`` for every class; training logits replace
     the true class's entry with ``s(x) * t(theta_y)``. The hooks default to the plain cosine
     (``a = t = cos``) scaled by the feature norm (``s = |x|_e``), which makes this base, used

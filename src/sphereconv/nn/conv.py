@@ -152,10 +152,11 @@ class SphereConv1d(_SphereConvNd, nn.Conv1d):
 class SphereConv2d(_SphereConvNd, nn.Conv2d):
     """2-d SphereConv (Liu et al. 2017, Sec. 2.1), a drop-in subclass of ``nn.Conv2d``.
 
-    ``out = g(theta) (+ bias)``, ``cos(theta) = <w, x> / (sqrt(|w|^2 + eps) sqrt(|x|^2 + eps))`` for each
+    ``out = g(theta) (+ bias)``, ``cos(theta) = <w, x> / (|w|_e |x|_e)`` for each
     filter w and input patch x. Operators: ``linear`` (1 - 2 theta/pi), ``cosine`` (cos theta),
     ``sigmoid`` (tanh((pi/2 - theta)/2k) / tanh(pi/4k)) and ``learnable_sigmoid`` (k per output
-    channel, learnt). The output is invariant to positive rescaling of w and x (up to eps).
+    channel, learnt). ``|v|_e = sqrt(sum v^2 + eps m_v^2)`` with ``m_v`` the largest |v| (see
+    :mod:`sphereconv.nn.functional`), so the output is exactly invariant to positive rescaling of w and x.
     """
 
     def __init__(

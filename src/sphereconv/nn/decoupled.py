@@ -7,7 +7,7 @@ magnitude function and an angular function and generalises both:
 
 The angular functions g are those of SphereConv (``linear``, ``cosine``, ``sigmoid``,
 ``learnable_sigmoid``) plus the square cosine ``sign(cos) cos^2`` (Sec. 3.2). The magnitude functions
-h (Sec. 3.1; ``x`` below is the patch norm ``|x|_e = sqrt(sum x^2 + eps)`` of SphereConv):
+h (Sec. 3.1; ``x`` below is the patch norm ``|x|_e = sqrt(sum x^2 + eps m_x^2)`` of SphereConv):
 
     sphere  h = alpha                                   (SphereConv when alpha = 1)
     ball    h = alpha * min(x, rho) / rho               (BallConv)
@@ -228,7 +228,7 @@ def decoupled_conv2d(
     """2-d decoupled convolution (Decoupled Networks Sec. 3).
 
     ``out[n, o, i, j] = [|w_o|_e] * h(|x|_e) * g(theta) (+ bias[o])`` with ``cos(theta) = <w_o, x> /
-    (|w_o|_e |x|_e)`` over every input patch x, ``|v|_e = sqrt(sum v^2 + eps)``; ``h`` is the
+    (|w_o|_e |x|_e)`` over every input patch x, ``|v|_e = sqrt(sum v^2 + eps m_v^2)`` as in SphereConv; ``h`` is the
     ``magnitude`` function (one of :data:`MAGNITUDES`, see :func:`magnitude_function`), ``g`` the
     angular ``operator`` (``linear``, ``cosine``, ``sigmoid``, ``learnable_sigmoid``,
     ``square_cosine``), and the ``|w_o|_e`` factor is present when ``weighted``. Arguments mirror

@@ -325,7 +325,8 @@ def sphere_conv2d(
     """2-d SphereConv (Liu et al. 2017, Sec. 2.1).
 
     ``out[n, o, i, j] = g(theta) (+ bias[o])`` with ``cos(theta) = <w_o, x_patch> / (|w_o|_e |x_patch|_e)``,
-    ``|v|_e = sqrt(sum v^2 + eps)``. Arguments mirror :func:`torch.nn.functional.conv2d`;
+    ``|v|_e = sqrt(sum v^2 + eps m_v^2)`` (``m_v`` the largest |v|; see the module docstring). Arguments
+    mirror :func:`torch.nn.functional.conv2d`;
     ``operator`` is one of ``linear``, ``cosine``, ``sigmoid``, ``learnable_sigmoid`` (``lr_sigmoid``);
     ``sigmoid_k`` is a float or a per-output-channel tensor of k values; ``impl`` is ``"auto"``,
     ``"fused"`` or ``"reference"`` (see the module docstring).

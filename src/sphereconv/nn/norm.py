@@ -9,7 +9,8 @@ BatchNorm. This module implements that reading with per-output-channel parameter
 
     out = gamma * (s * |w|_e |x|_e + (1 - s)) * g(theta) + beta (+ bias)
 
-with ``cos(theta) = <w, x> / (|w|_e |x|_e)`` and ``|v|_e = sqrt(sum v^2 + eps)`` as in SphereConv.
+with ``cos(theta) = <w, x> / (|w|_e |x|_e)`` and ``|v|_e = sqrt(sum v^2 + eps m_v^2)`` as in SphereConv
+(``m_v`` the largest |v|; see :mod:`sphereconv.nn.functional`).
 For s -> 0 the output is the pure hyperspherical ``gamma * g(theta) + beta`` (bounded by |gamma| +
 |beta|, scale invariant); for s = 1, cosine g, gamma = 1 and beta = 0 it is exactly the plain
 convolution ``<w, x>``, since ``|w|_e |x|_e cos(theta) = <w, x>``.
