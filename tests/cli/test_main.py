@@ -177,7 +177,10 @@ def test_every_command_is_listed_with_its_summary_and_has_help(capsys):
     for command in COMMANDS:
         assert command in listing
         assert main([command, "--help"]) == 0
-        assert f"usage: sphereconv {command}" in capsys.readouterr().out
+        text = capsys.readouterr().out
+        assert f"usage: sphereconv {command}" in text
+        # docstrings serve as descriptions: their reST markup must not reach the terminal
+        assert "``" not in text and ":func:`" not in text and ":mod:`" not in text, text
 
 
 def test_only_the_requested_command_gets_its_arguments():

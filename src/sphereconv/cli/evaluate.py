@@ -6,12 +6,12 @@ import argparse
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .parsing import device_name, existing_directory, positive_int
+from .parsing import device_name, existing_directory, help_text, positive_int
 
 
 def register(subparsers) -> None:
     """Add the ``eval`` subcommand to ``subparsers``."""
-    parser = subparsers.add_parser("eval", description=__doc__)
+    parser = subparsers.add_parser("eval", description=help_text(__doc__))
     parser.add_argument(
         "checkpoint", metavar="CHECKPOINT", help="checkpoint file, or a run directory (its newest checkpoint)"
     )

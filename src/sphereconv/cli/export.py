@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .evaluate import resolve_checkpoint
-from .parsing import existing_directory
+from .parsing import existing_directory, help_text
 
 FORMATS = ("onnx", "pt2", "safetensors")
 
@@ -15,7 +15,7 @@ def register(subparsers) -> None:
     """Add the ``export`` subcommand to ``subparsers``."""
     parser = subparsers.add_parser(
         "export",
-        description=__doc__,
+        description=help_text(__doc__),
         epilog="The exported network takes uint8 images (batch, channels, height, width) as the dataset "
         "stores them and returns class scores; the pixel scaling of training is inside it. The file is "
         "loaded again and checked against the checkpoint's network before the command succeeds.",

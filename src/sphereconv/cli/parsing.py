@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import NoReturn
 
 from .._validation import check_float, check_int
@@ -17,6 +18,8 @@ from ..errors import ConfigError, SphereconvError, short_repr
 
 # Exit code of a run stopped by a signal (the CLI's convention for interrupts; user errors exit 2).
 EXIT_INTERRUPTED = 1
+# reST inline roles in docstrings (:func:`name`, :mod:`~pkg.name`), shown as plain names in --help.
+_REST_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
 # Longest path printed in a message.
 MAX_PATH_CHARS = 200
 # Longest message of argparse's own errors printed (it lists unrecognized arguments in full).
@@ -25,6 +28,11 @@ MAX_MESSAGE_CHARS = 500
 
 class CommandLineError(SphereconvError):
     """A flag is unknown, missing, malformed or conflicts with another flag."""
+
+
+def help_text(docstring: str) -> str:
+    """A module docstring as ``--help`` text: its reST inline markup (double backquotes, roles) removed."""
+    return _REST_ROLE.sub(r"\1", docstring).replace("``", "")
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

@@ -16,7 +16,7 @@ import argparse
 import shlex
 
 from ..errors import ConfigError
-from .parsing import positive_float, positive_int
+from .parsing import help_text, positive_float, positive_int
 
 ALL = "all"
 DEFAULT_SCALE = "small"
@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     scales = "; ".join(f"{s.name}: {s.description}" for s in SCALES.values())
     parser = subparsers.add_parser(
         "reproduce",
-        description=__doc__.split("\n\n")[0] + f" Scales: {scales}.",
+        description=help_text(__doc__.split("\n\n")[0]) + f" Scales: {scales}.",
     )
     parser.add_argument(
         "experiment",

@@ -19,7 +19,7 @@ import os
 import sys
 
 from ..errors import ConfigError
-from .parsing import EXIT_INTERRUPTED, CommandLineError, Nullable, finite_float, mapping_text
+from .parsing import EXIT_INTERRUPTED, CommandLineError, Nullable, finite_float, help_text, mapping_text
 
 # Placeholder of a flag's value in the usage line, by the key's type.
 METAVARS = {int: "N", float: "X", str: "TEXT"}
@@ -61,7 +61,7 @@ def register(subparsers) -> None:
     from ..configs import list_presets
     from ..engine.config import key_specs
 
-    parser = subparsers.add_parser("train", description=__doc__.split("\n\n")[0])
+    parser = subparsers.add_parser("train", description=help_text(__doc__.split("\n\n")[0]))
     parser.add_argument(
         "--config",
         metavar="NAME_OR_FILE",
