@@ -135,6 +135,9 @@ def test_mismatched_resume_is_refused():
         DeviceLoader(images, labels, 5).load_state_dict(state)
     with pytest.raises(ValueError, match="dataset_size=50.*dataset_size=49"):
         DeviceLoader(images[:49], labels[:49], 10).load_state_dict(state)
+    # The same global batch on two processes: the number of processes is named, not the batch per process.
+    with pytest.raises(ValueError, match="saved loader had world_size=1, this one has world_size=2"):
+        DeviceLoader(images, labels, 5, rank=0, world_size=2).load_state_dict(state)
 
 
 def _padded(image: np.ndarray, pad: int, mode: str) -> np.ndarray:

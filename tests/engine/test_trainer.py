@@ -17,7 +17,9 @@ from cli_helpers import METRIC_KEYS, SUMMARY_KEYS
 from sphereconv.data import load_dataset
 from sphereconv.engine import Callback, config_to_dict, evaluate, load_config, train
 from sphereconv.engine import loaders as loaders_module
+from sphereconv.engine import trainer as trainer_module
 from sphereconv.engine.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, save_checkpoint
+from sphereconv.engine.distributed import DistributedContext
 from sphereconv.errors import CheckpointError, ConfigError, SphereconvError, TrainingDivergedError
 
 _CACHE: dict = {}
@@ -267,6 +269,16 @@ def test_bad_model_options_fail_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="train_subset=70000 exceeds the 60000"):
         train(_config(tmp_path, train_subset=70000))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_one_image_per_process_with_batch_norm_is_refused_before_any_work(tmp_path, monkeypatch):
+    # Two data-parallel processes as torchrun would set them up (rank 0 of 2; no process group is
+    # needed for the check): a global batch of 2 leaves one image per process, which BatchNorm
+    # cannot train on.
+    monkeypatch.setattr(trainer_module, "setup_distributed", lambda device: DistributedContext(world_size=2))
+    with pytest.raises(ConfigError, match=r"batch_size=2 leaves 1 image per process over the 2 data-parallel"):
+        train(_config(tmp_path, batch_size=2))
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("bn_momentum, warned", [(0.001, True), (None, False)])

@@ -266,10 +266,12 @@ class DeviceLoader:
         missing = [k for k in required if k not in state]
         if missing:
             raise ValueError(f"loader state lacks {', '.join(missing)}; expected a DeviceLoader.state_dict()")
+        # world_size first: a run resumed on another number of processes also has another batch
+        # size per process, and the number of processes is the setting that changed.
         current = {
+            "world_size": self.world_size,
             "dataset_size": self.dataset_size,
             "batch_size": self.batch_size,
-            "world_size": self.world_size,
             "shuffle": self.shuffle,
         }
         for key, value in current.items():

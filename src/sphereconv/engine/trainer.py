@@ -129,6 +129,12 @@ class Trainer:
                 f"batch_size={cfg.batch_size} must be divisible by the {ctx.world_size} "
                 "data-parallel processes (it is the global batch size)"
             )
+        if cfg.batch_norm and cfg.batch_size // ctx.world_size < 2:
+            raise ConfigError(
+                f"batch_size={cfg.batch_size} leaves {cfg.batch_size // ctx.world_size} image per process over the "
+                f"{ctx.world_size} data-parallel processes, too few for BatchNorm (needs >= 2 per process); "
+                f"raise batch_size to at least {2 * ctx.world_size} or set batch_norm false"
+            )
         run_dir = self._run_dir = RunDirectory(cfg.out, writable=ctx.is_main)
         # Rank 0 owns the folder: it locks it before checking it. Nothing is written before every
         # check (ownership, resume contract, checkpoint) has passed.
