@@ -66,7 +66,9 @@ def test_place_on_device_makes_the_network_channels_last():
     model, loss = nn.Conv2d(2, 3, 3), nn.Linear(3, 2)
     place_on_device(model, loss, CPU, channels_last=True)
     assert model.weight.is_contiguous(memory_format=torch.channels_last)
-    place_on_device(model, None, CPU, channels_last=False)
+    plain = nn.Conv2d(2, 3, 3)
+    place_on_device(plain, None, CPU, channels_last=False)
+    assert plain.weight.is_contiguous() and not plain.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_failure_messages_name_what_to_change():

@@ -239,26 +239,56 @@ def test_out_of_memory_names_the_batch_size(tmp_path):
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
 
 
+class RecordSetup(Callback):
+    """What the trainer built, and the precision and layout its convolutions ran in."""
+
+    def on_train_start(self, trainer):
+        self.trainer = trainer
+        self.convolutions = []
+        for layer in trainer.model.modules():
+            if isinstance(layer, torch.nn.Conv2d):
+                layer.register_forward_pre_hook(self._record)
+
+    def _record(self, layer, args):
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        self.convolutions.append(dtype)
+
+
 @pytest.mark.parametrize(
-    "overrides",
+    "overrides, expected",
     [
-        {"amp": "bf16", "channels_last": True, "loss": "cosface", "optimizer": "adamw", "schedule": "cosine"},
-        {
-            "operator": "none",
-            "loss": "a_softmax",
-            "optimizer": "sgd",
-            "lr": 0.01,
-            "schedule": "onecycle",
-            "augment": "flip",
-            "grad_clip": 1.0,
-            "label_smoothing": 0.1,
-        },
+        (
+            {"amp": "bf16", "channels_last": True, "loss": "cosface", "optimizer": "adamw", "schedule": "cosine"},
+            ("CosFaceLoss", torch.optim.AdamW, torch.optim.lr_scheduler.CosineAnnealingLR, torch.bfloat16, True),
+        ),
+        (
+            {
+                "operator": "none",
+                "loss": "a_softmax",
+                "optimizer": "sgd",
+                "lr": 0.01,
+                "schedule": "onecycle",
+                "augment": "flip",
+                "grad_clip": 1.0,
+                "label_smoothing": 0.1,
+            },
+            ("ASoftmaxLoss", torch.optim.SGD, torch.optim.lr_scheduler.OneCycleLR, None, False),
+        ),
     ],
 )
-def test_options_train_to_finite_results(tmp_path, overrides):
-    summary = train(_config(tmp_path, iterations=4, eval_every=0, **overrides))
+def test_options_train_to_finite_results(tmp_path, overrides, expected):
+    loss_name, optimizer_type, scheduler_type, amp_dtype, channels_last = expected
+    setup = RecordSetup()
+    summary = train(_config(tmp_path, iterations=4, eval_every=0, **overrides), [setup])
     assert summary["steps"] == 4 and summary["skipped_steps"] == 0
     assert math.isfinite(summary["final_test_loss"]) and math.isfinite(summary["final_train_loss"])
+    # The options reached the run: loss, optimizer, schedule, precision and memory layout.
+    trainer = setup.trainer
+    assert type(trainer.loss_module).__name__ == loss_name
+    assert type(trainer.optimizer) is optimizer_type and type(trainer.scheduler) is scheduler_type
+    assert setup.convolutions and set(setup.convolutions) == {amp_dtype}  # training steps and evaluation
+    wide = [m.weight for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
+    assert wide and all(w.is_contiguous(memory_format=torch.channels_last) is channels_last for w in wide)
 
 
 def test_bad_model_options_fail_before_any_work(tmp_path):

@@ -430,7 +430,8 @@ def test_triton_kernels_under_the_interpreter_match_reference():
 
 @needs_triton
 def test_triton_kernels_compile_for_a_hopper_gpu_without_one():
-    """The non-interpreted path: every kernel lowers to PTX/cubin for sm_90 (no GPU needed)."""
+    """The non-interpreted path: every kernel lowers to PTX/cubin for sm_90 (no GPU needed), the
+    epilogues for each operator code and with their optional outputs."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -438,8 +439,31 @@ def test_triton_kernels_compile_for_a_hopper_gpu_without_one():
     from sphereconv.nn import _triton
 
     target = GPUTarget("cuda", 90, 32)
-    strides = {name: "i32" for name in ("sg_n", "sg_c", "sg_s", "sin_n", "sin_c", "sin_s", "sd_n", "sd_c", "sd_s")}
-    signature = {
+
+    def i32(*names):
+        return {name: "i32" for name in names}
+
+    square_sum = {
+        "x_ptr": "*bf16",
+        "out_ptr": "*fp32",
+        **i32("C_PER_G", "S", "G", "sxn", "sxc", "sxs"),
+        "BLOCK_C": "constexpr",
+        "BLOCK_S": "constexpr",
+    }
+    forward = {
+        "inner_ptr": "*bf16",
+        "r_ptr": "*fp32",
+        "inv_k_ptr": "*fp32",
+        "scale_ptr": "*fp32",
+        "bias_ptr": "*fp32",
+        "out_ptr": "*fp32",
+        **i32("C", "P", "S", "G", "sin_n", "sin_c", "sin_s", "so_n", "so_c", "so_s"),
+        "OP": "constexpr",
+        "HAS_BIAS": "constexpr",
+        "BLOCK_C": "constexpr",
+        "BLOCK_S": "constexpr",
+    }
+    backward = {
         "grad_ptr": "*fp32",
         "inner_ptr": "*bf16",
         "r_ptr": "*fp32",
@@ -450,14 +474,10 @@ def test_triton_kernels_compile_for_a_hopper_gpu_without_one():
         "d_sq_ptr": "*fp32",
         "part_bias_ptr": "*fp32",
         "part_k_ptr": "*fp32",
-        "C": "i32",
-        "P": "i32",
-        "S": "i32",
-        "G": "i32",
-        "NUM_SB": "i32",
+        **i32("C", "P", "S", "G", "NUM_SB"),
         "ACOS_FLOOR": "fp32",
         "ACOS_CAP": "fp32",
-        **strides,
+        **i32("sg_n", "sg_c", "sg_s", "sin_n", "sin_c", "sin_s", "sd_n", "sd_c", "sd_s"),
         "OP": "constexpr",
         "SAVED_IS_COS": "constexpr",
         "NEED_BIAS": "constexpr",
@@ -465,11 +485,21 @@ def test_triton_kernels_compile_for_a_hopper_gpu_without_one():
         "BLOCK_C": "constexpr",
         "BLOCK_S": "constexpr",
     }
-    constants = {"OP": 2, "SAVED_IS_COS": False, "NEED_BIAS": True, "NEED_K": True, "BLOCK_C": 16, "BLOCK_S": 128}
-    compiled = triton.compile(
-        ASTSource(fn=_triton._backward_kernel, signature=signature, constexprs=constants), target=target
-    )
-    assert ".target sm_90" in compiled.asm["ptx"] and len(compiled.asm["cubin"]) > 0
+    blocks = {"BLOCK_C": 16, "BLOCK_S": 128}
+    cases = [(_triton._sq_sum_kernel, square_sum, blocks)]
+    for op in sorted(set(_triton.OPERATOR_CODES.values())):
+        cases.append((_triton._forward_kernel, forward, {"OP": op, "HAS_BIAS": op == 2, **blocks}))
+        cases.append(
+            (
+                _triton._backward_kernel,
+                backward,
+                {"OP": op, "SAVED_IS_COS": op != 2, "NEED_BIAS": op != 1, "NEED_K": op == 2, **blocks},
+            )
+        )
+    assert len(cases) == 7
+    for kernel, signature, constants in cases:
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=target)
+        assert ".target sm_90" in compiled.asm["ptx"] and len(compiled.asm["cubin"]) > 0, (kernel, constants)
 
 
 @pytest.mark.parametrize("operator", ["linear", "cosine", "sigmoid", "learnable_sigmoid"])
