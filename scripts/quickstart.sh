@@ -15,4 +15,5 @@ out="${SPHERECONV_OUT:-runs/quickstart}"
 scale=()
 if [ -n "${SPHERECONV_SCALE:-}" ]; then scale=(--scale "$SPHERECONV_SCALE"); fi
 # Prints the measured difference and the full sweep's findings in plain words, then the report's path.
-.venv/bin/sphereconv reproduce --grid quickstart "${scale[@]}" --download --out "$out"
+# (${scale[@]+...}: bash before 4.4, as on macOS, calls an empty array unbound under set -u.)
+.venv/bin/sphereconv reproduce --grid quickstart ${scale[@]+"${scale[@]}"} --download --out "$out"

@@ -82,11 +82,16 @@ def installed(tmp_path_factory) -> Path:
 def test_the_installed_package_is_the_wheel(installed, tmp_path):
     code = (
         "import sphereconv, sphereconv.configs as c; "
-        "print(sphereconv.__file__); print(c.preset_path('spherenet9_cifar10'))"
+        "print(sphereconv.__file__); print(c.preset_path('spherenet9_cifar10')); print(c.find_grid('quickstart'))"
     )
-    package_file, preset = run([installed / "python", "-c", code], cwd=tmp_path).stdout.split()
+    package_file, preset, grid = run([installed / "python", "-c", code], cwd=tmp_path).stdout.split()
     assert Path(package_file).is_relative_to(installed.parent), package_file  # not the checkout's src/
     assert Path(preset).is_relative_to(installed.parent) and Path(preset).is_file()
+    assert Path(grid).is_relative_to(installed.parent) and Path(grid).is_file()  # the quick start's grid
+    # Every preset and grid of the checkout ships.
+    shipped, checkout = Path(package_file).parent / "configs", ROOT / "src" / "sphereconv" / "configs"
+    for pattern in ("*.yaml", "sweeps/*.yaml"):
+        assert sorted(p.name for p in shipped.glob(pattern)) == sorted(p.name for p in checkout.glob(pattern)), pattern
     assert (Path(package_file).parent / "py.typed").is_file()
     # The C++ kernels' source ships as package data and builds from the installed copy.
     assert (Path(package_file).parent / "nn" / "csrc" / "cpu_kernels.cpp").is_file()

@@ -1,10 +1,12 @@
-"""The README's quick start, run exactly as written (the main job at smoke scale)."""
+"""The README's quick start, run exactly as written (the main job at smoke scale), and the set-up script it runs."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,42 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     main_job, test_command = commands
     assert "quickstart" in main_job
     assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def _setup_in_a_copy(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess:
+    """Run scripts/setup_env.sh from a copy in ``tmp_path`` (it works in its own folder), with no package index."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy2(ROOT / "scripts" / "setup_env.sh", tmp_path / "scripts")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env |= {**variables, "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1"}
+    script = str(tmp_path / "scripts" / "setup_env.sh")
+    return subprocess.run(["bash", script], cwd="/", env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_setup_refuses_a_python_older_than_3_10_before_making_a_venv(tmp_path):
+    old_python = tmp_path / "python3.9"
+    old_python.write_text(
+        "#!/bin/sh\n"
+        '[ "$1" = -c ] && exec "$REAL_PYTHON" -c "import sys, platform; sys.version_info = (3, 9, 18); '
+        'platform.python_version = lambda: \'3.9.18\'; exec(sys.argv[1])" "$2"\n'
+        'exec "$REAL_PYTHON" "$@"\n'
+    )
+    old_python.chmod(0o755)
+    proc = _setup_in_a_copy(tmp_path, PYTHON=str(old_python), REAL_PYTHON=sys.executable)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "is Python 3.9.18; sphereconv needs >= 3.10" in proc.stderr
+    assert not (tmp_path / ".venv").exists()
+
+
+def test_setup_completes_a_half_created_venv_and_fails_when_pip_does(tmp_path):
+    # What an interrupted `python3 -m venv`, or one run before python3-venv was installed, leaves.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", tmp_path / ".venv"], check=True)
+    proc = _setup_in_a_copy(tmp_path, PYTHON=sys.executable)
+    assert "setup: installing pip into .venv" in proc.stdout
+    assert subprocess.run([tmp_path / ".venv" / "bin" / "python", "-c", "import pip"]).returncode == 0
+    # With no package index PyTorch cannot be installed: the script stops there with pip's status.
+    assert proc.returncode != 0 and "setup: ready" not in proc.stdout, proc.stdout + proc.stderr
+    assert "setup: installing sphereconv" not in proc.stdout
 
 
 @pytest.mark.slow
