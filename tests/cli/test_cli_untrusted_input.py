@@ -15,6 +15,7 @@ import yaml
 
 from sphereconv.cli.main import main
 from sphereconv.data.image_folder import DEFAULT_FOLDER_IMAGE_SIZE
+from sphereconv.engine.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -170,6 +171,12 @@ def test_image_size_flag_resizes_and_is_recorded(photo_folder, tmp_path, capsys)
         == 0
     )
     assert yaml.safe_load((out / "config.yaml").read_text())["image_size"] == 24
+    # The run trained on 24 x 24 images: SphereNet-9's three 2 x 2 poolings leave a 3 x 3 map for fc6
+    # (4 x 4 at the default 32).
+    _, newest = list_checkpoints(checkpoint_dir(out))[-1]
+    state = load_checkpoint(newest)
+    assert state["dataset_info"]["image_size"] == 24
+    assert tuple(state["model"]["fc6.conv.weight"].shape[-2:]) == (3, 3)
     assert main(["eval", str(out), "--device", "cpu", "--batch-size", "3"]) == 0
     assert "(4 folder test images" in capsys.readouterr().out
 

@@ -157,13 +157,13 @@ def _tar_gz(members: dict[str, bytes]) -> bytes:
 
 def test_cifar_archive_download_and_extraction(http_root, formats, monkeypatch, tmp_path):
     served, url = http_root
-    batches = {}
+    batches, written = {}, []
     rng = np.random.default_rng(5)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        path = formats.write_cifar_batch(
-            tmp_path / "src" / name, formats.random_images(2, 3, 32, len(batches)), rng.integers(0, 10, 2)
-        )
+        images, labels = formats.random_images(2, 3, 32, len(batches)), rng.integers(0, 10, 2)
+        path = formats.write_cifar_batch(tmp_path / "src" / name, images, labels)
         batches[f"cifar-10-batches-py/{name}"] = path.read_bytes()
+        written.append((images, labels))
     archive = _tar_gz(batches)
     (served / "cifar-10-python.tar.gz").write_bytes(archive)
     spec = DATASETS["cifar10"]
@@ -178,6 +178,9 @@ def test_cifar_archive_download_and_extraction(http_root, formats, monkeypatch, 
     )
     x, y = load_dataset("cifar10", "train", data_dir=tmp_path / "data", download=True, mirror=url, progress=False)
     assert x.shape == (10, 3, 32, 32) and y.shape == (10,)
+    # The five training batches, extracted intact and concatenated in order.
+    assert torch.equal(x, torch.from_numpy(np.concatenate([images for images, _ in written[:5]])))
+    assert y.tolist() == np.concatenate([labels for _, labels in written[:5]]).tolist()
     assert leftovers(tmp_path / "data" / "cifar-10-batches-py") == sorted(n.split("/")[1] for n in batches)
 
     (served / "cifar-10-python.tar.gz").write_bytes(archive[:-100])

@@ -74,7 +74,6 @@ def check_loss_at_scale(name: str, dtype: torch.dtype, c: float, d: float, seed:
     assert _rel(cos_s, cos) < tol  # the angular part: exact at any scale
     factor = 1.0 if name in FIXED_SCALE else c
     assert _rel(logits_s.double() / factor, logits) < tol
-    assert torch.equal(logits_s.argmax(1), logits.argmax(1)) or _rel(logits_s.double() / factor, logits) < tol
     value, grads = _loss_and_grads(loss, (c * x).to(dtype), labels)
     assert value.dtype == dtype and torch.isfinite(value)
     # the same features (as stored in dtype) in float64: the loss grows with |x|, exactly

@@ -14,9 +14,11 @@ from sphereconv.models.contract import BUILDER_KWARGS, ClassifierBackbone, Model
 from sphereconv.models.registry import accepted_kwargs, get_model_factory
 from sphereconv.models.resnet import sphere_resnet18
 from sphereconv.models.spherenet import SphereNet, spherenet9
+from sphereconv.nn import SPHERE_CONV_TYPES
 
-# A value of each common keyword argument other than its default, so that passing it is observable.
-COMMON_KWARGS = {"num_classes": 3, "in_channels": 1, "image_size": 28, "operator": "linear", "width_mult": 0.125}
+# A value of each common keyword argument other than its default, so that passing it is observable
+# (the paper's networks default to operator cosine or linear, image size 32 and width 1).
+COMMON_KWARGS = {"num_classes": 3, "in_channels": 1, "image_size": 28, "operator": "sigmoid", "width_mult": 0.125}
 
 
 def test_common_kwargs_cover_the_builder_contract():
@@ -32,6 +34,12 @@ def test_every_registered_model_satisfies_the_contract(name):
     assert model.num_classes == 3 and model.in_channels == 1
     features = model.forward_features(torch.randn(2, 1, 28, 28))
     assert features.shape == (2, model.num_features)
+    # The operator reaches the network's SphereConv layers (stem and shortcuts have their own defaults).
+    sphere_operators = {m.operator for m in model.modules() if isinstance(m, SPHERE_CONV_TYPES)}
+    assert sphere_operators == {"sigmoid"}, sphere_operators
+    # The width multiplier scales the network: twice the multiplier, twice the feature width.
+    wider = create_model(name, **{**COMMON_KWARGS, "width_mult": 0.25})
+    assert wider.num_features == 2 * model.num_features
 
 
 @pytest.mark.parametrize("name", list_models())
