@@ -498,7 +498,11 @@ def test_triton_kernels_compile_for_a_hopper_gpu_without_one():
         )
     assert len(cases) == 7
     for kernel, signature, constants in cases:
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=target)
+        compiled = triton.compile(
+            ASTSource(fn=kernel, signature=signature, constexprs=constants),
+            target=target,
+            options={"enable_fp_fusion": _triton.FP_FUSION},
+        )
         assert ".target sm_90" in compiled.asm["ptx"] and len(compiled.asm["cubin"]) > 0, (kernel, constants)
 
 
