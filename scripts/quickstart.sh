@@ -7,11 +7,15 @@
 #
 #   bash scripts/quickstart.sh
 #
-# SPHERECONV_SCALE=smoke runs a one-minute version of the same job (used by the test suite).
+# SPHERECONV_OUT=DIR puts the runs and the report in DIR (a relative DIR is taken from where the
+# script is run; by default runs/quickstart in the repository). SPHERECONV_SCALE=smoke runs a
+# one-minute version of the same job (used by the test suite).
 set -euo pipefail
+caller="$PWD"
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 out="${SPHERECONV_OUT:-runs/quickstart}"
+if [ -n "${SPHERECONV_OUT:-}" ] && [ "${out#/}" = "$out" ]; then out="$caller/$out"; fi
 scale=()
 if [ -n "${SPHERECONV_SCALE:-}" ]; then scale=(--scale "$SPHERECONV_SCALE"); fi
 # Prints the measured difference and the full sweep's findings in plain words, then the report's path.

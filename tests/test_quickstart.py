@@ -68,9 +68,10 @@ def test_setup_completes_a_half_created_venv_and_fails_when_pip_does(tmp_path):
 
 @pytest.mark.slow
 def test_main_job_runs_as_written_at_smoke_scale(tmp_path):
-    main_job = _quick_start_commands()[0]
-    env = dict(os.environ, SPHERECONV_SCALE="smoke", SPHERECONV_OUT=str(tmp_path / "quickstart"))
-    proc = subprocess.run(main_job, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # Run from another folder with a relative SPHERECONV_OUT: the output lands where the user stands.
+    main_job = _quick_start_commands()[0].replace("scripts/", f"{ROOT}/scripts/")
+    env = dict(os.environ, SPHERECONV_SCALE="smoke", SPHERECONV_OUT="quickstart")
+    proc = subprocess.run(main_job, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report_dir = tmp_path / "quickstart" / "quickstart"
     report = (report_dir / "report.md").read_text()
