@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import warnings
 
 import pytest
 import torch
@@ -134,6 +135,15 @@ def test_nonfinite_step_is_skipped_and_leaves_weights_untouched(tmp_path):
     assert math.isfinite(summary["final_test_loss"])
     state = load_checkpoint(checkpoint_dir(tmp_path / "run") / "step_00000012.pt")
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_a_skipped_first_step_gives_no_scheduler_warning(tmp_path):
+    """The schedule advances on a skipped step; torch's "scheduler before optimizer" warning, which
+    a skipped first step would raise, is not the user's mistake and must not reach them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = train(_config(tmp_path), [PoisonBatches({1})])
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 12
 
 
 def test_persistent_nonfinite_steps_stop_with_a_clear_message(tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,6 +66,8 @@ from .runtime import (
 from .step import TrainStep
 
 logger = logging.getLogger(__name__)
+# Start of the warning torch.optim.lr_scheduler gives when the scheduler steps before the optimizer.
+SCHEDULER_BEFORE_OPTIMIZER_WARNING = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
 
 
 class Trainer:
@@ -250,7 +253,12 @@ class Trainer:
                     images, labels = replaced
             lr = self.optimizer.param_groups[0]["lr"]
             result = train_step(images, labels, stop_requested=self._signals.received is not None)
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # The schedule follows the step count, skipped steps included; torch warns when the
+                # first optimizer step was one of them, which here is expected, not a misuse.
+                if result.skipped:
+                    warnings.filterwarnings("ignore", message=SCHEDULER_BEFORE_OPTIMIZER_WARNING)
+                self.scheduler.step()
             self.step += 1
             progress.record_step(result, time.perf_counter() - step_start)
             for callback in self.callbacks:
