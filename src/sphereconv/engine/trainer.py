@@ -253,11 +253,14 @@ class Trainer:
                     images, labels = replaced
             lr = self.optimizer.param_groups[0]["lr"]
             result = train_step(images, labels, stop_requested=self._signals.received is not None)
-            with warnings.catch_warnings():
+            if result.skipped:
                 # The schedule follows the step count, skipped steps included; torch warns when the
-                # first optimizer step was one of them, which here is expected, not a misuse.
-                if result.skipped:
+                # first optimizer step was one of them, which here is expected, not a misuse. (Only
+                # here: entering catch_warnings resets every "show once" registry.)
+                with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=SCHEDULER_BEFORE_OPTIMIZER_WARNING)
+                    self.scheduler.step()
+            else:
                 self.scheduler.step()
             self.step += 1
             progress.record_step(result, time.perf_counter() - step_start)
