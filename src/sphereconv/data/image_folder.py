@@ -136,14 +136,16 @@ def _split_dir(root: Path, split: str) -> Path | None:
     return None
 
 
-def _check_classes_have_images(root: Path, class_root: Path, classes: tuple[str, ...]) -> None:
-    """A class folder without one readable image (say, only .gif or .webp files) would still become a
-    class, an output the model never trains: refuse it, naming the folders and the extensions read."""
-    if not classes:
+def _class_images(root: Path, class_root: Path) -> dict[str, list[Path]]:
+    """The images of each class folder of ``class_root``, by class name, listed once. A class folder
+    without one readable image (say, only .gif or .webp files) would still become a class, an output
+    the model never trains: it is refused, naming the folders and the extensions read."""
+    images = {d.name: _images_in(d) for d in _subdirs(class_root)}
+    if not images:
         raise DatasetError(
             f"image folder {root} has no class subfolders; expected root/<class>/<image> or root/train/<class>/<image>"
         )
-    empty = [name for name in classes if not _images_in(class_root / name)]
+    empty = [name for name, paths in images.items() if not paths]
     if empty:
         shown = ", ".join(repr(name) for name in empty[:MAX_NAMED_CLASSES])
         more = f" and {len(empty) - MAX_NAMED_CLASSES} more" if len(empty) > MAX_NAMED_CLASSES else ""
@@ -151,6 +153,7 @@ def _check_classes_have_images(root: Path, class_root: Path, classes: tuple[str,
             f"image folder {class_root} has class folders without images ({', '.join(IMAGE_EXTENSIONS)}): "
             f"{shown}{more}; add images, convert them to one of these formats, or remove the folders"
         )
+    return images
 
 
 def list_image_folder(root: str | os.PathLike | None, split: str) -> tuple[tuple[str, ...], list[tuple[Path, int]]]:
@@ -162,29 +165,30 @@ def list_image_folder(root: str | os.PathLike | None, split: str) -> tuple[tuple
     root = _check_root(root)
     train_dir = _split_dir(root, "train")
     if train_dir is not None:
-        classes = tuple(d.name for d in _subdirs(train_dir))
         split_dir = _split_dir(root, split)
         if split_dir is None:
             raise DatasetError(
                 f"image folder {root} has a train/ folder but no {' or '.join(d + '/' for d in SPLIT_DIRS[split])} "
                 "folder; add one, or use the flat layout root/<class>/<image>"
             )
+        train_images = _class_images(root, train_dir)
+        classes = tuple(train_images)
         label_of = {name: i for i, name in enumerate(classes)}
-        _check_classes_have_images(root, train_dir, classes)
         items = []
         for class_dir in _subdirs(split_dir):
             if class_dir.name not in label_of:
                 raise DatasetError(
                     f"{class_dir} is a class folder that {train_dir} does not have; train classes: {', '.join(classes)}"
                 )
-            items += [(p, label_of[class_dir.name]) for p in _images_in(class_dir)]
+            paths = train_images[class_dir.name] if split_dir == train_dir else _images_in(class_dir)
+            items += [(p, label_of[class_dir.name]) for p in paths]
     else:
-        classes = tuple(d.name for d in _subdirs(root))
-        _check_classes_have_images(root, root, classes)
+        class_images = _class_images(root, root)
+        classes = tuple(class_images)
         items = [
             (p, label)
-            for label, name in enumerate(classes)
-            for p in _images_in(root / name)
+            for label, (name, paths) in enumerate(class_images.items())
+            for p in paths
             if flat_split_of(name, p.name) == split
         ]
     if not items:

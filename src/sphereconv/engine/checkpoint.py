@@ -33,7 +33,7 @@ import random
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .atomic import atomic_write, remove_temporaries
+
+if TYPE_CHECKING:
+    from ..data import DatasetInfo
 
 logger = logging.getLogger(__name__)
 
@@ -328,7 +331,7 @@ def check_config_compatible(saved: Mapping[str, Any], current: Mapping[str, Any]
         raise CheckpointError(f"{source} belongs to a different model{names}: {changes}")
 
 
-def dataset_record(info: Any) -> dict[str, Any]:
+def dataset_record(info: DatasetInfo) -> dict[str, Any]:
     """What a checkpoint records of the dataset it was trained on (a ``DatasetInfo``): the classes and
     the image size, which an image folder takes from its contents."""
     size = info.image_size
@@ -338,7 +341,7 @@ def dataset_record(info: Any) -> dict[str, Any]:
     }
 
 
-def check_dataset_compatible(saved: Mapping[str, Any] | None, info: Any, source: str) -> None:
+def check_dataset_compatible(saved: Mapping[str, Any] | None, info: DatasetInfo, source: str) -> None:
     """Raise CheckpointError (one line) if the dataset found now (a ``DatasetInfo``) has other classes
     or another image size than the one recorded by :func:`dataset_record` (checkpoints without the
     record pass: they were written before it existed)."""
