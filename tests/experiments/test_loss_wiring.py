@@ -17,7 +17,7 @@ from sphereconv.engine.objective import build_loss_module, build_model, head_ope
 from sphereconv.experiments import get_experiment
 from sphereconv.experiments.runner import plan_experiment
 from sphereconv.losses import GA_SOFTMAX_MARGIN, GASoftmaxLoss, WeightNormalizedSoftmaxLoss, build_loss
-from sphereconv.losses.margin import annealing_lambda
+from sphereconv.losses.margin import SPHEREFACE_ITERATIONS, annealing_lambda
 
 RUN_ITERATIONS = 500
 
@@ -119,7 +119,7 @@ def test_head_inherits_the_model_operator_unless_loss_kwargs_override():
 
 
 def test_annealing_is_stretched_to_the_run_length():
-    sphereface = GASoftmaxLoss(4, 3)  # SphereFace's own 28k-iteration schedule
+    sphereface = GASoftmaxLoss(4, 3, anneal_iterations=SPHEREFACE_ITERATIONS)  # SphereFace's own schedule
     short = GASoftmaxLoss(4, 3, anneal_iterations=RUN_ITERATIONS)
     for t in (0, 1, 10, 100, 1000, 5000):
         sphereface.iteration.fill_(t)

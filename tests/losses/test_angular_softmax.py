@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from losses_reference_formulas import ga_softmax_loss
 
 from sphereconv.losses import ASoftmaxLoss, GASoftmaxLoss, WeightNormalizedSoftmaxLoss
+from sphereconv.losses.margin import SPHEREFACE_ITERATIONS
 
 OPERATORS = ["linear", "cosine", "sigmoid", "square_cosine"]
 
@@ -43,7 +44,7 @@ def test_ga_softmax_equals_direct_per_sample_formula(operator, m):
 def test_ga_softmax_with_annealing_equals_direct_formula():
     torch.manual_seed(2)
     features, labels = _data()
-    loss = GASoftmaxLoss(5, 4, margin=2.5, operator="sigmoid").double()
+    loss = GASoftmaxLoss(5, 4, margin=2.5, operator="sigmoid", anneal_iterations=SPHEREFACE_ITERATIONS).double()
     loss.iteration.fill_(40)  # the next training step is iteration 41
     value = float(loss(features, labels).detach())
     lam = max(5.0, 1000.0 / (1.0 + 0.12 * 41))
@@ -56,8 +57,9 @@ def test_ga_softmax_with_annealing_equals_direct_formula():
 def test_ga_softmax_with_cosine_equals_a_softmax_for_integer_margin(m, anneal):
     torch.manual_seed(3)
     features, labels = _data(n=16, seed=m)
-    ga = GASoftmaxLoss(5, 4, margin=float(m), operator="cosine", anneal=anneal).double()
-    a = ASoftmaxLoss(5, 4, margin=m, anneal=anneal).double()
+    ga = GASoftmaxLoss(5, 4, margin=float(m), operator="cosine", anneal=anneal, anneal_iterations=SPHEREFACE_ITERATIONS)
+    a = ASoftmaxLoss(5, 4, margin=m, anneal=anneal, anneal_iterations=SPHEREFACE_ITERATIONS)
+    ga, a = ga.double(), a.double()
     a.load_state_dict(ga.state_dict())
     for _ in range(2):  # two training steps: the annealing counters advance together
         value_ga, gx_ga, gw_ga = _loss_and_grads(ga, features, labels)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from losses_reference_formulas import g_of_angle, psi_of_angle
 
-from sphereconv.losses import GASoftmaxLoss
+from sphereconv.losses import ASoftmaxLoss, GASoftmaxLoss
 from sphereconv.losses.margin import (
+    SPHEREFACE_ITERATIONS,
     a_softmax_margin_function,
     annealing_lambda,
     chebyshev_cos_multiple,
@@ -104,7 +105,7 @@ def test_annealing_lambda_schedule_values():
 
 def test_module_advances_iteration_only_in_training_and_uses_it():
     torch.manual_seed(0)
-    loss = GASoftmaxLoss(6, 4, margin=3.0)
+    loss = GASoftmaxLoss(6, 4, margin=3.0, anneal_iterations=SPHEREFACE_ITERATIONS)
     x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
     assert int(loss.iteration) == 0 and loss.current_lambda == 1000.0
     loss(x, y)
@@ -119,7 +120,7 @@ def test_module_advances_iteration_only_in_training_and_uses_it():
     assert int(loss.iteration) == 2
     state = loss.state_dict()
     assert int(state["iteration"]) == 2
-    restored = GASoftmaxLoss(6, 4, margin=3.0)
+    restored = GASoftmaxLoss(6, 4, margin=3.0, anneal_iterations=SPHEREFACE_ITERATIONS)
     restored.load_state_dict(state)
     assert restored.current_lambda == loss.current_lambda
     # Annealed target sits between the plain and the margin logit, approaching psi as lambda -> floor.
@@ -135,3 +136,16 @@ def test_module_advances_iteration_only_in_training_and_uses_it():
     with torch.no_grad():
         assert float(plain(x, y)) <= late <= float(no_anneal(x, y))
     assert no_anneal.current_lambda == 0.0
+
+
+@pytest.mark.parametrize("loss_class", [GASoftmaxLoss, ASoftmaxLoss])
+def test_default_annealing_gives_a_short_run_its_margin(loss_class):
+    # Built without anneal_iterations (no trainer to set the run's length), a margin loss must
+    # reach lambda's floor within a first run of a few hundred steps; SphereFace's 28k schedule
+    # would leave lambda near 30 there, the margin carrying 3% of the target logit.
+    loss = loss_class(6, 4)
+    loss.iteration.fill_(100)
+    assert loss.current_lambda == 5.0
+    sphereface = loss_class(6, 4, anneal_iterations=SPHEREFACE_ITERATIONS)
+    sphereface.iteration.fill_(300)
+    assert sphereface.current_lambda > 25

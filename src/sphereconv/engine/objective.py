@@ -128,8 +128,8 @@ def build_loss_module(
     """The loss module for ``config.loss`` on ``model.num_features`` (None for plain softmax).
 
     A loss with an angular function takes the model's (:func:`head_operator`) and ``sigmoid_k``;
-    a margin loss anneals over ``total_iterations`` (the run's length; ``None`` keeps
-    SphereFace's 28k). ``loss_kwargs`` overrides any of them.
+    a margin loss anneals over ``total_iterations`` (the run's length; ``None`` keeps the loss's
+    default, 1,000 iterations). ``loss_kwargs`` overrides any of them.
     """
     if config.loss == "softmax":
         if config.loss_kwargs:

@@ -4,7 +4,8 @@ Both normalise the feature as well as the classifier rows and use a fixed logit 
 same angular base as GA-Softmax (Liu et al., "Deep Hyperspherical Learning", NIPS 2017, Sec. 2.2):
 
 * CosFace / large margin cosine loss (Wang et al., CVPR 2018, arXiv:1801.09414, Sec. 3.2):
-  true-class logit ``s (cos theta_y - m)``, defaults s = 30, m = 0.35 (the paper's choice);
+  true-class logit ``s (cos theta_y - m)``, defaults s = 30, m = 0.35 (the additive-margin
+  softmax's choice; CosFace's face-recognition runs use m = 0.35 with s = 64);
 * ArcFace / additive angular margin (Deng et al., CVPR 2019, arXiv:1801.07698, Sec. 3.1):
   true-class logit ``s cos(theta_y + m)``, defaults s = 64, m = 0.5 (the paper's choice).
 
@@ -23,17 +24,30 @@ from ..nn.angular import DEFAULT_EPS, check_positive, safe_acos
 from ..nn.conv import Device
 from .base import AngularSoftmaxLoss
 
-# Defaults of the CosFace paper (Sec. 4.1: s = 30, m = 0.35) and the ArcFace paper (s = 64, m = 0.5).
+# CosFace defaults: m = 0.35 as in the CosFace paper, s = 30 as in the additive-margin softmax paper
+# (Wang et al., "Additive Margin Softmax for Face Verification", arXiv:1801.05599), the smaller of the
+# two published scales (CosFace's own runs use s = 64 for thousands of identities; a smaller scale
+# suits the tens of classes trained here). ArcFace: the ArcFace paper's s = 64, m = 0.5.
 COSFACE_SCALE = 30.0
 COSFACE_MARGIN = 0.35
 ARCFACE_SCALE = 64.0
 ARCFACE_MARGIN = 0.5
 # Largest ArcFace margin accepted: up to pi/2 the fallback below keeps the target logit decreasing.
 ARCFACE_MAX_MARGIN = 0.5 * math.pi
+# Largest CosFace margin accepted: at m = 2 the target's best score 1 - m already equals the lowest
+# score -1 of any other class (cos theta - m spans [-1 - m, 1 - m]).
+COSFACE_MAX_MARGIN = 2.0
 
 
 class _FixedScaleLoss(AngularSoftmaxLoss):
-    """Angular softmax on normalised features: ``logit_j = s cos(theta_j)`` with a fixed scale s."""
+    """Angular softmax on normalised features: ``logit_j = s cos(theta_j)`` with a fixed scale s.
+
+    ``margin`` may be reassigned after construction (a margin warm-up); every assignment is checked
+    against ``[0, max_margin]``.
+    """
+
+    # Largest margin a subclass accepts.
+    max_margin: float
 
     def __init__(
         self,
@@ -47,9 +61,19 @@ class _FixedScaleLoss(AngularSoftmaxLoss):
         device: Device,
         dtype: torch.dtype | None,
     ) -> None:
+        margin = check_float("margin", margin, low=0.0, high=self.max_margin)
         super().__init__(in_features, num_classes, label_smoothing=label_smoothing, eps=eps, device=device, dtype=dtype)
         self.scale = check_positive("scale", scale)
         self.margin = margin
+
+    @property
+    def margin(self) -> float:
+        """The additive margin m, in ``[0, max_margin]``."""
+        return self._margin
+
+    @margin.setter
+    def margin(self, value: float) -> None:
+        self._margin = check_float("margin", value, low=0.0, high=self.max_margin)
 
     def logit_scale(self, feature_norm: Tensor) -> float:
         """The fixed scale s: the feature norm is discarded (features live on the unit sphere)."""
@@ -65,6 +89,8 @@ class CosFaceLoss(_FixedScaleLoss):
     ``margin`` m must lie in [0, 2] (cos theta - m spans [-1 - m, 1 - m]); ``scale`` s > 0.
     """
 
+    max_margin = COSFACE_MAX_MARGIN
+
     def __init__(
         self,
         in_features: int,
@@ -77,7 +103,6 @@ class CosFaceLoss(_FixedScaleLoss):
         device: Device = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        margin = check_float("margin", margin, low=0.0, high=2.0)
         super().__init__(
             in_features,
             num_classes,
@@ -105,6 +130,8 @@ class ArcFaceLoss(_FixedScaleLoss):
     target logit would no longer decrease); ``scale`` s > 0.
     """
 
+    max_margin = ARCFACE_MAX_MARGIN
+
     def __init__(
         self,
         in_features: int,
@@ -117,7 +144,6 @@ class ArcFaceLoss(_FixedScaleLoss):
         device: Device = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        margin = check_float("margin", margin, low=0.0, high=ARCFACE_MAX_MARGIN)
         super().__init__(
             in_features,
             num_classes,
@@ -128,14 +154,14 @@ class ArcFaceLoss(_FixedScaleLoss):
             device=device,
             dtype=dtype,
         )
-        # theta + m <= pi  <=>  cos theta >= cos(pi - m); fallback offset m sin m (= m sin(pi - m)).
-        self._threshold = math.cos(math.pi - margin)
-        self._fallback_offset = margin * math.sin(margin)
 
     def target_logit(self, cos_target: Tensor, score_target: Tensor) -> Tensor:
         """``cos(theta_y + m)`` where ``theta_y + m <= pi``, else ``cos theta_y - m sin m``."""
-        shifted = torch.cos(safe_acos(cos_target) + self.margin)
-        return torch.where(cos_target >= self._threshold, shifted, cos_target - self._fallback_offset)
+        margin = self.margin  # read at every call: a reassigned margin moves threshold and offset too
+        # theta + m <= pi  <=>  cos theta >= cos(pi - m); fallback offset m sin m (= m sin(pi - m)).
+        threshold, fallback_offset = math.cos(math.pi - margin), margin * math.sin(margin)
+        shifted = torch.cos(safe_acos(cos_target) + margin)
+        return torch.where(cos_target >= threshold, shifted, cos_target - fallback_offset)
 
 
 __all__ = ["CosFaceLoss", "ArcFaceLoss"]

@@ -16,7 +16,8 @@ with cosine g and integer m, trained with SphereFace's annealed target logit
 
 Both default to SphereFace's margin m = 4 (m = 1 would be the weight-normalised softmax), and
 the annealing schedule is stretched to the length of the run (``anneal_iterations``, which the
-training engine sets to the run's total iterations; SphereFace's constants are the 28k case).
+training engine sets to the run's total iterations; SphereFace's constants are the 28k case; a
+loss built directly anneals over 1,000 iterations unless told otherwise).
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ from ..nn.angular import (
 from ..nn.conv import Device
 from .base import AngularSoftmaxLoss
 from .margin import (
+    DEFAULT_ANNEAL_ITERATIONS,
     LAMBDA_BASE,
     LAMBDA_GAMMA,
     LAMBDA_MIN,
     LAMBDA_POWER,
-    SPHEREFACE_ITERATIONS,
     a_softmax_margin_function,
     annealing_lambda,
     extended_margin_function,
@@ -55,6 +56,8 @@ LOSS_OPERATORS = CLASSIFIER_OPERATORS
 # experiments use throughout), the default of A-Softmax and of GA-Softmax alike.
 A_SOFTMAX_MARGIN = 4
 GA_SOFTMAX_MARGIN = A_SOFTMAX_MARGIN
+# What A-Softmax's margin error lists as allowed.
+A_SOFTMAX_MARGIN_RANGE = "an integer >= 1 (GASoftmaxLoss takes a real-valued margin)"
 
 
 class WeightNormalizedSoftmaxLoss(AngularSoftmaxLoss):
@@ -103,7 +106,8 @@ class GASoftmaxLoss(WeightNormalizedSoftmaxLoss):
     ``(-1)^n cos(m theta) - 2n``); default m = 4 (SphereFace's). With ``anneal=True`` (SphereFace's
     schedule), ``lambda = max(lambda_min, lambda_base (1 + gamma t)^-lambda_power)`` with
     ``gamma = lambda_gamma * 28000 / anneal_iterations`` (SphereFace's ``lambda_gamma`` belongs to
-    its 28k-iteration run; the trainer sets ``anneal_iterations`` to the run's length) and t the
+    its 28k-iteration run; the trainer sets ``anneal_iterations`` to the run's length, the default
+    is :data:`~.margin.DEFAULT_ANNEAL_ITERATIONS` = 1,000 for a first short run) and t the
     ``iteration`` buffer, advanced by one at every forward call in training mode (before lambda is
     computed, as SphereFace's layer does). Both counters are buffers, saved in the state dict.
     ``anneal=False`` uses lambda = 0, i.e. the pure margin. m = 1 is the weight-normalised softmax.
@@ -122,7 +126,7 @@ class GASoftmaxLoss(WeightNormalizedSoftmaxLoss):
         operator: str = "cosine",
         sigmoid_k: float = DEFAULT_SIGMOID_K,
         anneal: bool = True,
-        anneal_iterations: int = SPHEREFACE_ITERATIONS,
+        anneal_iterations: int = DEFAULT_ANNEAL_ITERATIONS,
         lambda_base: float = LAMBDA_BASE,
         lambda_gamma: float = LAMBDA_GAMMA,
         lambda_power: float = LAMBDA_POWER,
@@ -142,7 +146,7 @@ class GASoftmaxLoss(WeightNormalizedSoftmaxLoss):
             device=device,
             dtype=dtype,
         )
-        self.margin = check_float("margin", margin, low=1.0)
+        self.margin = margin
         self.anneal = check_bool("anneal", anneal)
         self.lambda_base = check_float("lambda_base", lambda_base, low=0.0)
         self.lambda_gamma = check_float("lambda_gamma", lambda_gamma, low=0.0)
@@ -151,6 +155,19 @@ class GASoftmaxLoss(WeightNormalizedSoftmaxLoss):
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long, device=device))
         anneal_iterations = check_int("anneal_iterations", anneal_iterations, minimum=1)
         self.register_buffer("anneal_iterations", torch.tensor(anneal_iterations, dtype=torch.long, device=device))
+
+    @property
+    def margin(self) -> float:
+        """The angular margin m >= 1; it may be reassigned (checked) after construction."""
+        return self._margin
+
+    @margin.setter
+    def margin(self, value: float) -> None:
+        self._margin = self.check_margin(value)
+
+    def check_margin(self, value: float) -> float:
+        """``value`` as a valid margin (a real number >= 1), else ``ValueError``/``TypeError``."""
+        return check_float("margin", value, low=1.0)
 
     def margin_function(self, cos_theta: Tensor) -> Tensor:
         """``psi(theta)`` of the true class from its cosine (see :func:`.margin.extended_margin_function`)."""
@@ -201,7 +218,8 @@ class ASoftmaxLoss(GASoftmaxLoss):
     True-class logit ``|x| (lambda cos(theta_y) + psi(theta_y)) / (1 + lambda)`` with
     ``psi(theta) = (-1)^n cos(m theta) - 2n``, ``n = floor(m theta / pi)``; ``cos(m theta)`` is
     evaluated as the Chebyshev polynomial ``T_m(cos theta)``, so no arccos enters the gradient.
-    Annealing as in :class:`GASoftmaxLoss` (on by default, SphereFace's schedule).
+    Annealing as in :class:`GASoftmaxLoss` (on by default, SphereFace's schedule stretched to
+    ``anneal_iterations``).
     """
 
     def __init__(
@@ -211,7 +229,7 @@ class ASoftmaxLoss(GASoftmaxLoss):
         *,
         margin: int = A_SOFTMAX_MARGIN,
         anneal: bool = True,
-        anneal_iterations: int = SPHEREFACE_ITERATIONS,
+        anneal_iterations: int = DEFAULT_ANNEAL_ITERATIONS,
         lambda_base: float = LAMBDA_BASE,
         lambda_gamma: float = LAMBDA_GAMMA,
         lambda_power: float = LAMBDA_POWER,
@@ -221,9 +239,6 @@ class ASoftmaxLoss(GASoftmaxLoss):
         device: Device = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        margin = check_int(
-            "margin", margin, minimum=1, allowed="an integer >= 1 (GASoftmaxLoss takes a real-valued margin)"
-        )
         super().__init__(
             in_features,
             num_classes,
@@ -240,7 +255,15 @@ class ASoftmaxLoss(GASoftmaxLoss):
             device=device,
             dtype=dtype,
         )
-        self.margin_int = margin
+
+    def check_margin(self, value: float) -> float:
+        """``value`` as a valid margin: an integer >= 1 (returned as a float)."""
+        return float(check_int("margin", value, minimum=1, allowed=A_SOFTMAX_MARGIN_RANGE))
+
+    @property
+    def margin_int(self) -> int:
+        """The margin m as the integer degree of the Chebyshev polynomial ``T_m``."""
+        return int(self._margin)
 
     def margin_function(self, cos_theta: Tensor) -> Tensor:
         """``(-1)^n T_m(cos theta) - 2n`` (see :func:`.margin.a_softmax_margin_function`)."""
