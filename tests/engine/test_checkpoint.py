@@ -33,6 +33,23 @@ def test_save_keeps_the_newest_k(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)]
 
 
+def test_save_after_resuming_before_an_unreadable_checkpoint_keeps_the_new_one(tmp_path):
+    # A run whose newest checkpoint (step 30) no longer loads resumes from an earlier point (here:
+    # from scratch, keep=1) and saves step 10: that checkpoint must survive, and the unreadable one
+    # of the abandoned course must not be what the next resume or `eval RUN` finds first.
+    ckpt.save_checkpoint(_state(30), tmp_path, 30, keep=1)
+    stale = ckpt.checkpoint_path(tmp_path, 30)
+    stale.write_bytes(stale.read_bytes()[:-10])
+    assert ckpt.find_latest_checkpoint(tmp_path) is None
+    written = ckpt.save_checkpoint(_state(10), tmp_path, 10, keep=1)
+    assert ckpt.list_checkpoints(tmp_path) == [(10, written)]
+    path, state = ckpt.find_latest_checkpoint(tmp_path)
+    assert path == written and state["step"] == 10
+    for step in (20, 25):
+        ckpt.save_checkpoint(_state(step), tmp_path, step, keep=2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [20, 25]
+
+
 def test_failed_write_leaves_the_old_file(tmp_path):
     target = tmp_path / "file.bin"
     target.write_bytes(b"old contents")

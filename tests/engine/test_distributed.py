@@ -11,6 +11,7 @@ import pytest
 import torch
 from engine_helpers import PYTHON, TRAIN_SCRIPT, free_port, subprocess_env, tiny_overrides, torchrun_command
 
+from cli_helpers import folder_snapshot
 from sphereconv.engine.checkpoint import checkpoint_dir, load_checkpoint
 
 # Seconds every collective may wait for a peer before failing (SPHERECONV_DIST_TIMEOUT).
@@ -96,6 +97,29 @@ def test_surviving_rank_fails_on_its_own_within_bounded_time(tmp_path):
     assert waited < EXIT_BOUND_S
     assert "SUMMARY" not in out
     assert "sphereconv.errors.SphereconvError: rank 0 lost contact with another data-parallel rank" in err
+
+
+def test_ranks_that_see_different_run_folders_refuse_to_resume(tmp_path):
+    """A rank that does not see the run's checkpoints (a node without the shared file system) must
+    not start from step 0 beside a rank 0 that resumes: it would train other weights in silence."""
+    out = tmp_path / "run"
+    overrides = tiny_overrides(out, iterations=4, eval_every=2, checkpoint_every=2)
+    result = subprocess.run(_torchrun(overrides), env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = folder_snapshot(out)
+    resumed = {**overrides, "iterations": 6, "resume": True}
+    result = subprocess.run(
+        _torchrun(resumed, "--rank-out", 1, tmp_path / "elsewhere"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert result.returncode != 0
+    assert "SUMMARY" not in result.stdout
+    assert "found different checkpoints to resume from" in result.stderr, result.stderr[-3000:]
+    assert "rank 0: step 4, rank 1: step 0" in result.stderr
+    assert folder_snapshot(out) == before
 
 
 def test_environment_is_checked(monkeypatch):

@@ -227,6 +227,26 @@ def test_image_folder_changed_after_training_is_refused_naming_the_difference(tm
         evaluate(checkpoint, device="cpu")
 
 
+def test_lengthened_resume_is_unfinished_until_it_completes(tmp_path):
+    class CrashAtStep(Callback):
+        def on_step_end(self, step, info):
+            if step == 6:
+                raise RuntimeError("crash at step 6")
+
+    summary_path = tmp_path / "run" / "summary.json"
+    train(_config(tmp_path, iterations=4, eval_every=2, checkpoint_every=2))
+    assert json.loads(summary_path.read_text())["steps"] == 4
+    # Lengthened and stopped halfway: the 4-step summary no longer describes the run.
+    with pytest.raises(RuntimeError, match="crash at step 6"):
+        train(_config(tmp_path, iterations=8, eval_every=2, checkpoint_every=2, resume=True), [CrashAtStep()])
+    assert not summary_path.exists()
+    train(_config(tmp_path, iterations=8, eval_every=2, checkpoint_every=2, resume=True))
+    assert json.loads(summary_path.read_text())["steps"] == 8
+    # A resume of the finished run (nothing left to train) rewrites the summary.
+    assert train(_config(tmp_path, iterations=8, eval_every=2, checkpoint_every=2, resume=True))["steps"] == 8
+    assert json.loads(summary_path.read_text())["steps"] == 8
+
+
 def test_resume_without_checkpoint_starts_at_zero(tmp_path, caplog):
     summary = train(_config(tmp_path, iterations=3, eval_every=0, resume=True))
     assert summary["steps"] == 3
@@ -319,6 +339,19 @@ def test_one_image_per_process_with_batch_norm_is_refused_before_any_work(tmp_pa
     with pytest.raises(ConfigError, match=r"batch_size=2 leaves 1 image per process over the 2 data-parallel"):
         train(_config(tmp_path, batch_size=2))
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_on_another_number_of_processes_names_the_number_to_use(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(_config(tmp_path, iterations=4, eval_every=0, checkpoint_every=2))
+    before = sorted(p.name for p in out.rglob("*"))
+    # Rank 0 of two processes as torchrun would start them (no process group needed to get there).
+    monkeypatch.setattr(trainer_module, "setup_distributed", lambda device: DistributedContext(world_size=2))
+    with pytest.raises(CheckpointError, match=r"step_00000004\.pt' was written by a run of 1 data-parallel") as info:
+        train(_config(tmp_path, iterations=6, eval_every=0, checkpoint_every=2, resume=True))
+    assert "resume it with 1 (torchrun --nproc_per_node 1, or without torchrun)" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in out.rglob("*")) == before
 
 
 @pytest.mark.parametrize("bn_momentum, warned", [(0.001, True), (None, False)])

@@ -7,6 +7,8 @@ begins and the summary as JSON at the end. Fault injection:
 - ``--kill-in-checkpoint-write N``: SIGKILL itself while the checkpoint of step N is written (the
   temporary file is complete but not yet renamed);
 - ``--exit-rank R --exit-at-step N``: rank R exits abruptly (``os._exit``) after step N;
+- ``--rank-out R DIR``: rank R trains in DIR instead of the config's ``out`` (a process that does
+  not see the run folder the others see);
 - ``--dump-dir DIR``: every rank saves its final model state to ``DIR/rank<R>.pt`` and its summary
   to ``DIR/summary_rank<R>.json``.
 """
@@ -69,12 +71,16 @@ def main() -> None:
     parser.add_argument("--kill-in-checkpoint-write", type=int)
     parser.add_argument("--exit-rank", type=int)
     parser.add_argument("--exit-at-step", type=int)
+    parser.add_argument("--rank-out", nargs=2, metavar=("RANK", "DIR"))
     parser.add_argument("--dump-dir")
     args = parser.parse_args()
+    overrides = json.loads(args.overrides)
+    if args.rank_out is not None and int(os.environ.get("RANK", "0")) == int(args.rank_out[0]):
+        overrides["out"] = args.rank_out[1]
     torch.set_num_threads(1)
     if args.kill_in_checkpoint_write is not None:
         _kill_during_write(args.kill_in_checkpoint_write)
-    summary = train(load_config(None, json.loads(args.overrides)), [FaultInjection(args)])
+    summary = train(load_config(None, overrides), [FaultInjection(args)])
     print("SUMMARY " + json.dumps(summary), flush=True)
     if args.dump_dir:
         # Ranks print concurrently and their stdout lines can interleave: keep a file per rank.

@@ -182,13 +182,21 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> int:
 def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike, step: int, keep: int) -> Path:
     """Write ``state`` (plus format name and version) atomically as the checkpoint of ``step``.
 
-    Afterwards only the newest ``keep`` checkpoints of ``directory`` remain.
+    Afterwards only the newest ``keep`` checkpoints of ``directory`` remain, the one just written
+    always among them. Checkpoints of later steps are removed: a run writes them only after
+    resuming from an earlier step because they did not load, so they belong to the interrupted
+    run's abandoned course (left in place, they would push the new checkpoints out of the
+    ``keep`` newest and be what a resume or ``eval RUN`` finds first).
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1; got {keep}")
     payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "step": int(step), **state}
     path = atomic_save(payload, checkpoint_path(directory, step))
-    for _, old in list_checkpoints(directory)[:-keep]:
+    found = list_checkpoints(directory)
+    abandoned = [old for old_step, old in found if old_step > step]
+    earlier = [old for old_step, old in found if old_step <= step]
+    for old in abandoned + earlier[:-keep]:
+        logger.debug("removing checkpoint %s", old)
         old.unlink(missing_ok=True)
     return path
 

@@ -90,6 +90,15 @@ class DistributedContext:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def gather_int(self, value: int) -> list[int]:
+        """``value`` of every rank, in rank order (``[value]`` in a single process)."""
+        if not self.enabled:
+            return [int(value)]
+        local = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
+        gathered = [torch.zeros_like(local) for _ in range(self.world_size)]
+        dist.all_gather(gathered, local)
+        return [int(t.item()) for t in gathered]
+
     def broadcast_buffers(self, module: torch.nn.Module) -> None:
         """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
 

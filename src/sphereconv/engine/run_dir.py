@@ -10,7 +10,8 @@
   it applies;
 - ``metrics.jsonl``: one JSON object per evaluation (every ``eval_every`` steps and at the end),
   following the reference code's evaluation every 500 iterations (Liu et al. 2017, Sec. 5);
-- ``summary.json``: final and best test accuracy and run facts, written when the run completes;
+- ``summary.json``: final and best test accuracy and run facts, written when the run completes
+  (and removed when a resume trains it further, until that part completes);
 - ``checkpoints/``: see :mod:`.checkpoint`;
 - ``tensorboard/``: event files when TensorBoard logging is on.
 
@@ -431,6 +432,16 @@ class RunDirectory:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tensorboard.add_scalar(key, value, step)
             self._tensorboard.flush()
+
+    def discard_summary(self) -> None:
+        """Remove ``summary.json``: a resume that trains on makes the run unfinished again.
+
+        Left in place, the summary of the shorter run would report it finished (final accuracy,
+        steps) while the run trains further or after it was stopped there, and ``sphereconv
+        reproduce`` would take the run as done.
+        """
+        if self.writable:
+            self.summary_path.unlink(missing_ok=True)
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Write ``summary.json`` atomically."""

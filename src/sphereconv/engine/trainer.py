@@ -155,10 +155,14 @@ class Trainer:
         self._build_model(info)
         self._build_optimization()
         resume_state = self._resume(run_dir)
+        if cfg.resume:
+            self._check_ranks_resume_together(run_dir)
         run_dir.begin(cfg, self.step)  # writes on rank 0 only
         if ctx.is_main:
             if cfg.resume:
                 run_dir.truncate_metrics(self.step)
+                if self.step < self.total_steps:
+                    run_dir.discard_summary()
             if cfg.tensorboard:
                 run_dir.open_tensorboard(self.step)
         ctx.barrier()
@@ -201,6 +205,15 @@ class Trainer:
         check_resumed_length(self.config, self.total_steps, state, source)
         check_config_compatible(state["config"], config_to_dict(self.config), source)
         check_dataset_compatible(state.get("dataset_info"), self.info, source)
+        saved_loader = state.get("loader")
+        saved_processes = saved_loader.get("world_size") if isinstance(saved_loader, dict) else None
+        if isinstance(saved_processes, int) and saved_processes != self.ctx.world_size:
+            raise CheckpointError(
+                f"{source} was written by a run of {saved_processes} data-parallel process(es), but this one has "
+                f"{self.ctx.world_size}: each process's share of the data depends on their number, so resume it "
+                f"with {saved_processes} (torchrun --nproc_per_node {saved_processes}"
+                f"{'' if saved_processes > 1 else ', or without torchrun'})"
+            )
         load_model_state(self.model, state["model"], source)
         try:
             if self.loss_module is not None:
@@ -221,6 +234,22 @@ class Trainer:
         self.last_checkpoint = path
         logger.info("resumed from %s at step %d", path, self.step)
         return state
+
+    def _check_ranks_resume_together(self, run_dir: RunDirectory) -> None:
+        """Every data-parallel rank must resume from the same step (each reads the run folder itself).
+
+        A rank that sees another folder (a node without the shared file system, a stale copy)
+        would otherwise start elsewhere with a fresh optimizer and train diverging weights in
+        silence until the ranks' step counts part.
+        """
+        steps = self.ctx.gather_int(self.step)
+        if len(set(steps)) > 1:
+            found = ", ".join(f"rank {rank}: step {step}" for rank, step in enumerate(steps))
+            raise CheckpointError(
+                f"the data-parallel processes found different checkpoints to resume from in "
+                f"{str(run_dir.checkpoints)!r} ({found}); every process must see the same run folder, "
+                "on a file system they all share"
+            )
 
     # -- loop ----------------------------------------------------------------------------------
     def _loop(self, net: nn.Module, run_dir: RunDirectory) -> dict[str, Any]:
