@@ -187,3 +187,19 @@ def test_resume_may_not_stretch_a_schedule_defined_by_the_run_length(tmp_path):
     # Changing only how often it checkpoints is allowed, and recorded with the step it applies from.
     summary = train(load_config(None, tiny_overrides(out, **{**settings, "checkpoint_every": 2, "resume": True})))
     assert summary["amendments"] == [{"step": 6, "changes": {"checkpoint_every": {"from": 3, "to": 2}}}]
+
+
+def test_lengthened_step_schedule_keeps_its_drops_where_the_original_length_put_them(tmp_path):
+    # docs/guide/training.md: a lengthened run keeps the schedule it started with; the added steps of
+    # a finished step-schedule run train at its final learning rate.
+    out = tmp_path / "run"
+    settings = dict(iterations=6, eval_every=0, checkpoint_every=3, schedule="step", lr=1e-3)
+    settings.update(lr_milestones=[0.5], lr_gamma=0.1, loss="ga_softmax")
+    train(load_config(None, tiny_overrides(out, **settings)))
+    summary = train(load_config(None, tiny_overrides(out, **{**settings, "iterations": 12, "resume": True})))
+    assert summary["amendments"] == [{"step": 6, "changes": {"iterations": {"from": 6, "to": 12}}}]
+    state = load_checkpoint(list_checkpoints(checkpoint_dir(out))[-1][1])
+    assert state["step"] == 12
+    assert dict(state["scheduler"]["milestones"]) == {3: 1}  # 0.5 of the original 6 steps, not of 12
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+    assert int(state["loss"]["anneal_iterations"]) == 6
