@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +85,35 @@ def test_user_cache_dir_follows_xdg(monkeypatch, tmp_path):
     assert user_cache_dir() == tmp_path / "sphereconv"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert user_cache_dir() == Path.home() / ".cache" / "sphereconv"
+
+
+def test_a_root_holding_only_fashion_mnist_does_not_serve_it_as_mnist(tmp_path, formats, monkeypatch):
+    # MNIST and Fashion-MNIST share file names, header and shapes; MNIST has no content checksum,
+    # so a root holding Fashion-MNIST's files directly (``--data-dir`` at the dataset's own folder,
+    # as the search allows) was read as MNIST in silence: clothes labelled as digits.
+    small = {"train": 2, "test": 2}
+    fashion_dir = tmp_path / "fashion-mnist"
+    fashion_images = formats.random_images(2, 1, 28, seed=1)[:, 0]
+    formats.write_mnist_split(fashion_dir, "test", fashion_images, np.array([3, 7], np.uint8))
+    contents = {
+        "t10k-images-idx3-ubyte": gzip.decompress((fashion_dir / "t10k-images-idx3-ubyte.gz").read_bytes()),
+        "t10k-labels-idx1-ubyte": gzip.decompress((fashion_dir / "t10k-labels-idx1-ubyte.gz").read_bytes()),
+    }
+    checksums = {name: hashlib.sha256(content).hexdigest() for name, content in contents.items()}
+    fashion = dataclasses.replace(DATASETS["fashion-mnist"], split_counts=small, content_sha256=checksums)
+    monkeypatch.setitem(DATASETS, "fashion-mnist", fashion)
+    monkeypatch.setitem(DATASETS, "mnist", dataclasses.replace(DATASETS["mnist"], split_counts=small))
+
+    x, y = load_dataset("fashion-mnist", "test", data_dir=fashion_dir)  # its own dataset still loads
+    assert y.tolist() == [3, 7]
+    with pytest.raises(DatasetError, match=r"t10k-images-idx3-ubyte\.gz is a file of fashion-mnist, not of mnist"):
+        load_dataset("mnist", "test", data_dir=fashion_dir)
+    monkeypatch.setenv("SPHERECONV_DATA", str(fashion_dir))
+    with pytest.raises(DatasetError, match=r"--data-dir \(or \$SPHERECONV_DATA\).*mnist/ subfolder"):
+        load_dataset("mnist", "test")
+
+    # MNIST's own files next to them, in the mnist/ subfolder searched first, are read.
+    digits = formats.random_images(2, 1, 28, seed=2)[:, 0]
+    formats.write_mnist_split(fashion_dir / "mnist", "test", digits, np.array([0, 9], np.uint8))
+    x, y = load_dataset("mnist", "test")
+    assert y.tolist() == [0, 9] and np.array_equal(x[:, 0].numpy(), digits)

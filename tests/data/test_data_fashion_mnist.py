@@ -66,3 +66,9 @@ def test_truncated_real_gzip_is_reported(tmp_path, system_root):
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(images[: len(images) // 2])
     with pytest.raises(DatasetError, match=r"t10k-images-idx3-ubyte\.gz is a damaged or truncated gzip"):
         load_dataset("fashion-mnist", "test", data_dir=tmp_path)
+
+
+def test_real_fashion_mnist_is_not_read_as_mnist(system_root):
+    # Same file names and shapes as MNIST: only the content checksum tells the datasets apart.
+    with pytest.raises(DatasetError, match=r"is a file of fashion-mnist, not of mnist"):
+        load_dataset("mnist", "test", data_dir=REAL_FASHION_MNIST)

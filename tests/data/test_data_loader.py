@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sphereconv.data import DeviceLoader, normalize_pixels, subset
+from sphereconv.data import DeviceLoader, augment_batch, normalize_pixels, subset
 
 N = 50
 
@@ -168,6 +168,23 @@ def test_crop_flip_outputs_are_flipped_crops_of_the_padded_image(pad_mode):
     assert len(seen) > 10  # offsets and flips vary across the batch
     assert any(flip for _, _, flip in seen) and any(not flip for _, _, flip in seen)
     assert not torch.equal(x, normalize_pixels(images))
+
+
+def test_augment_batch_checks_the_pad_mode_and_the_pad():
+    # The public augment_batch took any pad_mode it did not know (say "replicate") as zero padding in
+    # silence, and a pad past the far edge of the image failed inside gather (on CUDA: a device assert).
+    images, _ = make_data(4, side=6)
+    generator = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="invalid pad_mode='replicate': expected one of reflect, symmetric, zeros"):
+        augment_batch(images, "crop_flip", generator, pad=2, pad_mode="replicate")
+    with pytest.raises(ValueError, match=r"pad = 6 is too large for 6x6 images in reflect mode \(max 5\)"):
+        augment_batch(images, "crop_flip", generator, pad=6)
+    with pytest.raises(ValueError, match="invalid pad=-1"):
+        augment_batch(images, "crop_flip", generator, pad=-1)
+    for pad_mode, pad in (("reflect", 5), ("symmetric", 6), ("zeros", 6)):  # the largest pads still work
+        assert augment_batch(images, "crop_flip", generator, pad=pad, pad_mode=pad_mode).shape == images.shape
+    with pytest.raises(ValueError, match="invalid pad_mode='edge'"):
+        DeviceLoader(images, torch.arange(4), 2, augment="crop_flip", pad_mode="edge")
 
 
 def test_flip_flips_about_half_and_nothing_else():

@@ -169,6 +169,27 @@ def test_a_hook_reparametrised_weight_is_reported_by_layer_name(reparametrise):
     assert isinstance(net[0], SphereConv2d) and net[1] is normed
 
 
+@pytest.mark.parametrize(
+    "reparametrise", [torch.nn.utils.parametrizations.weight_norm, torch.nn.utils.parametrizations.spectral_norm]
+)
+def test_a_parametrized_layer_is_reported_by_layer_name(reparametrise):
+    # The current torch.nn.utils.parametrizations swap the class for a generated ParametrizedConv2d,
+    # which the exact-type rule took for a foreign subclass: the layer was skipped in silence, so a
+    # weight-normalised network came back with no layer converted and no error.
+    normed = reparametrise(nn.Conv2d(4, 4, 1))
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), normed, nn.Linear(4, 2))
+    message = r"cannot convert layer '1' \(Conv2d\): it is parametrized \(weight .*exclude=\['1'\]"
+    with pytest.raises(ValueError, match=message):
+        convert_model(net, "cosine")
+    assert type(net[0]) is nn.Conv2d  # nothing was replaced
+    convert_model(net, "cosine", exclude="1")
+    assert isinstance(net[0], SphereConv2d) and net[1] is normed
+    # A parametrized classifier is still the classifier, left plain without an error.
+    head = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), reparametrise(nn.Linear(4, 2)))
+    convert_model(head, "cosine", convert_linear=True)
+    assert isinstance(head[0], SphereConv2d) and not isinstance(head[2], SphereLinear)
+
+
 def test_keeps_dtype_device_mode_and_other_dimensions():
     net = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Conv3d(3, 3, 1), nn.Conv2d(3, 3, 1), nn.Linear(3, 1)).double().eval()
     convert_model(net, "lr_sigmoid")

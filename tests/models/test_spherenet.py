@@ -171,6 +171,15 @@ def test_wrong_input_shape_names_the_expected_shape():
         model(torch.randn(2, 1, 32, 32))
 
 
+@pytest.mark.parametrize("operator", ["none", "cosine"])
+def test_rgb_images_given_to_a_greyscale_model_name_the_expected_shape(operator):
+    # The check covered the image size only: the CNN failed inside torch's convolution
+    # ("weight of size [16, 1, 3, 3], expected input ... to have 1 channels"), not with this message.
+    model = create_model("spherenet9", operator=operator, width_mult=0.0625, image_size=28, in_channels=1)
+    with pytest.raises(ValueError, match=r"built for images of shape \(N, 1, 28, 28\).*got \(2, 3, 28, 28\)"):
+        model(torch.randn(2, 3, 28, 28))
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [

@@ -15,12 +15,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._validation import check_choice, check_int
+
 AUGMENTATIONS = ("none", "flip", "crop_flip")
 PAD_MODES = ("reflect", "symmetric", "zeros")
 # Padding of the CIFAR-10+ crop augmentation (reference recipe: pad 4, crop 32x32).
 DEFAULT_CROP_PAD = 4
 # Probability of a horizontal flip.
 FLIP_PROBABILITY = 0.5
+
+
+def max_crop_pad(height: int, width: int, pad_mode: str) -> int:
+    """Largest ``pad`` for ``height x width`` images: a mirror must not reach past the far edge.
+
+    ``reflect`` skips the edge pixel, so it folds at most ``size - 1`` pixels; ``symmetric`` repeats
+    it and folds ``size``; ``zeros`` reads no pixel, ``size`` keeps the crop overlapping the image.
+    """
+    return min(height, width) - (1 if pad_mode == "reflect" else 0)
+
+
+def check_crop(pad: int, pad_mode: str, height: int, width: int) -> tuple[int, str]:
+    """Validate ``pad`` and ``pad_mode`` of the crop for ``height x width`` images; ``ValueError`` naming them."""
+    pad_mode = check_choice("pad_mode", pad_mode, PAD_MODES)
+    pad = check_int("pad", pad, minimum=0)
+    max_pad = max_crop_pad(height, width, pad_mode)
+    if pad > max_pad:
+        raise ValueError(f"pad = {pad} is too large for {height}x{width} images in {pad_mode} mode (max {max_pad})")
+    return pad, pad_mode
 
 
 def _fold_indices(index: Tensor, size: int, pad_mode: str) -> tuple[Tensor, Tensor | None]:
@@ -69,8 +90,10 @@ def random_crop_flip(
     """Pad by ``pad`` pixels, crop a random window of the original size, then flip with probability 1/2.
 
     Each image gets its own offsets ``(dy, dx)`` uniform in ``{0, ..., 2*pad}`` and its own flip.
+    ``pad_mode`` is one of ``PAD_MODES``; ``pad`` at most :func:`max_crop_pad` (else ``ValueError``).
     """
     batch, _, height, width = images.shape
+    pad, pad_mode = check_crop(pad, pad_mode, height, width)
     device = images.device
     dy = torch.randint(0, 2 * pad + 1, (batch,), generator=generator, device=device)
     dx = torch.randint(0, 2 * pad + 1, (batch,), generator=generator, device=device)

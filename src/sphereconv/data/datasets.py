@@ -6,7 +6,9 @@ arXiv:1711.03189), Section 5, plus Fashion-MNIST and arbitrary image folders. Th
 1. find the split's files (:mod:`.discovery`); if they are missing and ``download=True``, fetch
    them into ``data_dir`` or the user cache (:mod:`.download`) and look again;
 2. verify them: SHA-256 of the decompressed content where known (Fashion-MNIST), and for every
-   dataset the structure (magic numbers, shapes, image counts, label range);
+   dataset the structure (magic numbers, shapes, image counts, label range). MNIST and
+   Fashion-MNIST share file names and structure, so a file is also refused when its content is
+   another dataset's (a search root holding only Fashion-MNIST must not serve MNIST);
 3. return ``(images uint8 (N, C, H, W), labels int64 (N,))`` on the CPU.
 
 Anything missing, truncated or failing a check raises :class:`~sphereconv.errors.DatasetError`
@@ -16,19 +18,20 @@ with a message saying what to do; nothing is silently used.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..errors import DatasetError, short_repr
-from .checksums import verify_content
+from .checksums import sha256_hex, verify_content
 from .cifar import read_cifar
 from .discovery import DATA_DIR_ENV, SearchResult, download_root, find_split_files
 from .download import MIRROR_ENV, base_urls, download_dataset
 from .idx import IDX_DIM_BYTES, IDX_MAGIC_BYTES, parse_idx, read_idx_content
 from .image_folder import image_folder_info, load_image_folder
-from .registry import FOLDER, DatasetInfo, DatasetSpec, canonical_name, check_split, get_spec
+from .registry import DATASETS, FOLDER, DatasetInfo, DatasetSpec, canonical_name, check_split, get_spec
 
 
 def dataset_info(
@@ -74,6 +77,27 @@ def _missing_message(key: str, spec: DatasetSpec, split: str, search: SearchResu
     return f"dataset {key!r} (split {split!r}) not found: {search.describe_roots(spec)}. To fix: {'; '.join(fixes)}"
 
 
+def _refuse_other_datasets_content(spec: DatasetSpec, path: Path, content: bytes) -> None:
+    """Raise :class:`DatasetError` if ``content`` is a file of another dataset (its known content checksum).
+
+    Needed where ``spec`` has no checksum of its own: MNIST's files have the names, header and
+    shapes of Fashion-MNIST's, so only the content tells them apart.
+    """
+    others = {
+        digest: other.info.name
+        for other in DATASETS.values()
+        if other.info.name != spec.info.name
+        for digest in other.content_sha256.values()
+    }
+    owner = others.get(sha256_hex(content)) if others else None
+    if owner is not None:
+        raise DatasetError(
+            f"{path} is a file of {owner}, not of {spec.info.name} (its decompressed content has {owner}'s "
+            f"SHA-256); point --data-dir (or ${DATA_DIR_ENV}) at a directory holding {spec.info.name}'s own files "
+            f"(a {spec.layouts[0]}/ subfolder of a search root is searched before the root itself)"
+        )
+
+
 def _read_idx_split(spec: DatasetSpec, split: str, files: dict) -> tuple[np.ndarray, np.ndarray]:
     image_name, label_name = spec.split_files[split]
     count, side = spec.split_counts[split], spec.info.image_size
@@ -87,7 +111,10 @@ def _read_idx_split(spec: DatasetSpec, split: str, files: dict) -> tuple[np.ndar
     arrays = {}
     for name in (image_name, label_name):
         content = read_idx_content(files[name], max_bytes[name])
-        verify_content(files[name], content, spec.content_sha256.get(name))
+        expected = spec.content_sha256.get(name)
+        if expected is None:
+            _refuse_other_datasets_content(spec, files[name], content)
+        verify_content(files[name], content, expected)
         arrays[name] = parse_idx(content, files[name])
     images, labels = arrays[image_name], arrays[label_name]
     if images.shape != (count, side, side) or images.dtype != np.uint8:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_choice, check_int, fail
-from .augment import AUGMENTATIONS, DEFAULT_CROP_PAD, PAD_MODES, augment_batch
+from .augment import AUGMENTATIONS, DEFAULT_CROP_PAD, augment_batch, check_crop
 
 # Input scaling of the reference code (wy1iu/SphereNet): (pixel - 127.5) / 128.
 PIXEL_CENTER = 127.5
@@ -137,20 +137,16 @@ class DeviceLoader:
         if labels.shape[0] != images.shape[0]:
             raise ValueError(f"images has {images.shape[0]} samples but labels has {labels.shape[0]}")
         augment = check_choice("augment", augment, AUGMENTATIONS)
-        pad_mode = check_choice("pad_mode", pad_mode, PAD_MODES)
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
         self.seed = check_int("seed", seed, minimum=0)
         self.world_size = check_int("world_size", world_size, minimum=1)
         self.rank = check_int("rank", rank, minimum=0)
         if self.rank >= self.world_size:
             raise fail("rank", self.rank, f"an integer in [0, world_size = {self.world_size})")
-        self.pad = check_int("pad", pad, minimum=0)
         height, width = images.shape[2:]
-        max_pad = min(height, width) - (1 if pad_mode == "reflect" else 0)
-        if augment == "crop_flip" and self.pad > max_pad:
-            raise ValueError(
-                f"pad = {self.pad} is too large for {height}x{width} images in {pad_mode} mode (max {max_pad})"
-            )
+        # The size limit concerns the crop only; without it any pad is stored unused.
+        _, pad_mode = check_crop(pad if augment == "crop_flip" else 0, pad_mode, height, width)
+        self.pad = check_int("pad", pad, minimum=0)
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating dtype; got {dtype}")
         self.device = torch.device(device)

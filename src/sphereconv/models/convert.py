@@ -20,8 +20,11 @@ Which layers are converted:
   ``classifier`` of this package's models) is the one producing the logits. Networks that register
   their head earlier, or have several heads, should name them in ``exclude``.
 - A selected layer whose ``weight`` is not a Parameter but recomputed by a forward pre-hook (the
-  hook-based ``torch.nn.utils.weight_norm`` and ``spectral_norm``) cannot be adopted: that raises
-  ``ValueError`` naming it (remove the reparametrisation, or leave the layer out with ``exclude``).
+  hook-based ``torch.nn.utils.weight_norm`` and ``spectral_norm``) or by a parametrization
+  (``torch.nn.utils.parametrizations.weight_norm``/``spectral_norm``, ``torch.nn.utils.parametrize``,
+  whose generated ``ParametrizedConv2d`` etc. count as the plain layer they wrap) cannot be adopted:
+  that raises ``ValueError`` naming it (remove the reparametrisation, or leave the layer out with
+  ``exclude``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import fnmatch
 from collections.abc import Callable, Iterable
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .._validation import check_bool, fail
 from ..errors import InvalidArgumentError
@@ -61,6 +65,13 @@ def _selector(value: LayerSelector, argument: str, names: list[str]) -> Callable
             sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
             raise fail(f"{argument} pattern", pattern, f"a pattern matching a module of the model, such as: {sample}")
     return lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _layer_type(module: nn.Module) -> type:
+    """The type of ``module``; for a parametrized layer, the type ``torch.nn.utils.parametrize`` wrapped."""
+    cls = type(module)
+    # register_parametrization swaps the class for a generated subclass ("ParametrizedConv2d").
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
 
 
 def _sphere_copy(layer: nn.Module, operator: str, sigmoid_k: float, eps: float) -> nn.Module:
@@ -148,13 +159,22 @@ def convert_model(
 
     replacements: dict[int, nn.Module] = {}
     for name, module in named:
-        plain_type = type(module) in _CONV_TO_SPHERE or (convert_linear and type(module) is nn.Linear)
+        layer_type = _layer_type(module)
+        plain_type = layer_type in _CONV_TO_SPHERE or (convert_linear and layer_type is nn.Linear)
         if not plain_type or module is classifier:
             continue
         if include_fn is not None and not include_fn(name, module):
             continue
         if exclude_fn is not None and exclude_fn(name, module):
             continue
+        if parametrize.is_parametrized(module):
+            raise InvalidArgumentError(
+                f"cannot convert layer {name!r} ({layer_type.__name__}): it is parametrized "
+                f"({', '.join(module.parametrizations)} computed by torch.nn.utils.parametrize, e.g. "
+                "parametrizations.weight_norm or spectral_norm), so its weight is not a Parameter to adopt; remove "
+                f"the parametrization first (parametrize.remove_parametrizations) or leave the layer out with "
+                f"exclude=[{name!r}]"
+            )
         if not isinstance(module.weight, nn.Parameter):
             # weight_norm / spectral_norm (hook-based) rebuild ``weight`` from other parameters before
             # every forward; the Sphere layer could adopt neither that tensor nor the hook.

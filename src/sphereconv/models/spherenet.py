@@ -154,7 +154,7 @@ class SphereNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images ``(N, in_channels, H, W)`` -> fc6 features ``(N, num_features)``."""
-        if x.dim() != 4 or tuple(x.shape[-2:]) != self.image_size:
+        if x.dim() != 4 or (x.shape[1], *x.shape[-2:]) != (self.in_channels, *self.image_size):
             raise ValueError(
                 f"{type(self).__name__} was built for images of shape (N, {self.in_channels}, "
                 f"{self.image_size[0]}, {self.image_size[1]}) (image_size); got {tuple(x.shape)}"
