@@ -210,7 +210,10 @@ def test_a_single_layer_is_returned_converted():
     conv = nn.Conv2d(3, 3, 3)
     sphere = convert_model(conv, skip_classifier=False)
     assert isinstance(sphere, SphereConv2d) and sphere.weight is conv.weight
-    assert convert_model(conv) is conv  # by default the only layer counts as the classifier
+    # A bare layer is no network with a classifier: the default converts it too.
+    default = convert_model(nn.Conv2d(3, 3, 3))
+    assert isinstance(default, SphereConv2d)
+    assert convert_model(nn.Linear(4, 2), convert_linear=True).__class__.__name__ == "SphereLinear"
 
 
 def test_an_optimizer_built_before_conversion_keeps_training_the_layers():

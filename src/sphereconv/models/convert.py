@@ -15,7 +15,8 @@ Which layers are converted:
   glob pattern (``fnmatch``, e.g. ``"layer4.*"``), a list of patterns matched against the
   qualified module name of ``model.named_modules()``, or a predicate ``f(name, module) -> bool``.
 - ``skip_classifier=True`` (default) keeps the *classifier* plain: the layer (any ``nn.Linear`` or
-  convolution, Sphere or not) registered last in ``model.named_modules()`` order, which for the
+  convolution, Sphere or not) registered last among ``model``'s submodules (a bare layer passed as
+  ``model`` is converted), in ``model.named_modules()`` order, which for the
   usual networks (``fc`` of a ResNet, the 1x1 score conv of a fully convolutional net, the
   ``classifier`` of this package's models) is the one producing the logits. Networks that register
   their head earlier, or have several heads, should name them in ``exclude``.
@@ -154,7 +155,8 @@ def convert_model(
     exclude_fn = _selector(exclude, "exclude", names)
     classifier = None
     if skip_classifier:
-        layers = [module for _, module in named if isinstance(module, _LAYER_TYPES)]
+        # Among the submodules only: a bare layer passed as ``model`` is what the user asks to convert.
+        layers = [module for name, module in named if name and isinstance(module, _LAYER_TYPES)]
         classifier = layers[-1] if layers else None
 
     replacements: dict[int, nn.Module] = {}
