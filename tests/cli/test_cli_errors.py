@@ -83,6 +83,34 @@ def test_user_errors_are_one_line(argv, fragments, capsys):
     assert_one_line_error(rc, capsys.readouterr().err, *fragments)
 
 
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["reproduce", "operators", "--dry-run", "--out", "{file}"], ["--out", "'{file}', which is a file"]),
+        (["reproduce", "operators", "--dry-run", "--out", "{file}/x"], ["--out", "below '{file}', which is a file"]),
+        (["reproduce", "operators", "--dry-run", "--out", ""], ["--out", "empty path"]),
+        (["reproduce", "--grid", "quickstart", "--dry-run", "--results", "{file}"], ["--results", "'{file}'"]),
+        (["reproduce", "--grid", "{folder}"], ["grid file '{folder}' is a folder, not a grid file"]),
+        (["inspect", "{folder}", "--out", "{file}"], ["--out", "'{file}', which is a file"]),
+        (["inspect", "{folder}", "--data-dir", "{folder}/missing"], ["--data-dir", "'{folder}/missing'"]),
+        (["inspect", "{folder}", "--device", "gpu"], ["--device", "'gpu'", "cuda:N"]),
+        (["plot", "{file}", "--out", "{folder}/p.png"], ["run directory {file} is a file, not a folder"]),
+        (["plot", "{folder}", "--out", "{folder}"], ["--out", "'{folder}', which is a folder"]),
+        (["plot", "{folder}", "--out", "{file}/p.png"], ["--out", "below '{file}', which is a file"]),
+        (["export", "{folder}", "--out", "{folder}"], ["--out", "'{folder}', which is a folder"]),
+        (["export", "{folder}", "--out", "{file}/net.onnx"], ["--out", "below '{file}', which is a file"]),
+        (["train", "--out", "{file}/run", "--iterations", "1"], ["'{file}/run' lies below '{file}', which is a file"]),
+    ],
+)
+def test_paths_of_the_wrong_kind_are_one_line_naming_them(argv, fragments, tmp_path, capsys):
+    # Checked before any work is done (measuring, training, exporting), and named as given.
+    paths = {"file": str(tmp_path / "a_file"), "folder": str(tmp_path / "a_folder")}
+    Path(paths["file"]).write_text("")
+    Path(paths["folder"]).mkdir()
+    rc = main([word.format(**paths) for word in argv])
+    assert_one_line_error(rc, capsys.readouterr().err, *(fragment.format(**paths) for fragment in fragments))
+
+
 def test_bad_yaml_and_unknown_config_key_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [spherenet9\nlr: 1e-3\n")

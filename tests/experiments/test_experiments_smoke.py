@@ -9,9 +9,12 @@ import pytest
 from png_checks import CURVE_PLOT_SIZE, assert_png
 
 from sphereconv.cli.main import main
+from sphereconv.engine import save_config
+from sphereconv.errors import ConfigError
+from sphereconv.experiments import runner
 from sphereconv.experiments.definitions import EXPERIMENTS, get_experiment
 from sphereconv.experiments.plots import DPI, FEATURE_PANEL_INCHES
-from sphereconv.experiments.runner import plan_experiment
+from sphereconv.experiments.runner import DIVERGED_FILE, execute_plan, plan_experiment
 
 
 def reproduce(out, *args: str) -> int:
@@ -71,6 +74,37 @@ def test_seeds_resume_and_skip(tmp_path, capsys):
     rc = reproduce(tmp_path, "convergence", "--iterations", "6", "--seeds", "2")
     err = capsys.readouterr().err
     assert rc == 2 and "holds a finished run with different settings" in err and "iterations: 8 there vs 6 now" in err
+
+
+@pytest.mark.parametrize(
+    ("left_behind", "named"), [("checkpoint", "an unfinished run"), ("diverged", "a diverged run")]
+)
+def test_an_unfinished_or_diverged_run_of_other_settings_is_refused_not_continued(
+    tmp_path, monkeypatch, left_behind, named
+):
+    # A run stopped part-way at --iterations 8: resumed at --iterations 16 it would keep the
+    # learning-rate drops of 8 iterations (a lengthened resume keeps its schedule) and be reported
+    # beside runs of the new length; a diverged one would stand in for a run never trained.
+    earlier = plan_experiment("convergence", "quick", out=tmp_path, iterations=8).runs[0]
+    save_config(earlier.config, earlier.out / "config.yaml")
+    if left_behind == "checkpoint":
+        (earlier.out / "checkpoints").mkdir()
+        (earlier.out / "checkpoints" / "step_00000004.pt").write_bytes(b"")
+    else:
+        (earlier.out / DIVERGED_FILE).write_text(json.dumps({"error": "loss is nan"}) + "\n")
+    trained = []
+    monkeypatch.setattr(runner, "train_run", lambda run, status: trained.append(run.out) or "trained")
+    now = plan_experiment("convergence", "quick", out=tmp_path, iterations=16)
+    assert now.runs[0].out == earlier.out and runner.run_status(now.runs[0]) in ("partial", "diverged")
+    with pytest.raises(ConfigError) as info:
+        execute_plan(now, log=lambda line: None)
+    message = str(info.value)
+    assert f"holds {named} with different settings" in message and "iterations: 8 there vs 16 now" in message
+    assert trained == []
+    # The same settings continue it as before.
+    if left_behind == "checkpoint":
+        execute_plan(plan_experiment("convergence", "quick", out=tmp_path, iterations=8), log=lambda line: None)
+        assert trained[0] == earlier.out
 
 
 def test_dry_run_plans_every_experiment_without_training(tmp_path, capsys):

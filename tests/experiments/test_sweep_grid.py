@@ -13,6 +13,7 @@ from png_checks import CURVE_PLOT_SIZE, assert_png
 from sphereconv.cli.main import main
 from sphereconv.engine import save_config
 from sphereconv.errors import ConfigError
+from sphereconv.experiments import sweep
 from sphereconv.experiments.grid import load_grid, plan_grid, results_path, select_runs
 from sphereconv.experiments.grid_report import summary_of_other_grid, write_grid_report
 from sphereconv.experiments.sweep import describe_plan, execute_grid
@@ -354,6 +355,38 @@ def test_a_finished_run_of_other_settings_in_the_training_folder_is_not_recorded
     execute_grid(smoke, "test", log=lambda line: None, runs=smoke.runs[:1])
     document = json.loads(results_path(smoke, smoke.runs[0]).read_text())
     assert document["summary"]["final_test_acc"] == 0.5 and document["settings"] == smoke.runs[0].settings
+
+
+def test_an_unfinished_run_of_other_settings_in_the_training_folder_is_not_continued(tmp_path, monkeypatch):
+    # A smoke run stopped after a checkpoint: resuming it under the full-size settings would lengthen
+    # it with the smoke run's schedule and record it as a full-size run.
+    grid = load_grid(write_grid(tmp_path / "tiny.yaml"))
+    smoke = plan_grid(grid, out=tmp_path / "out", results=tmp_path / "smoke", smoke=True, progress=False)
+    run_dir = smoke.runs[0].planned.out
+    save_config(smoke.runs[0].planned.config, run_dir / "config.yaml")
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "step_00000004.pt").write_bytes(b"")
+    trained = []
+    monkeypatch.setattr(sweep, "train_run", lambda run, status: trained.append(run.out) or "trained")
+    full = plan_grid(grid, out=tmp_path / "out", results=tmp_path / "full", progress=False)
+    with pytest.raises(ConfigError) as info:
+        execute_grid(full, "test", log=lambda line: None, runs=full.runs[:1])
+    assert "holds an unfinished run with different settings" in str(info.value) and "iterations" in str(info.value)
+    assert trained == [] and not results_path(full, full.runs[0]).exists()
+    assert not (run_dir.parent / f"{full.runs[0].run_id}.lock").exists()
+
+
+def test_dry_run_does_not_call_a_results_file_of_other_settings_recorded(tmp_path, capsys):
+    # A smoke run of a grid without its own results folder writes where the full-size run reads.
+    grid = write_grid(tmp_path / "tiny.yaml")
+    smoke = plan_grid(load_grid(grid), out=tmp_path / "out", smoke=True, progress=False)
+    record(smoke, {("A", "cnn", 0): 0.5})
+    argv = ["reproduce", "--grid", str(grid), "--out", str(tmp_path / "out"), "--dry-run"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "A-cnn-s0.json was made with different settings" in err and "batch_size: 16 there" in err
+    assert main([*argv, "--scale", "smoke"]) == 0
+    assert "1. A-cnn-s0: recorded;" in capsys.readouterr().out
 
 
 def test_a_results_file_that_is_not_an_object_is_a_one_line_error(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .evaluate import resolve_checkpoint
-from .parsing import existing_directory, help_text
+from .parsing import existing_directory, help_text, output_file
 
 FORMATS = ("onnx", "pt2", "safetensors")
 
@@ -24,7 +24,10 @@ def register(subparsers) -> None:
         "checkpoint", metavar="CHECKPOINT", help="checkpoint file, or a run directory (its newest checkpoint)"
     )
     parser.add_argument(
-        "--out", required=True, help="file to write: .onnx, .pt2 or .safetensors (the extension picks the format)"
+        "--out",
+        type=output_file,
+        required=True,
+        help="file to write: .onnx, .pt2 or .safetensors (the extension picks the format)",
     )
     parser.add_argument("--format", choices=FORMATS, default=None, help="the format, whatever the extension of --out")
     parser.add_argument(

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .parsing import positive_int
+from .parsing import device_name, existing_directory, output_directory, positive_int
 
 SUMMARY_FILE = "layer_stats.json"
 DEFAULT_BATCHES = 4
@@ -37,7 +37,13 @@ def register(subparsers) -> None:
     parser.add_argument(
         "target", metavar="RUN_OR_CHECKPOINT", help="run directory (its newest checkpoint) or a checkpoint file (.pt)"
     )
-    parser.add_argument("--out", default=None, metavar="DIR", help="where to write the plots (default: RUN/inspect)")
+    parser.add_argument(
+        "--out",
+        type=output_directory,
+        default=None,
+        metavar="DIR",
+        help="where to write the plots (default: RUN/inspect)",
+    )
     parser.add_argument(
         "--batches",
         type=positive_int,
@@ -46,9 +52,14 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: the run's)")
     parser.add_argument(
-        "--data-dir", default=None, help="folder holding the dataset files (default: where the run found them)"
+        "--data-dir",
+        type=existing_directory,
+        default=None,
+        help="folder holding the dataset files (default: where the run found them)",
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
+    parser.add_argument(
+        "--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)"
+    )
     parser.set_defaults(func=run)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from pathlib import Path
 from typing import NoReturn
 
 from .._validation import check_float, check_int
@@ -117,4 +118,46 @@ def existing_directory(text: str) -> str:
         raise argparse.ArgumentTypeError("expected a directory, got an empty path")
     if not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"expected an existing directory, got {short_repr(text, MAX_PATH_CHARS)}")
+    return text
+
+
+def _file_above(path: Path) -> Path | None:
+    """The nearest existing parent of ``path`` if it is not a folder (a file, say), else None."""
+    for parent in path.parents:
+        if os.path.lexists(parent):
+            return None if parent.is_dir() else parent
+    return None
+
+
+def output_directory(text: str) -> str:
+    """argparse type: a folder to write into, existing or to be created (not a file, nor below one)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder, got an empty path")
+    path = Path(text)
+    if os.path.lexists(path) and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a folder, got {short_repr(text, MAX_PATH_CHARS)}, which is a file")
+    blocking = _file_above(path)
+    if blocking is not None:
+        raise argparse.ArgumentTypeError(
+            f"expected a folder, got {short_repr(text, MAX_PATH_CHARS)}, "
+            f"below {short_repr(str(blocking), MAX_PATH_CHARS)}, which is a file, not a folder"
+        )
+    return text
+
+
+def output_file(text: str) -> str:
+    """argparse type: a file to write, existing or new (not a folder, nor below a file)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a file name, got an empty path")
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"expected a file name, got {short_repr(text, MAX_PATH_CHARS)}, which is a folder"
+        )
+    blocking = _file_above(path)
+    if blocking is not None:
+        raise argparse.ArgumentTypeError(
+            f"expected a file name, got {short_repr(text, MAX_PATH_CHARS)}, "
+            f"below {short_repr(str(blocking), MAX_PATH_CHARS)}, which is a file, not a folder"
+        )
     return text

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .parsing import output_file
+
 
 def register(subparsers) -> None:
     """Add the ``plot`` subcommand to ``subparsers``."""
@@ -15,7 +17,7 @@ def register(subparsers) -> None:
         "in one plot.",
     )
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run directory or a directory of runs")
-    parser.add_argument("--out", required=True, metavar="FILE.png", help="PNG file to write")
+    parser.add_argument("--out", type=output_file, required=True, metavar="FILE.png", help="PNG file to write")
     parser.add_argument(
         "--metric", default="test_acc", choices=METRICS, help="what to plot against iterations (default test_acc)"
     )

@@ -16,7 +16,7 @@ import argparse
 import shlex
 
 from ..errors import ConfigError
-from .parsing import help_text, positive_float, positive_int
+from .parsing import help_text, output_directory, positive_float, positive_int
 
 ALL = "all"
 DEFAULT_SCALE = "small"
@@ -52,6 +52,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--results",
+        type=output_directory,
         default=None,
         metavar="DIR",
         help="--grid only: folder of the results files and report (default: the grid's)",
@@ -73,7 +74,9 @@ def register(subparsers) -> None:
     parser.add_argument("--data-dir", default=None, help="folder holding the dataset files")
     parser.add_argument("--download", action="store_true", help="download the dataset if it is missing")
     parser.add_argument("--seeds", type=positive_int, default=None, help="seeds per variant (default: the scale's)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output root (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out", type=output_directory, default=DEFAULT_OUT, help=f"output root (default {DEFAULT_OUT})"
+    )
     parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--iterations", type=positive_int, default=None, help="override the scale's iterations per run")
     parser.add_argument("--width-mult", type=positive_float, default=None, help="override the scale's width multiplier")

@@ -266,7 +266,14 @@ class RunDirectory:
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"out={str(self.path)!r} is a file, not a folder; choose another out directory")
         self._created = not self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except (NotADirectoryError, FileExistsError):  # a file where a parent folder should be
+            blocking = next(p for p in self.path.parents if p.exists())
+            raise ConfigError(
+                f"out={str(self.path)!r} lies below {str(blocking)!r}, which is a file, not a folder; "
+                "choose another out directory"
+            ) from None
         if fcntl is None or self._lock_fd is not None:
             return
         fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))

@@ -116,7 +116,8 @@ def load_grid(path: str | os.PathLike) -> Grid:
     """Parse and check a grid file; raises :class:`ConfigError` naming the bad key or value."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"grid file {str(path)!r} does not exist")
+        problem = "is a folder, not a grid file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"grid file {str(path)!r} {problem}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -38,7 +38,8 @@ def collect_curves(roots: list[Path], metric: str) -> dict[str, list[tuple[list[
     for root in roots:
         root = Path(root)
         if not root.is_dir():
-            raise ResultsError(f"run directory {root} does not exist")
+            problem = "is a file, not a folder" if root.exists() else "does not exist"
+            raise ResultsError(f"run directory {root} {problem}")
         run_dirs = find_run_dirs(root)
         if not run_dirs:
             raise ResultsError(f"no finished runs in {root}: no metrics.jsonl at or below it")

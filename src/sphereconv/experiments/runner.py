@@ -2,9 +2,10 @@
 
 Runs go to ``OUT/EXPERIMENT/<variant>/seed<k>/`` (a normal ``sphereconv train`` output). A run
 whose ``summary.json`` exists is not trained again, a run with checkpoints continues from the
-newest one, so an interrupted ``sphereconv reproduce`` picks up where it stopped. A finished run
-trained with different settings (another scale, say) is never mixed in silently: it is an error
-naming the differing keys.
+newest one, so an interrupted ``sphereconv reproduce`` picks up where it stopped. A run found
+there with different settings (another scale or length, say), whether finished, diverged or
+stopped after a checkpoint, is never mixed in or continued silently: it is an error naming the
+differing keys.
 """
 
 from __future__ import annotations
@@ -196,8 +197,17 @@ def _comparable(values: dict) -> dict:
     return yaml.safe_load(yaml.safe_dump({k: v for k, v in values.items() if k not in EXECUTION_KEYS}))
 
 
-def check_finished_run_matches(run: PlannedRun) -> None:
-    """:class:`ConfigError` if ``run.out`` holds a run made with settings other than ``run.config``'s."""
+# How the refusal of a run made with other settings names it, by its status (see run_status).
+_STATUS_WORDS = {"finished": "a finished run", "diverged": "a diverged run", "partial": "an unfinished run"}
+
+
+def check_run_matches(run: PlannedRun, status: str = "finished") -> None:
+    """:class:`ConfigError` if ``run.out`` holds a run made with settings other than ``run.config``'s.
+
+    Checked for finished and diverged runs (which are reused) and for partial ones before they are
+    resumed: a resume may lengthen a run, but the lengthened run keeps the learning-rate schedule
+    and margin annealing of its first length, so it computes neither the old run nor a new one.
+    """
     from ..engine.config import config_to_dict
     from ..engine.run_dir import resumed_config_values
 
@@ -210,7 +220,7 @@ def check_finished_run_matches(run: PlannedRun) -> None:
     if differing:
         details = ", ".join(f"{k}: {saved.get(k)!r} there vs {wanted.get(k)!r} now" for k in differing[:4])
         raise ConfigError(
-            f"{run.out} holds a finished run with different settings ({details}); "
+            f"{run.out} holds {_STATUS_WORDS.get(status, 'a run')} with different settings ({details}); "
             "pass another --out or delete that directory"
         )
 
@@ -256,8 +266,9 @@ def execute_plan(plan: Plan, log: Callable[[str], None] = print) -> None:
     for index, run in enumerate(plan.runs, start=1):
         status = run_status(run)
         tag = f"[{index}/{total}] {plan.experiment.name}/{run.variant.name}/seed{run.seed}"
+        if status in ("finished", "diverged", "partial"):
+            check_run_matches(run, status)
         if status == "finished":
-            check_finished_run_matches(run)
             log(f"{tag}: already finished, skipped")
             continue
         if status == "diverged":

@@ -27,7 +27,7 @@ from .grid import (
     source_version,
 )
 from .grid_report import collect_cells, compare_cells, in_short, other_grid_in_short, write_grid_report
-from .runner import check_finished_run_matches, run_status, train_run
+from .runner import check_run_matches, run_status, train_run
 
 
 def _lock_path(run: GridRun) -> Path:
@@ -86,8 +86,9 @@ def execute_grid(
         try:
             status = run_status(run.planned)
             started = time.perf_counter()
+            if status in ("finished", "diverged", "partial"):
+                check_run_matches(run.planned, status)  # a run of other settings (a smoke run, say) is not recorded
             if status in ("finished", "diverged"):
-                check_finished_run_matches(run.planned)  # a run of other settings (a smoke run, say) is not recorded
                 outcome = f"{status} earlier in {run.planned.out}, recorded"
             else:
                 outcome = train_run(run.planned, status) + f" in {time.perf_counter() - started:.0f} s"
@@ -135,7 +136,8 @@ def run_grid(
 def describe_plan(plan: GridPlan, runs: list[GridRun] | None = None) -> list[str]:
     """One line per run (of ``runs``, default all): order, id, status (for a partial run, the step
     its checkpoint holds and whether a process is training it now) and the key settings; then the
-    count per status (for ``--dry-run``)."""
+    count per status (for ``--dry-run``). A results file made with other settings raises
+    :class:`ConfigError`, as it does when the grid runs."""
     from ..engine.checkpoint import checkpoint_dir, list_checkpoints
 
     lines = []
@@ -143,7 +145,8 @@ def describe_plan(plan: GridPlan, runs: list[GridRun] | None = None) -> list[str
     numbered = _numbered(plan, runs)
     for index, run in numbered:
         config = run.planned.config
-        state = "recorded" if results_path(plan, run).is_file() else run_status(run.planned)
+        # A results file of other settings stops the real run; the plan says so the same way.
+        state = "recorded" if load_recorded(plan, run) is not None else run_status(run.planned)
         counts[state] = counts.get(state, 0) + 1
         if state == "partial":
             steps = list_checkpoints(checkpoint_dir(run.planned.out))
