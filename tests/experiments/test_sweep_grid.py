@@ -469,3 +469,19 @@ def test_grid_and_experiment_flags_conflict_clearly(tmp_path, capsys):
     assert "name an experiment" in capsys.readouterr().err
     assert main(["reproduce", "--grid", str(grid), "--dry-run", "--out", str(tmp_path / "o")]) == 0
     assert "1. A-cnn-s0: new; operator=none width_mult=0.25" in capsys.readouterr().out
+
+
+def test_a_lock_held_by_another_users_live_process_is_kept(tmp_path, monkeypatch):
+    # os.kill(pid, 0) raises PermissionError for a live process of another user: it holds the run.
+    plan = plan_grid(load_grid(write_grid(tmp_path / "tiny.yaml")), out=tmp_path / "out", results=tmp_path / "r")
+    run = plan.runs[0]
+    lock = run.planned.out.parent / f"{run.run_id}.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("4242")
+
+    def kill(pid, signal):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", kill)
+    lines = describe_plan(plan)
+    assert "being trained by process 4242" in lines[0] and lock.exists()

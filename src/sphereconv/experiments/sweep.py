@@ -42,9 +42,11 @@ def _lock_owner(run: GridRun) -> int | None:
         owner = int(lock.read_text().strip() or 0)
         os.kill(owner, 0)
         return owner
+    except PermissionError:  # the process lives, under another user
+        return owner
     except FileNotFoundError:
         return None
-    except (ValueError, ProcessLookupError, PermissionError):
+    except (ValueError, ProcessLookupError):
         lock.unlink(missing_ok=True)
         return None
 
