@@ -280,3 +280,117 @@ def test_module_docstrings_cite_the_paper(module):
 def test_operator_docstrings_state_formula_and_section(obj):
     doc = inspect.getdoc(obj)
     assert "=" in doc and "Sec" in doc, obj
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: SphereConv2d(3, 4, 3, bias=True, operator="learnable_sigmoid"),
+        lambda: SphereLinear(3, 4, operator="learnable_sigmoid"),
+        lambda: SphereNorm2d(3, 4, 3, operator="learnable_sigmoid", magnitude_init=0.3),
+        lambda: SphereNorm2d(3, 4, 3, learn_magnitude=False),
+        lambda: DecoupledConv2d(3, 4, 3, magnitude="seg", learnable=True, alpha=2.0, operator="learnable_sigmoid"),
+        lambda: DecoupledConv2d(3, 4, 3, magnitude="mix", learnable=True, beta=0.25),
+    ],
+    ids=["conv", "linear", "norm", "norm-no-magnitude", "decoupled-seg", "decoupled-mix"],
+)
+def test_reset_parameters_restores_every_extra_to_its_initial_value(make):
+    # reset_parameters() of a torch layer re-initialises all of its state; the extras kept their
+    # trained values (and the decoupled layer its running mean).
+    torch.manual_seed(9)
+    layer = make()
+    initial = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(2, 3, 5, 5) if not isinstance(layer, SphereLinear) else torch.randn(2, 3)
+    layer(x).sum().backward()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.5)
+    layer.reset_parameters()
+    for key, value in layer.state_dict().items():
+        if key in ("weight", "bias"):  # drawn afresh, as by the torch layer
+            assert not torch.equal(value, initial[key] + 0.5), key
+        else:
+            assert torch.equal(value, initial[key]), key
+    assert torch.isfinite(layer(x)).all()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: SphereConv2d(3, 4, 1)(x),
+        lambda x: SphereConv2d(3, 4, 1, padding=1, padding_mode="reflect")(x),
+        lambda x: SphereNorm2d(3, 4, 1)(x),
+        lambda x: DecoupledConv2d(3, 4, 1)(x),
+        lambda x: SphereLinear(5, 4)(x),
+        lambda x: SF.sphere_conv2d(x, torch.randn(4, 3, 1, 1), impl="reference"),
+    ],
+    ids=["conv", "conv-reflect", "norm", "decoupled", "linear", "functional"],
+)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_non_floating_input_names_its_dtype(call, dtype):
+    # torch's own errors spoke of a failed cast, a bool negation or an unimplemented max.
+    x = torch.ones(2, 3, 5, 5).to(dtype)
+    with pytest.raises(TypeError, match=f"floating-point tensors; got {dtype}"):
+        call(x)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: SphereLinear(2, 3)([1.0, 2.0]),
+        lambda: SF.sphere_linear(torch.ones(2), [[1.0, 2.0]]),
+        lambda: SF.sphere_conv2d(torch.ones(1, 1, 3, 3), [[[[1.0]]]]),
+    ],
+)
+def test_non_tensor_arguments_are_a_type_error(call):
+    with pytest.raises(TypeError, match="input and weight must be tensors; got"):
+        call()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: SphereConv2d(3, 4, 3, **kw),
+        lambda **kw: SphereNorm2d(3, 4, 3, **kw),
+        lambda **kw: DecoupledConv2d(3, 4, 3, **kw),
+        lambda **kw: lambda x: SF.sphere_conv2d(x, torch.randn(4, 3, 3, 3), impl="reference", **kw),
+        lambda **kw: lambda x: decoupled_conv2d(x, torch.randn(4, 3, 3, 3), **kw),
+    ],
+    ids=["conv", "norm", "decoupled", "reference", "decoupled-functional"],
+)
+@pytest.mark.parametrize(
+    "kwargs, shape, message",
+    [
+        ({"stride": 0}, (2, 3, 6, 6), r"stride and dilation must be positive; got stride=\(?0"),
+        ({"dilation": (1, 0)}, (2, 3, 6, 6), r"stride and dilation must be positive; got .*dilation=\(1, 0\)"),
+        ({"padding": -1}, (2, 3, 6, 6), r"padding must be non-negative; got \(?-1"),
+        ({}, (2, 3, 2, 6), r"input spatial size \(2, 6\) .* smaller than the dilated kernel \(3, 3\)"),
+        ({"padding": 1}, (2, 3, 0, 6), r"input spatial size \(0, 6\) \(padded by \(1, 1\)\) is smaller than"),
+    ],
+    ids=["stride", "dilation", "padding", "kernel", "empty-spatial"],
+)
+def test_impossible_geometry_is_one_line_on_every_path(make, kwargs, shape, message):
+    # SphereNorm, the decoupled layers and the reference path handed these to torch, whose errors
+    # name no value ("non-positive stride is not supported") or come from an empty amax.
+    with pytest.raises(ValueError, match=message):
+        make(**kwargs)(torch.randn(*shape))
+
+
+@pytest.mark.parametrize(
+    "make, shown, hidden",
+    [
+        (lambda: DecoupledConv2d(3, 4, 3, magnitude="tanh", rho=2.5, alpha=0.5), ["rho=2.5", "alpha=0.5"], ["beta"]),
+        (lambda: DecoupledConv2d(3, 4, 3, magnitude="seg", beta=0.25), ["beta=0.25"], ["alpha", "rho"]),
+        (lambda: DecoupledConv2d(3, 4, 3, magnitude="ball", learnable=True, momentum=0.1), ["momentum=0.1"], ["rho"]),
+        (lambda: DecoupledConv2d(3, 4, 3, magnitude="mix"), [], ["alpha", "beta", "rho", "momentum"]),
+        (lambda: SphereNorm2d(3, 4, 3, magnitude_init=0.5), ["magnitude_init=0.5"], []),
+        (lambda: SphereNorm2d(3, 4, 3), [], ["magnitude_init"]),
+    ],
+)
+def test_repr_shows_the_non_default_coefficients(make, shown, hidden):
+    # Two layers printed alike computed different functions (rho=1 and rho=2.5 looked the same).
+    text = repr(make())
+    for part in shown:
+        assert part in text, text
+    for part in hidden:
+        assert part + "=" not in text, text

@@ -3,6 +3,7 @@ the magnitude functions' shapes, and the learnable radius's running statistics."
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -146,3 +147,38 @@ def test_rho_of_fixed_layers_is_absolute():
     huge = decoupled_conv2d(x, w, magnitude="tanh", rho=1e-6)
     torch.testing.assert_close(huge, decoupled_conv2d(x, w, magnitude="sphere"), rtol=1e-10, atol=1e-12)
     assert math.isclose(float(magnitude_function(torch.tensor(2.0), "ball", rho=4.0)), 0.5)
+
+
+def test_an_empty_training_batch_leaves_the_running_mean_and_gradients_finite():
+    # The mean patch norm of an empty batch is NaN: it must neither enter the running average (every
+    # later evaluation would be NaN) nor the radius, whose NaN reached alpha's, beta's and r's gradients.
+    torch.manual_seed(7)
+    layer = DecoupledConv2d(3, 4, 3, magnitude="seg", learnable=True)
+    layer(torch.randn(4, 3, 6, 6))
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    out = layer(torch.randn(0, 3, 6, 6))
+    assert out.shape == (0, 4, 4, 4)
+    out.sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    for key, value in layer.state_dict().items():
+        if key in state:
+            assert torch.equal(value, state[key]), key
+    layer.eval()
+    assert torch.isfinite(layer(torch.randn(2, 3, 6, 6))).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_layer_in_eval_uses_the_running_mean(dtype):
+    # In bfloat16, 1 - momentum rounds to 1: the bias correction was 0 and the estimate ~1e36, so
+    # rho was huge and tanh(|x| / rho) flattened every output to 0.
+    torch.manual_seed(8)
+    layer = DecoupledConv2d(3, 4, 3, padding=1, magnitude="tanh", learnable=True)
+    x = torch.randn(8, 3, 6, 6)
+    for _ in range(3):
+        layer(x)
+    layer.eval()
+    expected = layer(x)
+    low = copy.deepcopy(layer).to(dtype)
+    torch.testing.assert_close(low.x_norm_estimate(), layer.x_norm_estimate(), rtol=1e-2, atol=0)
+    torch.testing.assert_close(low(x.to(dtype)).float(), expected, rtol=0, atol=1e-2)

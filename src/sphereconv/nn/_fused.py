@@ -308,6 +308,26 @@ def resolve_padding(input: Tensor, kernel: Sequence[int], stride, padding, dilat
     return input, padding_t
 
 
+def check_geometry(
+    input: Tensor, kernel: Sequence[int], stride, padding, dilation
+) -> tuple[Tensor, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(input, stride, padding, dilation)`` checked, as ints, the input padded as :func:`resolve_padding`
+    does; a ``ValueError``/``TypeError`` naming the value when a convolution cannot take them."""
+    dims = len(kernel)
+    stride_t = _tuple(stride, dims, "stride")
+    dilation_t = _tuple(dilation, dims, "dilation")
+    if any(s < 1 for s in stride_t) or any(d < 1 for d in dilation_t):
+        raise ValueError(f"stride and dilation must be positive; got stride={stride!r}, dilation={dilation!r}")
+    input, padding_t = resolve_padding(input, kernel, stride_t, padding, dilation_t)
+    for axis, (length, k, s, p, d) in enumerate(zip(input.shape[2:], kernel, stride_t, padding_t, dilation_t)):
+        if _out_len(length, k, s, p, d) < 1:
+            raise ValueError(
+                f"input spatial size {tuple(input.shape[2:])} (padded by {padding_t}) is smaller than the dilated "
+                f"kernel {tuple(kernel)} (dilation {dilation_t}) along spatial dimension {axis}"
+            )
+    return input, stride_t, padding_t, dilation_t
+
+
 def _out_len(length: int, k: int, s: int, p: int, d: int) -> int:
     return (length + 2 * p - d * (k - 1) - 1) // s + 1
 
@@ -1305,19 +1325,7 @@ def fused_sphere_convnd(
     """
     if operator not in _OPERATORS:
         raise ValueError(f"unknown operator {operator!r}; allowed: {', '.join(_OPERATORS)}")
-    dims = weight.dim() - 2
-    kernel = tuple(weight.shape[2:])
-    stride_t = _tuple(stride, dims, "stride")
-    dilation_t = _tuple(dilation, dims, "dilation")
-    if any(s < 1 for s in stride_t) or any(d < 1 for d in dilation_t):
-        raise ValueError(f"stride and dilation must be positive; got stride={stride!r}, dilation={dilation!r}")
-    input, padding_t = resolve_padding(input, kernel, stride_t, padding, dilation_t)
-    for axis, (length, k, s, p, d) in enumerate(zip(input.shape[2:], kernel, stride_t, padding_t, dilation_t)):
-        if _out_len(length, k, s, p, d) < 1:
-            raise ValueError(
-                f"input spatial size {tuple(input.shape[2:])} (padded by {padding_t}) is smaller than the dilated "
-                f"kernel {kernel} (dilation {dilation_t}) along spatial dimension {axis}"
-            )
+    input, stride_t, padding_t, dilation_t = check_geometry(input, tuple(weight.shape[2:]), stride, padding, dilation)
     k_tensor, k_float = _split_k(operator, sigmoid_k, compute_dtype(input.dtype), weight.shape[0])
     return _FusedSphereConvFn.apply(
         input, weight, bias, k_tensor, k_float, stride_t, padding_t, dilation_t, groups, operator, float(eps), out_dtype

@@ -61,6 +61,13 @@ class _SphereMixin(_LayerMixinBase):
         else:
             self.register_parameter("sigmoid_k_raw", None)
 
+    def _reset_sphere(self) -> None:
+        """A learnable k back to its initial value (after the torch layer's reset of weight and bias)."""
+        raw = getattr(self, "sigmoid_k_raw", None)  # absent while the torch layer's __init__ runs
+        if raw is not None:
+            with torch.no_grad():
+                raw.fill_(LEARNABLE_K_INIT)
+
     def effective_k(self) -> Tensor | float:
         """The sigmoid k actually used: the fixed float, or |raw| + 0.05 per output channel."""
         if self.sigmoid_k_raw is not None:
@@ -106,6 +113,11 @@ class _SphereConvNd(_SphereMixin, _ConvMixinBase):
             sigmoid_k=self.effective_k(),
             eps=self.eps,
         )
+
+    def reset_parameters(self) -> None:
+        """``nn.ConvNd``'s initialisation of weight and bias; a learnable k goes back to its initial value."""
+        super().reset_parameters()
+        self._reset_sphere()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._sphere_extra_repr()
@@ -251,6 +263,11 @@ class SphereLinear(_SphereMixin, nn.Linear):
     ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
         self._init_sphere(operator, sigmoid_k, eps, out_features)
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s initialisation of weight and bias; a learnable k goes back to its initial value."""
+        super().reset_parameters()
+        self._reset_sphere()
 
     def forward(self, input: Tensor) -> Tensor:
         k = self.effective_k()

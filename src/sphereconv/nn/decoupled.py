@@ -285,9 +285,12 @@ class DecoupledConv2d(nn.Conv2d):
     where ``mean(|x|_e)`` is the mean patch norm of the batch in training mode (gradients flow through
     it, as in the reference) and, in evaluation mode, its running average kept in the buffer
     ``running_x_norm`` with momentum ``momentum`` (bias-corrected by ``1 - (1 - momentum)^t`` after t
-    updates; 1.0 before the first training batch). With ``learnable=False`` alpha, beta and rho are
-    the fixed numbers given. ``operator="learnable_sigmoid"`` learns one sigmoid k per output channel
-    (k = |raw| + 0.05, raw initialised to 0.7, as for SphereConv).
+    updates; 1.0 before the first training batch; an empty training batch uses and keeps it). With
+    ``learnable=False`` alpha, beta and rho are the fixed numbers given. ``operator="learnable_sigmoid"``
+    learns one sigmoid k per output channel (k = |raw| + 0.05, raw initialised to 0.7, as for
+    SphereConv). ``reset_parameters()`` re-initialises the weight and bias as ``nn.Conv2d`` does, puts
+    every learnt extra back to its initial value and clears the running average
+    (``reset_running_stats()`` clears only the latter).
     """
 
     radius: nn.Parameter | None
@@ -333,6 +336,8 @@ class DecoupledConv2d(nn.Conv2d):
         self.momentum = check_float("momentum", momentum, low=0.0, high=1.0, low_open=True)
         alpha = check_float("alpha", alpha)
         beta = check_float("beta", DEFAULT_BETA.get(self.magnitude, 0.0) if beta is None else beta)
+        # the initial values reset_parameters() restores
+        self.alpha_init, self.beta_init = alpha, beta
         factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
         if learnable:
             self.alpha: Tensor | float = nn.Parameter(torch.full((out_channels,), alpha, **factory))
@@ -356,12 +361,40 @@ class DecoupledConv2d(nn.Conv2d):
         else:
             self.register_parameter("sigmoid_k_raw", None)
 
+    def reset_running_stats(self) -> None:
+        """Forget the running mean of |x| (as ``nn.BatchNorm2d.reset_running_stats``); no-op without one."""
+        running = getattr(self, "running_x_norm", None)
+        if running is not None:
+            assert self.num_batches_tracked is not None  # registered together with running_x_norm
+            running.zero_()
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """``nn.Conv2d``'s initialisation of weight and bias, the extras' initial values, no running mean."""
+        super().reset_parameters()
+        if not hasattr(self, "alpha_init"):
+            return  # called from nn.Conv2d.__init__, before the extras exist
+        self.reset_running_stats()
+        with torch.no_grad():
+            if isinstance(self.alpha, Tensor):
+                self.alpha.fill_(self.alpha_init)
+            if isinstance(self.beta, Tensor):
+                self.beta.fill_(self.beta_init)
+            if self.radius is not None:
+                self.radius.fill_(RADIUS_INIT)
+            if self.sigmoid_k_raw is not None:
+                self.sigmoid_k_raw.fill_(LEARNABLE_K_INIT)
+
     def effective_k(self) -> Tensor | float:
         """The sigmoid k actually used: the fixed float, or |raw| + 0.05 per output channel."""
         return learnable_k(self.sigmoid_k_raw) if self.sigmoid_k_raw is not None else self.sigmoid_k
 
     def x_norm_estimate(self) -> Tensor:
-        """Bias-corrected running mean of the patch norms: ``running / (1 - (1 - momentum)^t)``."""
+        """Bias-corrected running mean of the patch norms: ``running / (1 - (1 - momentum)^t)``.
+
+        Computed in the compute dtype (float32, or float64 for a float64 layer): in bfloat16
+        ``1 - momentum`` rounds to 1 and the correction to 0; in float16 it is off by about 2%.
+        """
         if self.running_x_norm is None:
             raise RuntimeError(
                 "this layer keeps no running mean of |x| (it needs learnable=True and a "
@@ -369,22 +402,23 @@ class DecoupledConv2d(nn.Conv2d):
             )
         running, tracked = self.running_x_norm, self.num_batches_tracked
         assert tracked is not None  # registered together with running_x_norm
-        correction = 1.0 - (1.0 - self.momentum) ** tracked.to(running.dtype)
-        estimate = running / correction.clamp_min(torch.finfo(running.dtype).tiny)
+        cdtype = SF.compute_dtype(running.dtype)
+        correction = 1.0 - (1.0 - self.momentum) ** tracked.to(cdtype)
+        estimate = running.to(cdtype) / correction.clamp_min(torch.finfo(cdtype).tiny)
         return torch.where(tracked > 0, estimate, torch.ones_like(estimate))
 
     def _radius(self, x_norm: Tensor) -> Tensor | float:
         """rho: the fixed number, or (r^2 + 1e-4) * mean|x| per output channel when learnable."""
         if self.radius is None:
             return self.rho
-        if self.training:
+        if self.training and x_norm.numel() > 0:
             mean = x_norm.mean(dim=[d for d in range(x_norm.dim()) if d != 1])
             running, tracked = self.running_x_norm, self.num_batches_tracked
             assert running is not None and tracked is not None  # registered together with the radius
             with torch.no_grad():
                 tracked.add_(1)
                 running.lerp_(mean.detach().to(running.dtype), self.momentum)
-        else:
+        else:  # evaluation, or an empty batch, whose mean (NaN) would poison the average and the gradients
             mean = self.x_norm_estimate().to(x_norm.dtype)
         return (self.radius.to(x_norm.dtype).square() + RADIUS_FLOOR) * mean
 
@@ -430,6 +464,19 @@ class DecoupledConv2d(nn.Conv2d):
             s += ", weighted=True"
         if self.learnable:
             s += ", learnable=True"
+        # the coefficients the magnitude uses, where they differ from the defaults (a layer pickled
+        # whole before the initial values were kept shows its fixed ones)
+        alpha = getattr(self, "alpha_init", self.alpha)
+        beta = getattr(self, "beta_init", self.beta)
+        if isinstance(alpha, float) and alpha != 1.0:
+            s += f", alpha={alpha}"
+        if self.magnitude in BETA_MAGNITUDES and isinstance(beta, float) and beta != DEFAULT_BETA[self.magnitude]:
+            s += f", beta={beta}"
+        if self.magnitude in RADIUS_MAGNITUDES:
+            if self.radius is None and self.rho != 1.0:
+                s += f", rho={self.rho}"
+            if self.radius is not None and self.momentum != DEFAULT_MOMENTUM:
+                s += f", momentum={self.momentum}"
         if self.operator == "sigmoid":
             s += f", sigmoid_k={self.sigmoid_k}"
         return s + (f", eps={self.eps}" if self.eps != DEFAULT_EPS else "")

@@ -107,9 +107,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_conv_args(input: Tensor, weight: Tensor, groups: int, dims: int) -> None:
+def _check_tensors(input: Tensor, weight: Tensor) -> None:
+    """Both floating-point tensors: torch's errors for integer or complex ones name a cast deep inside."""
     if not isinstance(input, Tensor) or not isinstance(weight, Tensor):
-        raise TypeError("input and weight must be tensors")
+        raise TypeError(f"input and weight must be tensors; got {type(input).__name__} and {type(weight).__name__}")
+    if not input.is_floating_point() or not weight.is_floating_point():
+        raise TypeError(f"input and weight must be floating-point tensors; got {input.dtype} and {weight.dtype}")
+
+
+def _check_conv_args(input: Tensor, weight: Tensor, groups: int, dims: int) -> None:
+    _check_tensors(input, weight)
     if weight.dim() != dims + 2:
         raise ValueError(
             f"weight must have {dims + 2} dimensions (out, in/groups, kernel...) for a {dims}-d SphereConv; "
@@ -191,6 +198,8 @@ def sphere_cosine(
     """
     dims = weight.dim() - 2
     out_channels = weight.shape[0]
+    # the fused path's checks, and explicit ints: torch's errors name no value or come from amax
+    input, stride, padding, dilation = _fused.check_geometry(input, weight.shape[2:], stride, padding, dilation)
     cdtype = compute_dtype(input.dtype)
     w_unit, w_norm_s, w_scale = _unit_rows(weight.to(cdtype).flatten(1), eps)
     # Normalise the filters before the convolution, as the reference code does: <w/|w|_e, x'> is
@@ -249,6 +258,7 @@ def sphere_convnd(
     ``impl`` picks the implementation: ``"auto"`` (fused unless inside :func:`use_reference_impl`),
     ``"fused"`` or ``"reference"``.
     """
+    _check_tensors(input, weight)
     dims = weight.dim() - 2
     if dims not in _CONV:
         raise ValueError(f"weight must have 3, 4 or 5 dimensions; got shape {tuple(weight.shape)}")
@@ -394,6 +404,7 @@ def sphere_linear(
     check_positive("eps", eps)
     if operator in ("sigmoid", "learnable_sigmoid") and not _traced_tensor(sigmoid_k):
         check_positive("sigmoid_k", sigmoid_k)
+    _check_tensors(input, weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-d (out_features, in_features); got shape {tuple(weight.shape)}")
     if input.dim() < 1 or input.shape[-1] != weight.shape[1]:

@@ -88,6 +88,7 @@ class _SphereNormMixin(_SphereConvNd):
         )
         check_bool("learn_magnitude", learn_magnitude)
         magnitude_init = check_float("magnitude_init", magnitude_init, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.magnitude_init = magnitude_init
         factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.gamma = nn.Parameter(torch.ones(out_channels, **factory))
         self.beta = nn.Parameter(torch.zeros(out_channels, **factory))
@@ -96,6 +97,18 @@ class _SphereNormMixin(_SphereConvNd):
             self.magnitude_logit = nn.Parameter(torch.full((out_channels,), logit, **factory))
         else:
             self.register_parameter("magnitude_logit", None)
+
+    def reset_parameters(self) -> None:
+        """SphereConv's initialisation, then gamma = 1, beta = 0 and the mix s = ``magnitude_init``."""
+        super().reset_parameters()
+        if getattr(self, "gamma", None) is None:
+            return  # called from the torch layer's __init__, before the rescaling factors exist
+        s = getattr(self, "magnitude_init", DEFAULT_MAGNITUDE_INIT)  # absent in layers pickled by older versions
+        with torch.no_grad():
+            self.gamma.fill_(1.0)
+            self.beta.zero_()
+            if self.magnitude_logit is not None:
+                self.magnitude_logit.fill_(math.log(s / (1.0 - s)))
 
     def magnitude_mix(self) -> Tensor | None:
         """The per-channel mix s = sigmoid(magnitude_logit), or None when the magnitude is not learnt."""
@@ -145,7 +158,11 @@ class _SphereNormMixin(_SphereConvNd):
                 missing_keys.remove(prefix + name)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", learn_magnitude={self.magnitude_logit is not None}"
+        s = super().extra_repr() + f", learn_magnitude={self.magnitude_logit is not None}"
+        magnitude_init = getattr(self, "magnitude_init", DEFAULT_MAGNITUDE_INIT)  # absent in older pickles
+        if self.magnitude_logit is not None and magnitude_init != DEFAULT_MAGNITUDE_INIT:
+            s += f", magnitude_init={magnitude_init}"
+        return s
 
 
 _NORM_DOC = """{dims}-d SphereNorm (Liu et al. 2017, SphereConv Sec. 2.1 used as a normalisation).
