@@ -66,10 +66,17 @@ step() {
     ((limit > left)) && limit=$left
     echo "== $name (timeout ${limit}s): $*" | tee "$out/$name.log"
     local t0=$SECONDS rc=0
-    timeout "$limit" "$@" >> "$out/$name.log" 2>&1 || rc=$?
+    # SIGTERM at the limit, SIGKILL 5 s later: a step that traps SIGTERM (training checkpoints on it)
+    # or is stuck inside a CUDA call cannot outlive the deadline.
+    timeout --kill-after=5 "$limit" "$@" >> "$out/$name.log" 2>&1 || rc=$?
     tail -n 25 "$out/$name.log"
     local verdict="ok"
-    if ((rc == 124)); then verdict="TIMEOUT"; elif ((rc != 0)); then verdict="FAILED (exit $rc)"; fi
+    # 124: stopped by SIGTERM at the limit; 137 after the limit: killed by the SIGKILL that followed
+    if ((rc == 124 || (rc == 137 && SECONDS - t0 >= limit))); then
+        verdict="TIMEOUT"
+    elif ((rc != 0)); then
+        verdict="FAILED (exit $rc)"
+    fi
     ((rc != 0)) && status=1
     echo "$name: $verdict in $((SECONDS - t0)) s" | tee -a "$summary"
 }

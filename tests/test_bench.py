@@ -262,3 +262,21 @@ def test_a_failed_allocation_during_the_run_is_one_line(monkeypatch):
     monkeypatch.setattr(bench, "bench_layers", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # a bug is not disguised as a user error
         args.func(args)
+
+
+def test_json_write_is_atomic(tmp_path):
+    out = tmp_path / "out.json"
+    out.write_text('[{"kept": true}]\n')
+    with pytest.raises(TypeError):  # a record that cannot be written: the old file stays whole
+        bench.write_json([{"operator": "cosine"}, {"operator": object()}], str(out))
+    assert json.loads(out.read_text()) == [{"kept": True}]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary file left behind
+    bench.write_json([{"operator": "cosine", "ratio": 1.5}], str(out))
+    assert json.loads(out.read_text()) == [{"operator": "cosine", "ratio": 1.5}]
+
+
+def test_repeated_operators_and_dtypes_are_timed_once():
+    args = _parser().parse_args(
+        ["bench", "--operators", "cosine,lr_sigmoid,learnable_sigmoid,cosine", "--dtypes", "fp32,fp32"]
+    )
+    assert args.operators == ["cosine", "learnable_sigmoid"] and args.dtypes == ["fp32"]

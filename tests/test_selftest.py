@@ -155,3 +155,23 @@ def test_kernel_path_names_triton_and_a_fallen_back_case(monkeypatch):
     assert selftest.kernel_path(layer, x, out) == "fused-aten"  # forced off by SPHERECONV_KERNELS=aten
     with selftest.use_reference_impl():
         assert selftest.kernel_path(layer, x, layer(x)) == "reference"
+
+
+def test_kernel_path_under_the_cpp_backend_where_triton_could_run(monkeypatch):
+    """SPHERECONV_KERNELS=cpp means ATen on CUDA: the row must not claim the Triton kernels."""
+    layer = selftest.layer_cases(["cosine"])[1].build()  # conv2d/cosine
+    x = torch.randn(2, 3, 7, 7)
+    out = layer(x)
+    monkeypatch.setattr(_fused, "_use_triton", lambda t: True)  # as on a CUDA device with Triton
+    monkeypatch.setattr(selftest, "kernel_status", lambda: {"backend": "cpp", "triton_installed": True, "cases": []})
+    assert selftest.kernel_path(layer, x, out) == "fused-aten"
+
+
+def test_kernel_summary_names_the_cpu_epilogue(monkeypatch):
+    status = {"backend": "auto", "triton_installed": False, "cases": [], "cpu_kernels": "cpp", "cpu_note": "built"}
+    monkeypatch.setattr(selftest, "kernel_status", lambda: status)
+    assert selftest.kernel_summary()[1:] == ["  CPU: C++ kernels: built"]
+    status.update(cpu_kernels="aten", cpu_note="not built (no C++ compiler)")
+    assert selftest.kernel_summary()[1:] == ["  CPU: ATen epilogue: not built (no C++ compiler)"]
+    status.update(cpu_kernels="undecided", cpu_note="")  # no CPU convolution has run: nothing to say
+    assert selftest.kernel_summary()[1:] == []

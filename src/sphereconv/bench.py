@@ -716,10 +716,11 @@ def format_table(records: Iterable[dict]) -> str:
 
 
 def write_json(records: list[dict], path: str) -> None:
-    """Write the list of records as JSON (indent 1)."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(records, f, indent=1)
-        f.write("\n")
+    """Write the list of records as JSON (indent 1), atomically: an interrupted or failed write
+    leaves ``path`` as it was, never a truncated file."""
+    from .engine.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(records, indent=1) + "\n")
 
 
 __all__ = [

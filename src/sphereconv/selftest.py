@@ -187,11 +187,14 @@ def kernel_path(module: nn.Module, x: Tensor, out: Tensor, conv_dtype: torch.dty
     if isinstance(module, SphereLinear):
         return "fused-aten"  # SphereLinear's epilogue is ATen on every device
     probe = torch.empty(0, device=x.device, dtype=_fused.compute_dtype(x.dtype))
-    if kernel_status()["backend"] == "aten":
+    backend = kernel_status()["backend"]
+    if backend == "aten":
         return "fused-aten"
     if not _fused._use_triton(probe):
         cpp = conv_dtype is None and x.dtype == probe.dtype and _fused._cpp_selected(x.contiguous(), probe.dtype)
         return "fused-cpp" if cpp else "fused-aten"
+    if backend == "cpp":  # Triton could run here, but this backend means ATen wherever the C++ kernels cannot
+        return "fused-aten"
     operator = getattr(module, "operator", "")
     dtypes = {str(conv_dtype or x.dtype).removeprefix("torch.")}
     for case in _kernel_cases():
@@ -206,7 +209,8 @@ def kernel_path(module: nn.Module, x: Tensor, out: Tensor, conv_dtype: torch.dty
 
 
 def kernel_summary() -> list[str]:
-    """Lines naming the kernel backend in force and every case that fell back from Triton to ATen."""
+    """Lines naming the kernel backend in force, every case that fell back from Triton to ATen and,
+    once a CPU convolution has decided it, the CPU epilogue (C++ kernels or ATen, and why)."""
     info = kernel_status()
     cases = info["cases"]
     triton = [c for c in cases if c["kernels"] == "triton"]
@@ -216,6 +220,10 @@ def kernel_summary() -> list[str]:
         f"{len(triton)} Triton-capable case(s) on Triton, {len(fallen)} fell back to ATen"
     ]
     lines += [f"  fell back: {c['operator']} {c['dtype']} {c['device']}: {c['note']}" for c in fallen]
+    cpu_kernels = info.get("cpu_kernels", "undecided")
+    if cpu_kernels != "undecided":  # the epilogue of contiguous float32/float64 CPU convolutions, and why
+        note = f": {info['cpu_note']}" if info.get("cpu_note") else ""
+        lines.append(f"  CPU: {'C++ kernels' if cpu_kernels == 'cpp' else 'ATen epilogue'}{note}")
     return lines
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import importlib.util
 import json
+import logging
 import zipfile
 
 import pytest
@@ -19,6 +20,7 @@ from sphereconv.engine import load_config, train
 from sphereconv.engine.checkpoint import checkpoint_dir, find_latest_checkpoint, read_weights
 from sphereconv.engine.evaluation import restore_checkpoint
 from sphereconv.errors import CheckpointError, ConfigError
+from sphereconv.models import create_model
 
 HAS_ONNX = importlib.util.find_spec("onnx") is not None and importlib.util.find_spec("onnxscript") is not None
 
@@ -79,6 +81,47 @@ def test_safetensors_weights_rebuild_the_network(runs, test_images, tmp_path):
     torch.testing.assert_close(got, expected_scores(runs["ga_softmax"], images, labels), rtol=1e-5, atol=1e-5)
 
 
+def test_safetensors_metadata_rebuilds_the_network_with_create_model(runs, test_images, tmp_path):
+    """The metadata holds every argument of ``create_model``: the 1/16-width network is rebuilt from
+    the file alone (no checkpoint, no configuration)."""
+    images, labels = test_images
+    result = export_module.export_checkpoint(runs["softmax"], tmp_path / "weights.safetensors")
+    tensors, metadata = read_weights(result.path)
+    kwargs = json.loads(metadata["model_kwargs"])
+    assert kwargs["width_mult"] == 0.0625 and kwargs["num_classes"] == 10 and kwargs["in_channels"] == 1
+    network = create_model(metadata["model"], **kwargs).eval()
+    network.load_state_dict({key.removeprefix("model."): value for key, value in tensors.items()})
+    with torch.no_grad():
+        got = network(normalize_pixels(images))
+    torch.testing.assert_close(got, expected_scores(runs["softmax"], images, labels), rtol=1e-5, atol=1e-5)
+
+
+def test_a_format_that_contradicts_the_extension_is_written_and_checked_quietly(runs, test_images, tmp_path):
+    """``format`` wins over the extension; reading the .pt2 program back from a file named .onnx
+    logs no torch warning ("Unable to load package ... must be a file ending in .pt2")."""
+    images, labels = test_images
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    loggers = [logging.getLogger(name) for name in ("torch", "torch.export")]  # torch.export does not propagate
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        result = export_module.export_checkpoint(runs["softmax"], tmp_path / "net.onnx", format="pt2")
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert result.format == "pt2" and zipfile.is_zipfile(result.path)
+    assert not messages, messages
+    with open(result.path, "rb") as handle, torch.no_grad():
+        got = torch.export.load(handle).module()(images)
+    torch.testing.assert_close(got, expected_scores(runs["softmax"], images, labels), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(not HAS_ONNX, reason="ONNX export needs the optional 'onnx' extra (onnx, onnxscript)")
 def test_onnx_file_runs_in_the_onnx_reference_evaluator(runs, test_images, tmp_path):
     import onnx
@@ -88,6 +131,7 @@ def test_onnx_file_runs_in_the_onnx_reference_evaluator(runs, test_images, tmp_p
     result = export_module.export_checkpoint(runs["softmax"], tmp_path / "net.onnx")
     model = onnx.load(str(result.path))
     onnx.checker.check_model(model)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a symbolic batch dimension
     props = {p.key: p.value for p in model.metadata_props}
     assert props["operator"] == "sigmoid" and json.loads(props["class_names"])[1] == "Trouser"
     (got,) = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: images[:3].numpy()})

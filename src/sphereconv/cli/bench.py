@@ -20,7 +20,7 @@ def _csv(allowed: tuple[str, ...], what: str):
     def parse(text: str) -> list[str]:
         items = [item.strip() for item in text.split(",") if item.strip()]
         aliases = {"lr_sigmoid": "learnable_sigmoid"}
-        items = [aliases.get(item, item) for item in items]
+        items = list(dict.fromkeys(aliases.get(item, item) for item in items))  # each once, in order
         bad = [item for item in items if item not in allowed]
         if not items or bad:
             raise argparse.ArgumentTypeError(

@@ -12,14 +12,15 @@ Formats, chosen by the output file's extension or ``format``:
 - ``pt2``: a :func:`torch.export.export` program saved with :func:`torch.export.save` (load it with
   :func:`torch.export.load`; ``.module()`` runs it);
 - ``safetensors``: the inference network's weights (rebuild it with ``create_model`` and the
-  metadata's settings).
+  metadata's ``model`` and ``model_kwargs``; the network's keys start with ``model.``, a loss
+  head's with ``head.``).
 
 The batch dimension stays dynamic in the graph formats. Every export is checked before the call
 returns: the written file is loaded again and run on random pixels, and its scores must match the
 network's (:data:`EXPORT_TOLERANCE`); the largest difference is reported. Each file carries the
-same metadata (model, operator, dataset, input shape and dtype, class names, pixel scaling, source
-checkpoint and step) as ONNX metadata properties, a ``sphereconv.json`` extra file in the ``.pt2``
-archive, or safetensors metadata.
+same metadata (model, ``create_model`` arguments, operator, dataset, input shape and dtype, class
+names, pixel scaling, source checkpoint and step) as ONNX metadata properties, a
+``sphereconv.json`` extra file in the ``.pt2`` archive, or safetensors metadata.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from ..models.contract import ClassifierBackbone
 from .atomic import atomic_write
 from .checkpoint import export_weights, read_weights
 from .evaluation import restore_checkpoint
+from .objective import model_kwargs
 
 EXPORT_FORMATS = ("onnx", "pt2", "safetensors")
 _EXTENSIONS = {".onnx": "onnx", ".pt2": "pt2", ".safetensors": "safetensors"}
@@ -130,6 +132,7 @@ def export_checkpoint(
     metadata = {
         "format": "sphereconv inference classifier",
         "model": config.model,
+        "model_kwargs": model_kwargs(config, info.num_classes, info.in_channels, info.image_size),
         "operator": config.operator,
         "loss": config.loss,
         "dataset": info.name,
@@ -153,8 +156,12 @@ def export_checkpoint(
         program = _export_program(network, example)
         extra = {PT2_METADATA_FILE: json.dumps(metadata, indent=1)}
         atomic_write(path, lambda handle: torch.export.save(program, handle, extra_files=extra))
+        # Read through a handle: given a path, torch.export.load logs a warning for any name that
+        # does not end in .pt2 (an explicit format may give the file another extension).
+        with open(path, "rb") as handle:
+            loaded = torch.export.load(handle)
         with torch.no_grad():
-            got = torch.export.load(path).module()(example)
+            got = loaded.module()(example)
     else:
         _write_onnx(network, example, path, metadata)
         got = _run_onnx(path, example)
