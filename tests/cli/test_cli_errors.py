@@ -100,6 +100,9 @@ def test_user_errors_are_one_line(argv, fragments, capsys):
         (["export", "{folder}", "--out", "{folder}"], ["--out", "'{folder}', which is a folder"]),
         (["export", "{folder}", "--out", "{file}/net.onnx"], ["--out", "below '{file}', which is a file"]),
         (["train", "--out", "{file}/run", "--iterations", "1"], ["'{file}/run' lies below '{file}', which is a file"]),
+        (["bench", "--json", ""], ["--json", "empty path"]),
+        (["bench", "--json", "{folder}"], ["--json", "'{folder}', which is a folder"]),
+        (["reproduce", "operators", "--dry-run", "--device", "gpu"], ["--device", "'gpu'", "cuda:N"]),
     ],
 )
 def test_paths_of_the_wrong_kind_are_one_line_naming_them(argv, fragments, tmp_path, capsys):

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from .parsing import CommandLineError, non_negative_int, positive_float, positive_int
+from .parsing import CommandLineError, non_negative_int, output_file, positive_float, positive_int
 
 
 def _csv(allowed: tuple[str, ...], what: str):
@@ -108,7 +108,12 @@ def register(subparsers) -> argparse.ArgumentParser:
         "on a loaded machine does not inflate (use with --threads 1)",
     )
     parser.add_argument(
-        "--json", dest="json_path", default=None, metavar="FILE", help="write the records as JSON to FILE"
+        "--json",
+        dest="json_path",
+        type=output_file,
+        default=None,
+        metavar="FILE",
+        help="write the records as JSON to FILE",
     )
     parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed of weights and inputs")
     parser.set_defaults(func=run_command)

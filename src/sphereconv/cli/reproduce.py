@@ -16,7 +16,7 @@ import argparse
 import shlex
 
 from ..errors import ConfigError
-from .parsing import help_text, output_directory, positive_float, positive_int
+from .parsing import device_name, help_text, output_directory, positive_float, positive_int
 
 ALL = "all"
 DEFAULT_SCALE = "small"
@@ -77,7 +77,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--out", type=output_directory, default=DEFAULT_OUT, help=f"output root (default {DEFAULT_OUT})"
     )
-    parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--device", type=device_name, default=None, help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--iterations", type=positive_int, default=None, help="override the scale's iterations per run")
     parser.add_argument("--width-mult", type=positive_float, default=None, help="override the scale's width multiplier")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
