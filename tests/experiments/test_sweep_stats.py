@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from sphereconv.experiments.grid_report import verdict
+from sphereconv.experiments.grid import Named
+from sphereconv.experiments.grid_report import NO_VERDICT, Cell, verdict
 from sphereconv.experiments.stats import (
     PairedComparison,
     mean_interval,
@@ -73,8 +74,14 @@ def test_pairs_only_shared_seeds_and_small_samples_get_no_interval_or_verdict():
     assert verdict(comparison) == "pending (2/3 paired seeds)"
     single = mean_interval([0.9])
     assert single.mean == 0.9 and math.isnan(single.low) and math.isnan(paired_comparison({0: 1.0}, {0: 0.5}).p_value)
+    # Every pair 0.1 apart (up to float rounding): the t-test has no spread to work with, so no verdict
+    # (3 equal signs are what chance gives one time in four). Every pair equal: no difference.
     constant = paired_comparison({0: 0.9, 1: 0.8, 2: 0.7}, {0: 0.8, 1: 0.7, 2: 0.6})
-    assert constant.p_value == 0.0 and verdict(constant) == "SphereNet better"
+    assert math.isnan(constant.p_value) and verdict(constant) == NO_VERDICT
+    faster_by_one_interval = paired_comparison({0: 300.0, 1: 400.0, 2: 300.0}, {0: 400.0, 1: 500.0, 2: 400.0})
+    assert verdict(faster_by_one_interval, lower_is_better=True) == NO_VERDICT
+    tie = paired_comparison({0: 400.0, 1: 300.0, 2: 400.0}, {0: 400.0, 1: 300.0, 2: 400.0})
+    assert tie.p_value == 1.0 and verdict(tie) == "no detectable difference"
 
 
 def test_verdicts_follow_the_sign_of_the_whole_interval():
@@ -85,3 +92,11 @@ def test_verdicts_follow_the_sign_of_the_whole_interval():
     # Iterations to an accuracy: fewer is better, so a negative difference means faster.
     faster = paired_comparison({0: 300.0, 1: 350.0, 2: 320.0}, {0: 600.0, 1: 640.0, 2: 610.0})
     assert verdict(faster, lower_is_better=True) == "SphereNet better"
+
+
+def test_a_diverged_seed_never_reached_the_mark():
+    # A diverged run's results file has no metrics: it counts as not reaching the mark, so the
+    # convergence comparison (every seed of both models must reach it) is not made over the rest.
+    reached = {"metrics": [{"step": 100, "test_acc": 0.80}, {"step": 200, "test_acc": 0.86}]}
+    cell = Cell(Named("S", "", {}), Named("cosine", "", {}), (0, 1), {0: reached, 1: {"status": "diverged"}})
+    assert cell.iterations_to(0.85) == {0: 200, 1: None}

@@ -18,7 +18,7 @@ from .grid import RUNS_DIR, GridPlan, Named, load_grid, load_recorded, plan_grid
 from .plots import plot_curves, plot_effects
 from .report import describe_machine
 from .results import iterations_to_reach, series, thresholds_for
-from .stats import PairedComparison, mean_interval, paired_comparison
+from .stats import PairedComparison, has_spread, mean_interval, paired_comparison
 
 REPORT_FILE = "report.md"
 # Verdicts need at least this many paired seeds (the protocol's minimum).
@@ -29,6 +29,9 @@ CONVERGENCE_MARK = 0.85
 MAX_LISTED_PENDING = 4
 # Where the reports point readers for the protocol and the discussion.
 RESULTS_PAGE = "docs/RESULTS.md"
+# Verdict of a comparison whose pairs all differ by the same non-zero amount: the paired t-test needs
+# spread (an addition to the protocol, docs/RESULTS.md; by a sign test, 3 equal signs have p = 0.25).
+NO_VERDICT = "no verdict (every pair differs by the same amount: no spread to test)"
 
 
 @dataclass
@@ -53,7 +56,11 @@ class Cell:
         return sum(values[s] for s in seeds) / len(seeds)
 
     def iterations_to(self, mark: float) -> dict[int, int | None]:
-        return {s: iterations_to_reach(d["metrics"], mark) for s, d in self.documents.items() if "metrics" in d}
+        """Seed -> the first evaluated iteration at or above ``mark``, None where it was never reached
+        (a diverged run, which has no metrics, never reached it)."""
+        return {
+            s: iterations_to_reach(d["metrics"], mark) if "metrics" in d else None for s, d in self.documents.items()
+        }
 
 
 def collect_cells(plan: GridPlan, strict: bool = True) -> tuple[list[Cell], int]:
@@ -93,9 +100,15 @@ def _estimate_text(values: list[float]) -> str:
 
 
 def verdict(comparison: PairedComparison, lower_is_better: bool = False) -> str:
-    """The protocol's verdict: better / worse / no detectable difference, or pending (< 3 pairs)."""
+    """The protocol's verdict: better / worse / no detectable difference, or pending (< 3 pairs).
+
+    Every pair differing by the same non-zero amount (iterations to a mark are multiples of the
+    evaluation interval, so this happens) leaves the t-test undefined: :data:`NO_VERDICT`.
+    """
     if comparison.n < MIN_SEEDS_FOR_VERDICT:
         return f"pending ({comparison.n}/{MIN_SEEDS_FOR_VERDICT} paired seeds)"
+    if comparison.difference.mean != 0.0 and not has_spread(comparison.difference):
+        return NO_VERDICT
     low, high = comparison.difference.low, comparison.difference.high
     if lower_is_better:
         low, high = -high, -low
@@ -248,6 +261,7 @@ def _in_words(comparison: Comparison) -> str:
         "SphereNet worse": "the whole interval is below zero, so at this size the SphereNet is less accurate",
         "SphereNet better": "the whole interval is above zero, so at this size the SphereNet is more accurate",
         "no detectable difference": "the interval includes zero, so no difference is detectable",
+        NO_VERDICT: "every seed pair differs by the same amount, which leaves no spread to test",
     }[verdict(comparison.accuracy)]
 
 
@@ -262,13 +276,13 @@ def in_short(plan: GridPlan, cells: list[Cell], comparisons: list[Comparison]) -
         if c.accuracy.n == 0:
             continue
         d = c.accuracy.difference
-        side = "above" if d.mean > 0 else "below"
+        where = f"{abs(100 * d.mean):.2f} points {'above' if d.mean > 0 else 'below'}" if d.mean else "level with"
         interval = "" if d.n < 2 else f", 95% interval {100 * d.low:+.2f} to {100 * d.high:+.2f}"
         seeds = c.accuracy.seeds
         ours = by_key[(c.regime.name, c.model.name)].mean_over(seeds)
         theirs = by_key[(c.regime.name, baseline.name)].mean_over(seeds)
         lines.append(
-            f"In regime `{c.regime.name}`, {c.model.label} ended {abs(100 * d.mean):.2f} points {side} "
+            f"In regime `{c.regime.name}`, {c.model.label} ended {where} "
             f"{baseline.label} ({_pct(ours)}% vs {_pct(theirs)}% final test accuracy; paired by seed"
             f"{interval}; {c.accuracy.n} seed pair(s)): {_in_words(c)}."
         )
@@ -307,6 +321,7 @@ def other_grid_in_short(path: Path, plan: GridPlan) -> list[str]:
             for key, words in (
                 ("SphereNet better", "with the SphereNet more accurate"),
                 ("no detectable difference", "with no detectable difference"),
+                (NO_VERDICT, "with every pair differing by the same amount (no verdict)"),
                 ("SphereNet worse", "with the SphereNet less accurate"),
             )
             if key in counts

@@ -130,21 +130,32 @@ class PairedComparison:
         return len(self.seeds)
 
 
+# Spread of paired differences below this fraction of their mean counts as none: differences equal
+# in exact arithmetic (0.9 - 0.8 and 0.8 - 0.7) differ by float rounding only, about 1e-16 of them.
+NO_SPREAD_RELATIVE = 1e-9
+
+
+def has_spread(estimate: Estimate) -> bool:
+    """Whether the values behind ``estimate`` differ by more than rounding (see :data:`NO_SPREAD_RELATIVE`)."""
+    return estimate.std > NO_SPREAD_RELATIVE * abs(estimate.mean)
+
+
 def paired_comparison(
     treatment: dict[int, float], baseline: dict[int, float], confidence: float = CONFIDENCE
 ) -> PairedComparison:
     """Paired difference of two seed -> value maps over the seeds both have.
 
     The p-value is that of the two-sided paired t-test (``n - 1`` degrees of freedom); it is NaN
-    with fewer than two pairs, and 0 or 1 when every difference is the same (zero spread).
+    with fewer than two pairs and when every difference is the same non-zero amount (zero spread:
+    the test is undefined), 1 when every difference is zero.
     """
     seeds = tuple(sorted(set(treatment) & set(baseline)))
     differences = [treatment[s] - baseline[s] for s in seeds]
     estimate = mean_interval(differences, confidence)
     if estimate.n < 2:
         p_value = math.nan
-    elif estimate.std == 0.0:
-        p_value = 1.0 if estimate.mean == 0.0 else 0.0
+    elif not has_spread(estimate):
+        p_value = 1.0 if estimate.mean == 0.0 else math.nan
     else:
         t = estimate.mean / (estimate.std / math.sqrt(estimate.n))
         p_value = 2.0 * (1.0 - student_t_cdf(abs(t), estimate.n - 1))
