@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 from png_checks import assert_png  # noqa: E402
 
 from cli_helpers import run_cli  # noqa: E402
+from sphereconv.cli import inspect as inspect_cli  # noqa: E402
 from sphereconv.engine.layer_stats import COS_BINS, LAYER_STATS_FILE, read_layer_stats  # noqa: E402
 
 # Pixel size of the inspect plots (10 x 4.5 inches at 100 dpi, cli/inspect.py).
@@ -76,6 +78,7 @@ def test_inspect_run_directory(sphere_run, tmp_path):
     assert rc == 0, stderr
     summary = json.loads((out / "layer_stats.json").read_text())
     assert summary["step"] == 4 and summary["batches"] == 2 and summary["operator"] == "cosine"
+    assert summary["num_classes"] == 10
     layers = summary["layers"]
     assert len(layers) == SPHERENET9_CONVS
     assert all(row["kind"] == "sphere:cosine" for row in layers)
@@ -135,6 +138,24 @@ def test_inspect_missing_run_or_checkpoint_is_one_line_error(tmp_path, make_targ
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sphereconv: error:"), stderr
     assert message in lines[0] and str(target) in lines[0]
+
+
+def test_over_iterations_marks_chance_for_the_number_of_classes(sphere_run, tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(inspect_cli, "_save", lambda figure, path, title: figures.append(figure) or path)
+    history = read_layer_stats(sphere_run / LAYER_STATS_FILE)
+    inspect_cli.plot_over_iterations(history, tmp_path / "over_iterations.png", "CIFAR-100", 100)
+    loss_axes = figures[0].axes[0]
+    chance = [line.get_ydata()[0] for line in loss_axes.lines if line.get_linestyle() == "--"]
+    assert chance == [pytest.approx(math.log(100))] and "ln 100" in loss_axes.get_ylabel()
+
+
+def test_inspect_batch_of_one_with_batch_norm_is_one_line_error(sphere_run, tmp_path):
+    # Training-mode BatchNorm cannot normalise one value per channel (fc6 is 1 x 1).
+    rc, stdout, stderr = run_cli("inspect", str(sphere_run), "--out", str(tmp_path), "--batch-size", "1")
+    assert rc == 2 and stdout == ""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sphereconv: error:") and "batch_size=1" in lines[0], stderr
 
 
 def test_inspect_rejects_zero_batches(sphere_run):

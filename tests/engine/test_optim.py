@@ -151,6 +151,21 @@ def test_step_schedule_uses_fractions_of_the_run():
     assert lrs[54] == pytest.approx(0.01)
 
 
+def test_milestones_of_a_short_run_each_apply_once():
+    # The reference fractions on runs of 1 to 4 steps: at least step 1, never merged.
+    assert [milestone_steps([34000 / 64000, 54000 / 64000], n) for n in (1, 2, 3, 4)] == [
+        [1, 2],
+        [1, 2],
+        [2, 3],
+        [2, 3],
+    ]
+    assert _lrs({"schedule": "step"}, 2) == [1.0, pytest.approx(0.1)]
+    # 0.5 and 0.6 of 4 steps both round to step 2: the second drop follows one step later.
+    assert milestone_steps([0.5, 0.6], 4) == [2, 3]
+    lrs = _lrs({"schedule": "step", "lr_milestones": [0.5, 0.6]}, 4)
+    assert lrs == [1.0, 1.0, pytest.approx(0.1), pytest.approx(0.01)]
+
+
 def test_other_schedules():
     assert set(_lrs({"schedule": "constant"}, 10)) == {1.0}
     cosine = _lrs({"schedule": "cosine"}, 100)

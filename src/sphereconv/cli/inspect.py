@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     # Only a run that recorded statistics owns the file (an overwritten run may have left one).
     history = read_layer_stats(run_dir / LAYER_STATS_FILE) if summary["layer_stats_every"] else []
     if history:
-        written.append(plot_over_iterations(history, out / "over_iterations.png", title))
+        written.append(plot_over_iterations(history, out / "over_iterations.png", title, summary["num_classes"]))
     layers = summary["layers"]
     print(
         f"{len(layers)} layers of {checkpoint} measured on {summary['batches']} training batches "
@@ -218,16 +218,17 @@ def plot_gradients(summary: dict[str, Any], path: Path, title: str) -> Path:
     return _save(figure, path, title)
 
 
-def plot_over_iterations(history: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Statistics recorded while training: batch loss, and per-layer heat maps over iterations."""
+def plot_over_iterations(history: list[dict[str, Any]], path: Path, title: str, num_classes: int) -> Path:
+    """Statistics recorded while training: batch loss (dashed: chance, ln ``num_classes``), and
+    per-layer heat maps over iterations."""
     import numpy as np
 
     iterations = [record["iteration"] for record in history]
     figure, axes = _figure(4)
     axes[0].plot(iterations, [record["loss"] for record in history], marker=".")
-    axes[0].axhline(math.log(10), color="grey", linewidth=0.7, linestyle="--")
+    axes[0].axhline(math.log(num_classes), color="grey", linewidth=0.7, linestyle="--")
     axes[0].set_xlabel("iteration")
-    axes[0].set_ylabel("batch loss (dashed: ln 10, chance)")
+    axes[0].set_ylabel(f"batch loss (dashed: ln {num_classes}, chance)")
     axes[0].set_title("loss", fontsize=9)
     span = (
         iterations[0],

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import InvalidArgumentError
 from ..nn.angular import DEFAULT_EPS
 from ..nn.functional import sphere_cosine
 from .objective import TrainingModule
@@ -327,8 +328,9 @@ def inspect_checkpoint(
     The network is rebuilt from the configuration stored in the checkpoint and loaded with the
     engine's checks (:func:`~sphereconv.engine.checkpoint.load_checkpoint`); each batch runs forward
     and backward in training mode (as a training step would see it) without changing the weights.
-    Returns :func:`average_statistics` of the batches plus ``checkpoint, step, model, operator,
-    batch_norm, width_mult, dataset, layer_stats_every``.
+    Returns :func:`average_statistics` of the batches plus ``checkpoint, step, model, num_classes,
+    operator, batch_norm, width_mult, dataset, layer_stats_every``. A ``batch_size`` below 2 is
+    refused (InvalidArgumentError) for a network with BatchNorm, as for training.
     """
     from .config import resolve_device_name
     from .evaluation import restore_checkpoint
@@ -338,6 +340,11 @@ def inspect_checkpoint(
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
     restored = restore_checkpoint(checkpoint_path, data_dir)
     config, state = restored.config, restored.state
+    if batch_size is not None and batch_size < 2 and config.batch_norm:
+        # Training-mode BatchNorm needs two values per channel (fc6 of SphereNet-9 is 1 x 1).
+        raise InvalidArgumentError(
+            f"batch_size={batch_size} is too small for the BatchNorm layers of this network (needs >= 2)"
+        )
     torch_device = torch.device(resolve_device_name(device))
     module = restored.module.to(torch_device)
     module.train()
@@ -350,6 +357,7 @@ def inspect_checkpoint(
         "checkpoint": os.fspath(checkpoint_path),
         "step": int(state["step"]),
         "model": config.model,
+        "num_classes": restored.info.num_classes,
         "operator": config.operator,
         "batch_norm": config.batch_norm,
         "width_mult": config.width_mult,

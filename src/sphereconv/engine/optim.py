@@ -90,12 +90,15 @@ def build_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Opti
 
 
 def milestone_steps(fractions: Iterable[float], total_steps: int) -> list[int]:
-    """Milestone fractions of the run as step numbers (rounded, at least 1, strictly increasing)."""
+    """Milestone fractions of the run as step numbers (rounded, at least 1, strictly increasing).
+
+    A fraction that rounds to the step of the one before it (in a short run) moves to the next
+    step, so that each milestone still applies ``lr_gamma`` once instead of being dropped.
+    """
     steps: list[int] = []
     for fraction in fractions:
         step = max(1, round(fraction * total_steps))
-        if not steps or step > steps[-1]:
-            steps.append(step)
+        steps.append(step if not steps or step > steps[-1] else steps[-1] + 1)
     return steps
 
 
