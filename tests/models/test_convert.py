@@ -155,36 +155,36 @@ def test_sphere_layers_and_conv_subclasses_are_left_untouched():
     assert isinstance(net[2], SphereConv2d) and net[2].operator == "cosine"
 
 
-@pytest.mark.parametrize("reparametrise", [torch.nn.utils.weight_norm, torch.nn.utils.spectral_norm])
-def test_a_hook_reparametrised_weight_is_reported_by_layer_name(reparametrise):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # the hook-based weight_norm is deprecated
-        normed = reparametrise(nn.Conv2d(4, 4, 1))
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), normed, nn.Linear(4, 2))
-    message = r"cannot convert layer '1' \(Conv2d\): its weight is recomputed.*exclude=\['1'\]"
-    with pytest.raises(ValueError, match=message):
-        convert_model(net, "cosine")
-    assert type(net[0]) is nn.Conv2d  # nothing was replaced
-    convert_model(net, "cosine", exclude="1")
-    assert isinstance(net[0], SphereConv2d) and net[1] is normed
+def _hook_based(reparametrise):
+    def apply(layer):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the hook-based weight_norm is deprecated
+            return reparametrise(layer)
+
+    return apply
 
 
-@pytest.mark.parametrize(
-    "reparametrise", [torch.nn.utils.parametrizations.weight_norm, torch.nn.utils.parametrizations.spectral_norm]
-)
-def test_a_parametrized_layer_is_reported_by_layer_name(reparametrise):
-    # The current torch.nn.utils.parametrizations swap the class for a generated ParametrizedConv2d,
-    # which the exact-type rule took for a foreign subclass: the layer was skipped in silence, so a
-    # weight-normalised network came back with no layer converted and no error.
+# The hook-based reparametrisations recompute ``weight`` before every forward; the current
+# torch.nn.utils.parametrizations swap the class for a generated ParametrizedConv2d, which the
+# exact-type rule once took for a foreign subclass (the layer was skipped in silence).
+REPARAMETRISATIONS = [
+    (_hook_based(torch.nn.utils.weight_norm), "its weight is recomputed"),
+    (_hook_based(torch.nn.utils.spectral_norm), "its weight is recomputed"),
+    (torch.nn.utils.parametrizations.weight_norm, r"it is parametrized \(weight "),
+    (torch.nn.utils.parametrizations.spectral_norm, r"it is parametrized \(weight "),
+]
+
+
+@pytest.mark.parametrize("reparametrise, reason", REPARAMETRISATIONS)
+def test_a_reparametrised_layer_is_reported_by_layer_name(reparametrise, reason):
     normed = reparametrise(nn.Conv2d(4, 4, 1))
     net = nn.Sequential(nn.Conv2d(3, 4, 3), normed, nn.Linear(4, 2))
-    message = r"cannot convert layer '1' \(Conv2d\): it is parametrized \(weight .*exclude=\['1'\]"
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=rf"cannot convert layer '1' \(Conv2d\): {reason}.*exclude=\['1'\]"):
         convert_model(net, "cosine")
     assert type(net[0]) is nn.Conv2d  # nothing was replaced
     convert_model(net, "cosine", exclude="1")
     assert isinstance(net[0], SphereConv2d) and net[1] is normed
-    # A parametrized classifier is still the classifier, left plain without an error.
+    # A reparametrised classifier is still the classifier, left plain without an error.
     head = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), reparametrise(nn.Linear(4, 2)))
     convert_model(head, "cosine", convert_linear=True)
     assert isinstance(head[0], SphereConv2d) and not isinstance(head[2], SphereLinear)
