@@ -158,5 +158,7 @@ def paired_comparison(
         p_value = 1.0 if estimate.mean == 0.0 else math.nan
     else:
         t = estimate.mean / (estimate.std / math.sqrt(estimate.n))
-        p_value = 2.0 * (1.0 - student_t_cdf(abs(t), estimate.n - 1))
+        df = estimate.n - 1
+        # P(|T| >= |t|) = I_{df/(df+t^2)}(df/2, 1/2) directly: 2 (1 - cdf) loses digits for small p.
+        p_value = regularized_incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
     return PairedComparison(seeds, estimate, p_value)
