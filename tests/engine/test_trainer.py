@@ -336,8 +336,9 @@ def test_one_image_per_process_with_batch_norm_is_refused_before_any_work(tmp_pa
     # needed for the check): a global batch of 2 leaves one image per process, which BatchNorm
     # cannot train on.
     monkeypatch.setattr(trainer_module, "setup_distributed", lambda device: DistributedContext(world_size=2))
-    with pytest.raises(ConfigError, match=r"batch_size=2 leaves 1 image per process over the 2 data-parallel"):
+    with pytest.raises(ConfigError, match=r"batch_size=2 leaves 1 image per process over the 2 data-parallel") as error:
         train(_config(tmp_path, batch_size=2))
+    assert "raise batch_size to at least 4" in str(error.value)
     assert not (tmp_path / "run").exists()
 
 

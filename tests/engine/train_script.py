@@ -9,6 +9,9 @@ begins and the summary as JSON at the end. Fault injection:
 - ``--exit-rank R --exit-at-step N``: rank R exits abruptly (``os._exit``) after step N;
 - ``--rank-out R DIR``: rank R trains in DIR instead of the config's ``out`` (a process that does
   not see the run folder the others see);
+- ``--starve-gloo-workers``: the gloo worker threads run only while the main thread waits (pinned
+  to its CPU, ``SCHED_IDLE``), as on a loaded machine where they get no core for a while: a worker
+  still releasing the last collective's tensors when the interpreter exits aborts the process;
 - ``--dump-dir DIR``: every rank saves its final model state to ``DIR/rank<R>.pt`` and its summary
   to ``DIR/summary_rank<R>.json``.
 """
@@ -31,12 +34,34 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+# Name of the worker threads of torch's gloo process group (ProcessGroupGloo::runLoop).
+GLOO_WORKER_THREAD = "pt_gloo_runloop"
+
+
+def _starve_gloo_workers() -> None:
+    """Put the gloo worker threads on the main thread's CPU with the idle scheduling policy."""
+    cpu = os.sched_getaffinity(0).pop()
+    os.sched_setaffinity(0, {cpu})  # pid 0: the calling (main) thread only
+    workers = 0
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/comm") as f:
+            if f.read().strip() != GLOO_WORKER_THREAD:
+                continue
+        os.sched_setaffinity(int(task), {cpu})
+        os.sched_setscheduler(int(task), os.SCHED_IDLE, os.sched_param(0))
+        workers += 1
+    if not workers:
+        raise RuntimeError(f"no {GLOO_WORKER_THREAD} thread found: the test cannot starve the gloo workers")
+
+
 class FaultInjection(Callback):
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
 
     def on_train_start(self, trainer) -> None:
         self.rank = trainer.ctx.rank
+        if self.args.starve_gloo_workers:
+            _starve_gloo_workers()
         print("STARTED", trainer.step, flush=True)
 
     def on_step_end(self, step: int, info: dict) -> None:
@@ -73,6 +98,7 @@ def main() -> None:
     parser.add_argument("--exit-at-step", type=int)
     parser.add_argument("--rank-out", nargs=2, metavar=("RANK", "DIR"))
     parser.add_argument("--dump-dir")
+    parser.add_argument("--starve-gloo-workers", action="store_true")
     args = parser.parse_args()
     overrides = json.loads(args.overrides)
     if args.rank_out is not None and int(os.environ.get("RANK", "0")) == int(args.rank_out[0]):

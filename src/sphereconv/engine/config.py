@@ -54,7 +54,7 @@ from ..data.image_folder import MAX_IMAGE_SIZE
 from ..data.registry import canonical_name, list_datasets
 from ..errors import ConfigError, DatasetError, short_repr
 from ..losses.registry import LOSSES
-from ..models import BN_MOMENTUM, list_models
+from ..models import BN_MOMENTUM, MIN_BATCH_NORM_BATCH, list_models
 from ..nn.angular import DEFAULT_SIGMOID_K, MODEL_OPERATORS, OPERATOR_ALIASES
 from .atomic import atomic_write_text
 
@@ -432,9 +432,9 @@ class TrainConfig:
                 "sphere_norm=True needs a SphereConv operator, but operator='none'; "
                 "choose operator linear, cosine, sigmoid or learnable_sigmoid, or set sphere_norm false"
             )
-        if self.batch_size < 2 and self.batch_norm:
+        if self.batch_size < MIN_BATCH_NORM_BATCH and self.batch_norm:
             raise ConfigError(
-                f"batch_size={self.batch_size} is too small for BatchNorm (needs >= 2); "
+                f"batch_size={self.batch_size} is too small for BatchNorm (needs >= {MIN_BATCH_NORM_BATCH}); "
                 "raise batch_size or set batch_norm false"
             )
 

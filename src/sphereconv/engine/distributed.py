@@ -9,6 +9,14 @@ files.
 Every collective runs under a timeout (``SPHERECONV_DIST_TIMEOUT`` seconds, default
 :data:`DEFAULT_TIMEOUT_S`), so when one rank dies the others fail with an error within bounded
 time instead of hanging. With gloo a dead peer usually surfaces at once as a closed connection.
+
+Leaving the group cleanly: a gloo group that DDP wrapped keeps its worker threads after
+``destroy_process_group`` until the process exits, and a worker that still holds the tensors of the last collective when the interpreter shuts down must take the GIL
+to release Python-owned tensors, which aborts the process ("terminate called without an active
+exception", exit code -6, after a run that finished and wrote its summary; about one two-rank run
+in twelve on two loaded cores). So the run's last collectives broadcast the buffers through
+tensors that only C++ owns, and after a run that ended normally every rank waits at a barrier
+(the GIL released) before leaving.
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ from .config import resolve_device_name
 # NCCL's own default and leaves room for a slow evaluation or checkpoint on rank 0.
 TIMEOUT_ENV = "SPHERECONV_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
+# Bytes per flat buffer of the coalesced buffer broadcast: DDP's default for its start-up
+# broadcast of the module states (250 MiB); a model's BatchNorm statistics fit in one.
+BROADCAST_BUCKET_BYTES = 250 * 1024 * 1024
 
 
 def _env_int(name: str, default: int) -> int:
@@ -104,10 +115,15 @@ class DistributedContext:
 
         DDP broadcasts them at the start of each forward pass, so after a step every rank holds the
         statistics of its own last batch; this makes the ranks agree before evaluating or saving.
+        The copy goes through flat buffers that only C++ owns (as DDP's own start-up broadcast
+        does), so no gloo worker needs the GIL to release them (see the module docstring).
         """
-        if self.enabled:
-            for buffer in module.buffers():
-                dist.broadcast(buffer, src=0)
+        if not self.enabled:
+            return
+        buffers = [buffer.detach() for buffer in module.buffers()]
+        group = dist.group.WORLD
+        if buffers and group is not None:
+            dist._broadcast_coalesced(group, buffers, BROADCAST_BUCKET_BYTES, 0)
 
     def barrier(self) -> None:
         """Wait for every rank (no-op in a single process)."""

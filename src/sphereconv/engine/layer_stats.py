@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InvalidArgumentError
+from ..models import MIN_BATCH_NORM_BATCH
 from ..nn.angular import DEFAULT_EPS
 from ..nn.functional import sphere_cosine
 from .objective import TrainingModule
@@ -340,10 +341,10 @@ def inspect_checkpoint(
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
     restored = restore_checkpoint(checkpoint_path, data_dir)
     config, state = restored.config, restored.state
-    if batch_size is not None and batch_size < 2 and config.batch_norm:
-        # Training-mode BatchNorm needs two values per channel (fc6 of SphereNet-9 is 1 x 1).
+    if batch_size is not None and batch_size < MIN_BATCH_NORM_BATCH and config.batch_norm:
         raise InvalidArgumentError(
-            f"batch_size={batch_size} is too small for the BatchNorm layers of this network (needs >= 2)"
+            f"batch_size={batch_size} is too small for the BatchNorm layers of this network "
+            f"(needs >= {MIN_BATCH_NORM_BATCH})"
         )
     torch_device = torch.device(resolve_device_name(device))
     module = restored.module.to(torch_device)

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..data import DatasetInfo, DeviceLoader, dataset_info
 from ..errors import CheckpointError, ConfigError, SphereconvError, TrainingDivergedError
+from ..models import MIN_BATCH_NORM_BATCH
 from .callbacks import Callback
 from .checkpoint import (
     EXCERPT_CHARS,
@@ -111,7 +112,10 @@ class Trainer:
         try:
             ctx = self.ctx = setup_distributed(self.config.device)
             with self._signals:
-                return self._run()
+                summary = self._run()
+            # Every rank waits here before leaving the group (why: engine.distributed's docstring).
+            ctx.barrier()
+            return summary
         except torch.OutOfMemoryError as exc:
             world_size = ctx.world_size if ctx is not None else 1
             raise SphereconvError(oom_message(self.config, self.phase, world_size)) from exc
@@ -132,11 +136,12 @@ class Trainer:
                 f"batch_size={cfg.batch_size} must be divisible by the {ctx.world_size} "
                 "data-parallel processes (it is the global batch size)"
             )
-        if cfg.batch_norm and cfg.batch_size // ctx.world_size < 2:
+        if cfg.batch_norm and cfg.batch_size // ctx.world_size < MIN_BATCH_NORM_BATCH:
             raise ConfigError(
                 f"batch_size={cfg.batch_size} leaves {cfg.batch_size // ctx.world_size} image per process over the "
-                f"{ctx.world_size} data-parallel processes, too few for BatchNorm (needs >= 2 per process); "
-                f"raise batch_size to at least {2 * ctx.world_size} or set batch_norm false"
+                f"{ctx.world_size} data-parallel processes, too few for BatchNorm (needs >= {MIN_BATCH_NORM_BATCH} "
+                f"per process); raise batch_size to at least {MIN_BATCH_NORM_BATCH * ctx.world_size} or set "
+                "batch_norm false"
             )
         run_dir = self._run_dir = RunDirectory(cfg.out, writable=ctx.is_main)
         # Rank 0 owns the folder: it locks it before checking it. Nothing is written before every

@@ -10,7 +10,7 @@ A registered builder follows the model contract of :mod:`.contract` (:class:`Mod
 
 from .contract import BuilderKwargs, ClassifierBackbone, ModelBuilder, ModelOptions
 from .convert import convert_model
-from .layers import BN_MOMENTUM, REFERENCE_BN_MOMENTUM
+from .layers import BN_MOMENTUM, MIN_BATCH_NORM_BATCH, REFERENCE_BN_MOMENTUM
 from .registry import create_model, list_models, register_model
 from .resnet import SphereResNet
 from .spherenet import SphereNet
@@ -27,5 +27,6 @@ __all__ = [
     "SphereNet",
     "SphereResNet",
     "BN_MOMENTUM",
+    "MIN_BATCH_NORM_BATCH",
     "REFERENCE_BN_MOMENTUM",
 ]

@@ -44,6 +44,10 @@ REFERENCE_BN_MOMENTUM = round(1.0 - REFERENCE_BN_DECAY, 12)
 # Default BatchNorm momentum of every model: PyTorch's own default (``nn.BatchNorm2d``), whose
 # ~10-step memory follows the weights in short runs and costs nothing measurable in long ones.
 BN_MOMENTUM = 0.1
+# Images a training-mode BatchNorm needs per batch (per process under data parallelism): it
+# normalises by the batch's variance, undefined for one value per channel, and the last
+# convolution of SphereNet-9 (fc6) has a 1 x 1 output, so one image gives one value.
+MIN_BATCH_NORM_BATCH = 2
 
 ImageSize = int | tuple[int, int]
 
