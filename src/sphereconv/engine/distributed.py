@@ -11,12 +11,13 @@ Every collective runs under a timeout (``SPHERECONV_DIST_TIMEOUT`` seconds, defa
 time instead of hanging. With gloo a dead peer usually surfaces at once as a closed connection.
 
 Leaving the group cleanly: a gloo group that DDP wrapped keeps its worker threads after
-``destroy_process_group`` until the process exits, and a worker that still holds the tensors of the last collective when the interpreter shuts down must take the GIL
-to release Python-owned tensors, which aborts the process ("terminate called without an active
-exception", exit code -6, after a run that finished and wrote its summary; about one two-rank run
-in twelve on two loaded cores). So the run's last collectives broadcast the buffers through
-tensors that only C++ owns, and after a run that ended normally every rank waits at a barrier
-(the GIL released) before leaving.
+``destroy_process_group`` until the process exits, and a worker that still holds the tensors of
+the last collective when the interpreter shuts down must take the GIL to release Python-owned
+tensors, which aborts the process ("terminate called without an active exception", exit code -6,
+after a run that finished and wrote its summary; about one two-rank run in twelve on two loaded
+cores). So the run's last collectives broadcast the buffers through tensors that only C++ owns,
+and after a run that ended normally every rank waits at a barrier (the GIL released) before
+leaving.
 """
 
 from __future__ import annotations
