@@ -100,6 +100,10 @@ def test_user_errors_are_one_line(argv, fragments, capsys):
         (["export", "{folder}", "--out", "{folder}"], ["--out", "'{folder}', which is a folder"]),
         (["export", "{folder}", "--out", "{file}/net.onnx"], ["--out", "below '{file}', which is a file"]),
         (["train", "--out", "{file}/run", "--iterations", "1"], ["'{file}/run' lies below '{file}', which is a file"]),
+        # A missing --data-dir fell back to the other search places and trained on what they held.
+        (["train", "--data-dir", "{folder}/missing", "--dry-run"], ["data_dir='{folder}/missing'", "existing folder"]),
+        (["train", "--data-dir", "{file}", "--dry-run"], ["data_dir='{file}'", "existing folder"]),
+        (["reproduce", "operators", "--dry-run", "--data-dir", "{folder}/missing"], ["data_dir='{folder}/missing'"]),
         (["bench", "--json", ""], ["--json", "empty path"]),
         (["bench", "--json", "{folder}"], ["--json", "'{folder}', which is a folder"]),
         (["reproduce", "operators", "--dry-run", "--device", "gpu"], ["--device", "'gpu'", "cuda:N"]),

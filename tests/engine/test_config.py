@@ -94,13 +94,15 @@ def test_errors_say_what_the_declaration_allows():
 
 
 def test_format_config_is_a_config_file_marking_changed_keys(tmp_path):
+    awkward_folder = tmp_path / "a: b #c"  # YAML syntax inside a value must survive the round trip
+    awkward_folder.mkdir()
     config = load_config(
         None,
         {
             "model": "spherenet18",
             "epochs": 2.5,
             "loss_kwargs": {"margin": 2.0},
-            "data_dir": "a: b #c",
+            "data_dir": str(awkward_folder),
             "lr_milestones": [0.25, 0.75],
         },
     )
@@ -218,6 +220,17 @@ def test_cross_key_conflicts():
         load_config(None, {"device": "cuda"})
     with pytest.raises(ConfigError, match="batch_size=1.*BatchNorm"):
         load_config(None, {"batch_size": 1})
+
+
+def test_data_dir_must_exist_unless_downloading(tmp_path):
+    missing = tmp_path / "missing"
+    with pytest.raises(ConfigError, match=r"data_dir='.*missing' is not an existing folder.*download true"):
+        load_config(None, {"data_dir": str(missing)})
+    # Downloads go into it (created then); a config saved on another machine is read without the check.
+    assert load_config(None, {"data_dir": str(missing), "download": True}).data_dir == str(missing)
+    saved = config_to_dict(load_config(None, {"data_dir": str(tmp_path)}))
+    saved["data_dir"] = str(missing)
+    assert config_from_dict(saved, check_environment=False).data_dir == str(missing)
 
 
 def test_yaml_problems_are_config_errors(tmp_path):

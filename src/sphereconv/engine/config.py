@@ -422,6 +422,13 @@ class TrainConfig:
                 f"got iterations={short_repr(self.iterations)}, epochs={short_repr(self.epochs)}"
             )
         if check_environment:
+            if self.data_dir is not None and not self.download and not os.path.isdir(os.path.expanduser(self.data_dir)):
+                # Searching the other places instead would train on whatever they hold.
+                raise ConfigError(
+                    f"data_dir={short_repr(self.data_dir, MAX_PATH_CHARS)} is not an existing folder; give the "
+                    "folder that holds the dataset's files, leave data_dir unset to search the usual places, "
+                    "or set download true to fetch the files into it"
+                )
             device = resolve_device_name(self.device)
             if self.amp == "fp16" and not device.startswith("cuda"):
                 raise ConfigError(
