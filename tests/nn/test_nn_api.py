@@ -394,3 +394,31 @@ def test_repr_shows_the_non_default_coefficients(make, shown, hidden):
         assert part in text, text
     for part in hidden:
         assert part + "=" not in text, text
+
+
+@pytest.mark.parametrize(
+    "sphere, plain, args, shape",
+    [
+        (snn.SphereLinear, nn.Linear, (0, 3), (2, 0)),
+        (snn.SphereConv1d, nn.Conv1d, (0, 3, 3), (2, 0, 5)),
+        (snn.SphereConv2d, nn.Conv2d, (0, 3, 3), (2, 0, 5, 5)),
+    ],
+)
+@pytest.mark.parametrize("operator", ["linear", "cosine", "sigmoid", "learnable_sigmoid"])
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_no_inputs_per_output_gives_the_bias_as_the_plain_layer(sphere, plain, args, shape, operator, impl):
+    # torch's layers accept in_features / in_channels 0; the angle of an empty vector is that of a
+    # zero vector (cosine 0, g(0) = 0), so the output is the bias. It raised an IndexError.
+    torch.manual_seed(0)
+    layer = sphere(*args, bias=True, operator=operator)
+    reference = plain(*args, bias=True)
+    reference.load_state_dict(layer.state_dict(), strict=False)
+    x = torch.randn(*shape, requires_grad=True)
+    with SF.use_reference_impl(impl == "reference"):
+        out = layer(x)
+    expected = reference(x)
+    assert out.shape == expected.shape and torch.equal(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    assert torch.equal(layer.bias.grad, reference.bias.grad)
