@@ -20,6 +20,7 @@ from sphereconv.engine import load_config, train
 from sphereconv.engine.checkpoint import checkpoint_dir, find_latest_checkpoint, read_weights
 from sphereconv.engine.evaluation import restore_checkpoint
 from sphereconv.errors import CheckpointError, ConfigError
+from sphereconv.losses import build_loss
 from sphereconv.models import create_model
 
 HAS_ONNX = importlib.util.find_spec("onnx") is not None and importlib.util.find_spec("onnxscript") is not None
@@ -94,6 +95,23 @@ def test_safetensors_metadata_rebuilds_the_network_with_create_model(runs, test_
     with torch.no_grad():
         got = network(normalize_pixels(images))
     torch.testing.assert_close(got, expected_scores(runs["softmax"], images, labels), rtol=1e-5, atol=1e-5)
+
+
+def test_safetensors_metadata_rebuilds_a_loss_head_with_build_loss(runs, test_images, tmp_path):
+    """With an angular loss the head owns the classifier: the metadata's loss arguments rebuild it
+    from the file alone (the sigmoid operator and k the run gave it)."""
+    images, labels = test_images
+    result = export_module.export_checkpoint(runs["ga_softmax"], tmp_path / "weights.safetensors")
+    tensors, metadata = read_weights(result.path)
+    model = create_model(metadata["model"], **json.loads(metadata["model_kwargs"])).eval()
+    options = json.loads(metadata["loss_kwargs"])
+    assert options["operator"] == "sigmoid" and options["anneal_iterations"] == 6
+    head = build_loss(metadata["loss"], model.num_features, len(json.loads(metadata["class_names"])), **options)
+    network = export_module.InferenceClassifier(model, head).eval()
+    network.load_state_dict(tensors)
+    with torch.no_grad():
+        got = network(images)
+    torch.testing.assert_close(got, expected_scores(runs["ga_softmax"], images, labels), rtol=1e-5, atol=1e-5)
 
 
 def test_a_format_that_contradicts_the_extension_is_written_and_checked_quietly(runs, test_images, tmp_path):

@@ -12,14 +12,16 @@ Formats, chosen by the output file's extension or ``format``:
 - ``pt2``: a :func:`torch.export.export` program saved with :func:`torch.export.save` (load it with
   :func:`torch.export.load`; ``.module()`` runs it);
 - ``safetensors``: the inference network's weights (rebuild it with ``create_model`` and the
-  metadata's ``model`` and ``model_kwargs``; the network's keys start with ``model.``, a loss
-  head's with ``head.``).
+  metadata's ``model`` and ``model_kwargs``, a loss head with ``build_loss`` and its ``loss``,
+  the network's ``num_features``, the number of classes and ``loss_kwargs``; the network's keys
+  start with ``model.``, a loss head's with ``head.``).
 
 The batch dimension stays dynamic in the graph formats. Every export is checked before the call
 returns: the written file is loaded again and run on random pixels, and its scores must match the
 network's (:data:`EXPORT_TOLERANCE`); the largest difference is reported. Each file carries the
-same metadata (model, ``create_model`` arguments, operator, dataset, input shape and dtype, class
-names, pixel scaling, source checkpoint and step) as ONNX metadata properties, a
+same metadata (model, ``create_model`` arguments, operator, loss and its arguments, dataset, input
+shape and dtype, class names, pixel scaling, source checkpoint and step) as ONNX metadata
+properties, a
 ``sphereconv.json`` extra file in the ``.pt2`` archive, or safetensors metadata.
 """
 
@@ -45,7 +47,7 @@ from ..models.contract import ClassifierBackbone
 from .atomic import atomic_write
 from .checkpoint import export_weights, read_weights
 from .evaluation import restore_checkpoint
-from .objective import model_kwargs
+from .objective import loss_kwargs, model_kwargs
 
 EXPORT_FORMATS = ("onnx", "pt2", "safetensors")
 _EXTENSIONS = {".onnx": "onnx", ".pt2": "pt2", ".safetensors": "safetensors"}
@@ -135,6 +137,7 @@ def export_checkpoint(
         "model_kwargs": model_kwargs(config, info.num_classes, info.in_channels, info.image_size),
         "operator": config.operator,
         "loss": config.loss,
+        "loss_kwargs": loss_kwargs(config, restored.state.get("total_steps")),
         "dataset": info.name,
         "input": f"uint8 pixels (batch, {shape[0]}, {shape[1]}, {shape[2]})",
         "input_scaling": f"(pixel - {PIXEL_CENTER}) / {PIXEL_SCALE}, inside the network",

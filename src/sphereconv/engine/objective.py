@@ -122,6 +122,29 @@ def head_operator(config: TrainConfig) -> str:
     return _HEAD_OPERATOR_OF.get(config.operator, config.operator)
 
 
+def loss_kwargs(config: TrainConfig, total_iterations: int | None = None) -> dict[str, Any]:
+    """The keyword arguments with which :func:`build_loss_module` builds ``config.loss`` (beside the
+    model's ``num_features`` and the number of classes): ``loss_kwargs`` plus what the loss takes
+    from the run (see there). Empty for plain softmax."""
+    if config.loss == "softmax":
+        return {}
+    kwargs = dict(config.loss_kwargs)
+    options = loss_options(config.loss)
+    inherited = {
+        "operator": head_operator(config),
+        "sigmoid_k": config.sigmoid_k,
+        "anneal_iterations": total_iterations,
+    }
+    for key, value in inherited.items():
+        if key in options and key not in kwargs and value is not None:
+            kwargs[key] = value
+    if config.label_smoothing:
+        if "label_smoothing" in kwargs:
+            raise ConfigError("label_smoothing is set both as a key and in loss_kwargs; keep one")
+        kwargs["label_smoothing"] = config.label_smoothing
+    return kwargs
+
+
 def build_loss_module(
     config: TrainConfig, model: nn.Module, num_classes: int, total_iterations: int | None = None
 ) -> ClassifierLoss | None:
@@ -142,20 +165,7 @@ def build_loss_module(
         num_features = require_backbone(model, config.model, f"loss={config.loss!r}").num_features
     except TypeError as exc:
         raise ConfigError(str(exc)) from None
-    kwargs = dict(config.loss_kwargs)
-    options = loss_options(config.loss)
-    inherited = {
-        "operator": head_operator(config),
-        "sigmoid_k": config.sigmoid_k,
-        "anneal_iterations": total_iterations,
-    }
-    for key, value in inherited.items():
-        if key in options and key not in kwargs and value is not None:
-            kwargs[key] = value
-    if config.label_smoothing:
-        if "label_smoothing" in kwargs:
-            raise ConfigError("label_smoothing is set both as a key and in loss_kwargs; keep one")
-        kwargs["label_smoothing"] = config.label_smoothing
+    kwargs = loss_kwargs(config, total_iterations)
     try:
         return build_loss(config.loss, num_features, num_classes, **kwargs)
     except (TypeError, ValueError) as exc:
