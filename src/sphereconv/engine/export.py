@@ -21,8 +21,7 @@ returns: the written file is loaded again and run on random pixels, and its scor
 network's (:data:`EXPORT_TOLERANCE`); the largest difference is reported. Each file carries the
 same metadata (model, ``create_model`` arguments, operator, loss and its arguments, dataset, input
 shape and dtype, class names, pixel scaling, source checkpoint and step) as ONNX metadata
-properties, a
-``sphereconv.json`` extra file in the ``.pt2`` archive, or safetensors metadata.
+properties, a ``sphereconv.json`` extra file in the ``.pt2`` archive, or safetensors metadata.
 """
 
 from __future__ import annotations

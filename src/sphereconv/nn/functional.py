@@ -68,14 +68,14 @@ from .angular import (
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
-# _NO_DIRECTION: a layer with no inputs per output (in_features or in_channels 0, which torch's layers
-# accept) sees an empty vector, which has no direction: every cosine is 0, as for an all-zero input,
-# and g(0) = 0 for every operator, so the output is the bias (zeros without one), exactly what the
-# plain layer computes; it computes it, keeping the result's shape, dtype and autograd graph.
 
-
-def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dtype)
+def _empty_fan_in(plain_op, input: Tensor, weight: Tensor, bias: Tensor | None, out_dtype, *geometry) -> Tensor:
+    """The output of a layer with no inputs per output (``in_features`` or ``in_channels`` 0, which
+    torch's layers accept): an empty vector has no direction, so every cosine is 0, as for an
+    all-zero input, and g(0) = 0 for every operator; the output is the bias (zeros without one),
+    which the plain op computes with the right shape, dtype and autograd graph."""
+    dtype = out_dtype or input.dtype
+    return plain_op(input.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), *geometry)
 
 
 # Implementation switch (see module docstring).
@@ -284,9 +284,8 @@ def sphere_convnd(
     out_dtype = (
         torch.promote_types(input.dtype, weight.dtype) if not torch.is_autocast_enabled(input.device.type) else None
     )
-    if weight.shape[1] == 0:  # no input channels: see _NO_DIRECTION
-        dtype = out_dtype or input.dtype
-        out = _CONV[dims](input.to(dtype), weight.to(dtype), _cast(bias, dtype), stride, padding, dilation, groups)
+    if weight.shape[1] == 0:
+        out = _empty_fan_in(_CONV[dims], input, weight, bias, out_dtype, stride, padding, dilation, groups)
         return out.squeeze(0) if unbatched else out
     if _use_fused(impl):
         out = _fused.fused_sphere_convnd(
@@ -430,9 +429,8 @@ def sphere_linear(
     out_dtype = (
         torch.promote_types(input.dtype, weight.dtype) if not torch.is_autocast_enabled(input.device.type) else None
     )
-    if weight.shape[1] == 0:  # no input features: see _NO_DIRECTION
-        dtype = out_dtype or input.dtype
-        return F.linear(input.to(dtype), weight.to(dtype), _cast(bias, dtype))
+    if weight.shape[1] == 0:
+        return _empty_fan_in(F.linear, input, weight, bias, out_dtype)
     if _use_fused(impl):
         return _fused.fused_sphere_linear(input, weight, bias, operator, sigmoid_k, eps, out_dtype)
     w_unit, _, _ = _unit_rows(weight.to(cdtype), eps)
