@@ -162,6 +162,25 @@ def test_bad_flag_values_are_one_line_naming_the_flag(argv, fragments):
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["--loss", "arcface", "--loss-kwargs", "margin=99"], ["loss='arcface'", "margin=99", "[0, 1.5708]"]),
+        (["--loss", "cosface", "--loss-kwargs", "radius=2"], ["does not accept option(s) radius"]),
+        (["--model-kwargs", "stages=4"], ["model='spherenet9'", "stages"]),
+    ],
+)
+def test_dry_run_builds_the_network_and_loss_it_would_train(argv, fragments):
+    # The model and loss options are checked by building both on the meta device; the dry run
+    # said "config is valid" for options the run then refused.
+    code, out, err = run_cli("train", *argv, "--dry-run")
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sphereconv: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
 def test_mapping_text_reads_yaml_json_and_key_value():
     assert mapping_text("margin=4") == {"margin": 4}
     assert mapping_text("name=x=y") == {"name": "x=y"}

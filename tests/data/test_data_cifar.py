@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -134,3 +137,96 @@ def test_other_globals_are_refused(tmp_path, target):
     path.write_bytes(f"c{module}\n{name}\n(S'x'\ntR.".encode())
     with pytest.raises(DatasetError, match=rf"references {module}\.{name}"):
         safe_load_pickle(path)
+
+
+class _DtypeWithState:
+    """Pickles as ``numpy.dtype(descr)`` followed by BUILD with ``state``, as numpy writes a dtype."""
+
+    def __init__(self, descr, state):
+        self.descr, self.state = descr, state
+
+    def __reduce__(self):
+        return (np.dtype, (self.descr, False, True), self.state)
+
+
+class _ArrayWithDtype:
+    """Pickles as numpy writes an array (``_reconstruct`` then BUILD), with the given dtype object."""
+
+    def __init__(self, dtype, rows: int):
+        self.dtype, self.rows = dtype, rows
+
+    def __reduce__(self):
+        state = (1, (self.rows, 3072), self.dtype, False, bytes(range(256)) * (self.rows * 12))
+        return (_numpy_reconstruct(), (np.ndarray, (0,), b"b"), state)
+
+
+def _numpy_reconstruct():
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+def test_a_damaged_dtype_state_never_reaches_numpy(tmp_path):
+    # Was a segmentation fault: numpy.dtype.__setstate__ trusts its state, and this one (a few bytes
+    # changed in a uint8 array's dtype, found by mutating a genuine batch file) made numpy crash.
+    path = tmp_path / "test_batch"
+    data = _ArrayWithDtype(_DtypeWithState("u1", (3, "|", 20046, -1, -1, 0)), rows=2)
+    path.write_bytes(pickle.dumps({b"data": data, b"labels": [0, 9]}, protocol=4))
+    script = (
+        "import sys, numpy as np\n"
+        "from sphereconv.data.cifar import read_cifar_batch\n"
+        "x, y = read_cifar_batch(sys.argv[1], 'labels', 10, 10)\n"
+        "assert np.array_equal(x.reshape(2, -1), np.frombuffer(bytes(range(256)) * 24, np.uint8).reshape(2, -1))\n"
+        "print('read', x.dtype, y.tolist())\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-500:]}"
+    assert run.stdout.strip() == "read uint8 [0, 9]"
+
+
+@pytest.mark.parametrize(
+    "descr, state",
+    [
+        ("O", (3, "|", None, None, None, -1, -1, 63)),
+        ("u1,u1", (3, "|", None, None, None, -1, -1, 0)),
+        ("u1", (3, "?", None, None, None, -1, -1, 0)),
+        ("u1", {"flags": 63}),
+    ],
+)
+def test_dtypes_other_than_plain_numbers_are_refused(tmp_path, descr, state):
+    path = tmp_path / "test_batch"
+    path.write_bytes(pickle.dumps({b"data": _ArrayWithDtype(_DtypeWithState(descr, state), 2)}, protocol=4))
+    with pytest.raises(DatasetError, match=r"test_batch is not a readable CIFAR pickle .*numpy dtype"):
+        safe_load_pickle(path)
+
+
+def python2_cifar_pickle(rows: np.ndarray, labels: list[int]) -> bytes:
+    """The bytes Python 2's cPickle wrote (protocol 2) for {'data': rows, 'labels': labels}, as in the
+    published CIFAR files: every str (keys, dtype code, byte order, pixels) a BINSTRING."""
+
+    def short(text: bytes) -> bytes:
+        return b"U" + bytes([len(text)]) + text
+
+    raw = rows.tobytes()
+    dims = b"".join(b"J" + struct.pack("<i", d) for d in rows.shape)
+    return b"".join(
+        [
+            b"\x80\x02}q\x00(" + short(b"data"),
+            b"cnumpy.core.multiarray\n_reconstruct\nq\x01cnumpy\nndarray\nq\x02K\x00\x85" + short(b"b") + b"\x87R",
+            b"(K\x01" + dims + b"\x86cnumpy\ndtype\nq\x03" + short(b"u1") + b"K\x00K\x01\x87R",
+            b"(K\x03" + short(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb",
+            b"\x89T" + struct.pack("<I", len(raw)) + raw + b"tb",
+            short(b"labels") + b"](" + b"".join(b"K" + bytes([v]) for v in labels) + b"eu.",
+        ]
+    )
+
+
+def test_python2_pickles_like_the_published_files_still_load(tmp_path):
+    rows = np.random.default_rng(3).integers(0, 256, (3, 3072), dtype=np.uint8)
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(python2_cifar_pickle(rows, [1, 2, 9]))
+    assert np.array_equal(pickle.loads(path.read_bytes(), encoding="bytes")[b"data"], rows)  # the format is right
+    images, labels = read_cifar_batch(path, "labels", 10, 10)
+    assert np.array_equal(images.reshape(3, -1), rows) and labels.tolist() == [1, 2, 9]

@@ -6,13 +6,16 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import socket
 import tarfile
+import threading
+import tracemalloc
 
 import numpy as np
 import pytest
 import torch
 
-from sphereconv.data import load_dataset
+from sphereconv.data import download, load_dataset
 from sphereconv.data.download import download_file, extract_tar
 from sphereconv.data.registry import DATASETS, RemoteFile
 from sphereconv.errors import DatasetError
@@ -62,10 +65,65 @@ def test_content_checksum_applies_to_decompressed_bytes(tmp_path, http_root):
     assert not (tmp_path / "c.gz").exists()
 
 
+def test_served_gzip_bomb_is_refused_without_holding_its_content(tmp_path, http_root):
+    # Was: the content check read the whole decompressed stream into memory (1 GiB here, 2 GiB peak).
+    served, url = http_root
+    one_mib_of_zeros = gzip.compress(bytes(1 << 20), compresslevel=9)
+    (served / "bomb.gz").write_bytes(gzip.compress(b"IDX?") + one_mib_of_zeros * 1100)  # about 1 MB
+    tracemalloc.start()
+    try:
+        with pytest.raises(
+            DatasetError, match=r"bomb\.gz failed verification.*decompresses to more than 1,073,741,824"
+        ):
+            download_file(url + "bomb.gz", tmp_path / "dest" / "bomb.gz", content_sha256="0" * 64, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"peak {peak:,} bytes"
+    assert leftovers(tmp_path / "dest") == []
+
+
+def test_download_larger_than_any_dataset_file_is_stopped(tmp_path, http_root, monkeypatch):
+    # Was: read without limit, so a wrong or hostile mirror sending without end filled the disk.
+    served, url = http_root
+    monkeypatch.setattr(download, "MAX_DOWNLOAD_BYTES", 3 << 20)
+    (served / "huge.gz").write_bytes(bytes(5 << 20))
+    with pytest.raises(DatasetError, match=r"huge\.gz stopped: the server sent more than 3,145,728 bytes"):
+        download_file(url + "huge.gz", tmp_path / "dest" / "huge.gz", progress=False)
+    assert leftovers(tmp_path / "dest") == []
+    (served / "fits.gz").write_bytes(bytes(3 << 20))
+    assert download_file(url + "fits.gz", tmp_path / "dest" / "fits.gz", progress=False).stat().st_size == 3 << 20
+
+
 def test_http_error_is_a_dataset_error_naming_the_url(tmp_path, http_root):
     _, url = http_root
     with pytest.raises(DatasetError, match=r"could not download http://127\.0\.0\.1:\d+/missing\.gz.*404"):
         download_file(url + "missing.gz", tmp_path / "missing.gz", progress=False)
+    assert leftovers(tmp_path) == []
+
+
+def _reply_once(reply: bytes) -> str:
+    """A server on 127.0.0.1 that answers one request with the raw bytes ``reply``; returns its URL."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer():
+        with server:
+            connection, _ = server.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(reply)
+
+    threading.Thread(target=answer, daemon=True).start()
+    return f"http://127.0.0.1:{server.getsockname()[1]}/"
+
+
+def test_malformed_mirror_url_or_non_http_reply_is_a_dataset_error(tmp_path):
+    # Were http.client.InvalidURL / BadStatusLine tracebacks (HTTPException is not an OSError).
+    with pytest.raises(DatasetError, match=r"could not download http://127\.0\.0\.1:notaport/.*InvalidURL.*notaport"):
+        load_dataset("mnist", "test", tmp_path, download=True, mirror="http://127.0.0.1:notaport/", progress=False)
+    url = _reply_once(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+    with pytest.raises(DatasetError, match=r"could not download .*/f\.gz: BadStatusLine"):
+        download_file(url + "f.gz", tmp_path / "f.gz", md5="0" * 32, progress=False)
     assert leftovers(tmp_path) == []
 
 

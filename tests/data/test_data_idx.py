@@ -57,6 +57,13 @@ def test_not_an_idx_file_is_rejected():
         parse_idx(bytes([0, 0, 8, 1, 0, 0, 0, 2, 1, 2, 3]), "padded")
 
 
+def test_header_whose_size_overflows_int64_is_not_taken_as_empty():
+    # dims 65536**4 = 2**64: an int64 product wrapped to 0, so a bare header "matched" and reshape raised ValueError.
+    header = bytes([0, 0, 8, 4]) + (65536).to_bytes(4, "big") * 4
+    with pytest.raises(DatasetError, match=r"bare\.idx is truncated: .*\(65536, 65536, 65536, 65536\)"):
+        parse_idx(header, "bare.idx")
+
+
 @pytest.fixture
 def small_mnist(monkeypatch):
     """Shrink MNIST's expected split sizes so generated files pass the structural checks."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import builtins
+import hashlib
+import os
 import warnings
 
 import numpy as np
@@ -149,21 +151,44 @@ def test_flat_layout_split_rule_is_a_stable_partition(tmp_path):
     names = [f"img_{i:03d}.png" for i in range(60)]
     for name in names:
         save_png(tmp_path / "birds" / name, np.zeros((2, 2, 3), np.uint8))
-    save_png(tmp_path / "fish" / "only.png", np.zeros((2, 2, 3), np.uint8))
+    save_png(tmp_path / "fish" / "only.png", np.zeros((2, 2, 3), np.uint8))  # hashes into test
+    save_png(tmp_path / "fish" / "a.png", np.zeros((2, 2, 3), np.uint8))  # into train
+    names.append("a.png")
     classes, train = list_image_folder(tmp_path, "train")
     _, test = list_image_folder(tmp_path, "test")
     assert classes == ("birds", "fish")
     train_names = {p.name for p, _ in train}
     test_names = {p.name for p, _ in test}
     assert not train_names & test_names and train_names | test_names == set(names) | {"only.png"}
-    expected_test = {n for n in names if flat_split_of("birds", n) == "test"}
-    expected_test |= {"only.png"} if flat_split_of("fish", "only.png") == "test" else set()
+    expected_test = {n for n in names if flat_split_of("birds", n) == "test"} | {"only.png"}
+    assert flat_split_of("fish", "a.png") == "train"
     assert test_names == expected_test
-    assert 0.05 < len(test_names) / 61 < 2 * FLAT_TEST_FRACTION
+    assert 0.05 < len(test_names) / 62 < 2 * FLAT_TEST_FRACTION
     # Adding files never moves existing ones between splits.
     save_png(tmp_path / "birds" / "new.png", np.zeros((2, 2, 3), np.uint8))
     _, test_after = list_image_folder(tmp_path, "test")
     assert test_names <= {p.name for p, _ in test_after}
+
+
+def test_flat_layout_takes_file_names_that_are_not_utf8(tmp_path):
+    """Was: UnicodeEncodeError from the split hash for a name like b"caf\\xe9.png" (a Latin-1 zip)."""
+    for name in ("cat", "dog"):
+        for i in range(5):
+            save_png(tmp_path / name / f"{i}.png", np.full((4, 4, 3), 10 * i, np.uint8))
+    latin1 = os.fsencode(tmp_path / "cat") + b"/caf\xe9.png"
+    with open(latin1, "wb") as handle:
+        handle.write((tmp_path / "cat" / "0.png").read_bytes())
+    train = list_image_folder(tmp_path, "train")[1]
+    test = list_image_folder(tmp_path, "test")[1]
+    assert sorted(os.fsencode(p) for p, _ in train + test) == sorted(os.fsencode(p) for p in tmp_path.glob("*/*.png"))
+    assert os.fsencode(tmp_path / "cat" / "caf\udce9.png") == latin1
+    # Names that are UTF-8 are split as before: the hash of their UTF-8 bytes.
+    digest = hashlib.sha256("cat/caf\u00e9.png".encode()).digest()
+    expected = "test" if int.from_bytes(digest[:4], "big") / 2**32 < FLAT_TEST_FRACTION else "train"
+    assert flat_split_of("cat", "caf\u00e9.png") == expected
+    for split in ("train", "test"):
+        images, labels = load_dataset("folder", split, data_dir=tmp_path)
+        assert images.shape[0] == labels.shape[0] > 0
 
 
 def test_class_folder_without_images_is_refused_naming_it(tmp_path):
@@ -171,7 +196,7 @@ def test_class_folder_without_images_is_refused_naming_it(tmp_path):
     for layout in ("split", "flat"):
         root = tmp_path / layout
         base = root / "train" if layout == "split" else root
-        save_png(base / "cat" / "0.png", np.zeros((4, 4, 3), np.uint8))
+        save_png(base / "cat" / "1.png", np.zeros((4, 4, 3), np.uint8))  # flat: hashes into train
         (base / "dog").mkdir(parents=True)
         (base / "dog" / "0.gif").write_bytes(b"GIF89a")
         (base / "dog" / "notes.txt").write_text("not an image")
@@ -185,6 +210,21 @@ def test_class_folder_without_images_is_refused_naming_it(tmp_path):
         save_png(base / "dog" / "0.png", np.zeros((4, 4, 3), np.uint8))
         classes, _ = list_image_folder(root, "train")
         assert classes == ("cat", "dog")
+
+
+def test_flat_class_whose_images_all_fall_into_test_is_refused_naming_it(tmp_path):
+    """Was: the class became an output the model never trains (its one image held out for testing)."""
+    save_png(tmp_path / "cat" / "1.png", np.zeros((4, 4, 3), np.uint8))  # hashes into train
+    save_png(tmp_path / "fish" / "only.png", np.zeros((4, 4, 3), np.uint8))
+    assert flat_split_of("fish", "only.png") == "test"
+    for split in ("train", "test"):
+        with pytest.raises(DatasetError, match=r"every image of class 'fish' falls into the test split"):
+            list_image_folder(tmp_path, split)
+    with pytest.raises(DatasetError, match="'fish'"):
+        dataset_info("folder", data_dir=tmp_path)
+    save_png(tmp_path / "fish" / "a.png", np.zeros((4, 4, 3), np.uint8))  # hashes into train
+    classes, train = list_image_folder(tmp_path, "train")
+    assert classes == ("cat", "fish") and sorted(label for _, label in train) == [0, 1]
 
 
 def test_folder_errors(tmp_path):

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from sphereconv.cli.main import main
 from sphereconv.data import DeviceLoader, augment_batch, normalize_pixels, subset
+from sphereconv.errors import SphereconvError
 
 N = 50
 
@@ -185,6 +187,38 @@ def test_augment_batch_checks_the_pad_mode_and_the_pad():
         assert augment_batch(images, "crop_flip", generator, pad=pad, pad_mode=pad_mode).shape == images.shape
     with pytest.raises(ValueError, match="invalid pad_mode='edge'"):
         DeviceLoader(images, torch.arange(4), 2, augment="crop_flip", pad_mode="edge")
+
+
+def test_crop_larger_than_small_images_is_a_one_line_error_in_train(tmp_path, capsys):
+    # Was a ValueError traceback from `sphereconv train --augment crop_flip` on images of 4 pixels or less.
+    Image = pytest.importorskip("PIL.Image")
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            for i in range(4):
+                path = tmp_path / "data" / split / name / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.full((3, 3, 3), 40 * i, np.uint8)).save(path)
+    images, _ = make_data(4, side=3)
+    with pytest.raises(SphereconvError) as caught:
+        DeviceLoader(images, torch.arange(4), 2, augment="crop_flip")
+    assert isinstance(caught.value, ValueError)  # still what the Python API documents
+    argv = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--augment", "crop_flip"]
+    argv += [
+        "--iterations",
+        "1",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert "pad = 4 is too large for 3x3 images" in err and "--image-size" in err and "'flip'" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_flip_flips_about_half_and_nothing_else():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from png_checks import CURVE_PLOT_SIZE, assert_png
 
+from sphereconv.cli.main import main
 from sphereconv.errors import ConfigError, SphereconvError
 from sphereconv.experiments import paper
 from sphereconv.experiments.definitions import EXPERIMENTS, Variant, get_experiment
@@ -91,6 +92,26 @@ def test_broken_metrics_file_is_a_one_line_user_error(tmp_path):
     with pytest.raises(ResultsError, match="no metrics.jsonl"):
         read_metrics(tmp_path / "missing")
     assert issubclass(ResultsError, SphereconvError)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"step": "abc", "test_acc": 0.5}\n', "metrics.jsonl:1 is not a metrics record"),
+        (b'{"step": null, "test_acc": 0.5}\n', "metrics.jsonl:1 is not a metrics record"),
+        (b'{"step": [1], "test_acc": 0.5}\n', "metrics.jsonl:1 is not a metrics record"),
+        (b'{"step": 1}\n{"step": 1e400}\n', "metrics.jsonl:2 is not a metrics record"),
+        (b"\xff\xfe\x00 not text", "metrics.jsonl is not a text file"),
+    ],
+)
+def test_plot_of_a_metrics_file_with_a_bad_step_or_bytes_is_one_line(tmp_path, capsys, content, message):
+    # Was a ValueError / TypeError / OverflowError / UnicodeDecodeError traceback from int() or the decoder.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_bytes(content)
+    assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "p.png").exists()
 
 
 def test_report_table_shows_mean_std_thresholds_and_paper_values():
@@ -202,9 +223,43 @@ def test_curve_sweep_and_feature_plots_are_real_images(tmp_path):
     assert pixels.shape[1] == 800 and pixels.shape[0] == 460
 
 
+def test_a_plot_is_replaced_whole_not_rewritten_in_place(tmp_path):
+    # Two grid workers rewrite the same report plots after their runs; written in place, two writes
+    # at once interleave into a PNG that is neither. Replaced by rename, a reader (or the other
+    # writer) keeps the whole old file, and no temporary file stays behind.
+    out = tmp_path / "curves.png"
+    plot_curves({"a": [([1, 2], [0.1, 0.2])]}, out)
+    with open(out, "rb") as reader:
+        before = reader.read()
+        plot_curves({"a": [([1, 2, 3], [0.1, 0.2, 0.3])]}, out)
+        reader.seek(0)
+        assert reader.read() == before  # the open file is the old one, untouched
+    assert out.read_bytes() != before
+    assert_png(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png"]
+
+
 def test_plot_of_groups_without_values_still_writes_a_labelled_image(tmp_path):
     path = plot_curves({"a": [([], [])]}, tmp_path / "empty.png", metric="test_acc")
     assert_png(path, CURVE_PLOT_SIZE)
+
+
+def test_overlay_keeps_different_runs_of_the_same_name_apart(tmp_path):
+    # `plot e1/run e2/run` drew one line "run", the mean of two different runs with their range
+    # shaded as if they were two seeds of one run.
+    write_run(tmp_path / "e1" / "run", [0.3, 0.6])
+    write_run(tmp_path / "e2" / "run", [0.5, 0.9])
+    groups = collect_curves([tmp_path / "e1" / "run", tmp_path / "e2" / "run"], "test_acc")
+    assert {label: len(curves) for label, curves in groups.items()} == {"e1/run": 1, "e2/run": 1}
+    for name in ("r1", "r2"):
+        write_run(tmp_path / name / "conv" / "seed0", [0.4, 0.7])
+    for roots in (["r1/conv/seed0", "r2/conv/seed0"], ["r1/conv", "r2/conv"]):
+        groups = collect_curves([tmp_path / root for root in roots], "test_acc")
+        assert {label: len(curves) for label, curves in groups.items()} == {"r1/conv": 1, "r2/conv": 1}
+    # Seeds of one run given one by one are still one line.
+    write_run(tmp_path / "r1" / "conv" / "seed1", [0.45, 0.75])
+    groups = collect_curves([tmp_path / "r1" / "conv" / "seed0", tmp_path / "r1" / "conv" / "seed1"], "test_acc")
+    assert {label: len(curves) for label, curves in groups.items()} == {"conv": 2}
 
 
 def test_overlay_groups_seeds_of_a_reproduce_directory(tmp_path):

@@ -107,6 +107,23 @@ def test_an_unfinished_or_diverged_run_of_other_settings_is_refused_not_continue
         assert trained[0] == earlier.out
 
 
+def test_report_of_an_experiment_whose_runs_all_diverged(tmp_path):
+    # features2d with every run diverged: the report stopped with matplotlib's "cannot write empty
+    # image" (a feature plot of no panels) after all the training was done.
+    plan = plan_experiment("features2d", "smoke", out=tmp_path)
+    for run in plan.runs:
+        save_config(run.config, run.out / "config.yaml")
+        (run.out / DIVERGED_FILE).write_text(json.dumps({"error": "loss is nan"}) + "\n")
+    execute_plan(plan, log=lambda line: None)  # nothing to train: every run is skipped as diverged
+    report = runner.write_outputs(plan, "test").read_text()
+    assert report.count("diverged and is left out: loss is nan") == len(plan.runs)
+    assert_png(
+        tmp_path / "features2d" / "features2d.png",
+        (int(FEATURE_PANEL_INCHES * DPI), round((FEATURE_PANEL_INCHES + 0.6) * DPI)),
+    )
+    assert "](features2d.png)" in report
+
+
 def test_dry_run_plans_every_experiment_without_training(tmp_path, capsys):
     assert main(["reproduce", "all", "--scale", "smoke", "--dry-run", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -131,3 +148,29 @@ def test_scales_resolve_to_valid_configs_with_the_intended_recipe(tmp_path):
     assert sorted({r.config.batch_size for r in spherenorm.runs}) == [2, 8, 32, 128]
     assert len(spherenorm.runs) == 2 * len(get_experiment("spherenorm").variants)
     assert all(r.out == tmp_path / "spherenorm" / r.variant.name / f"seed{r.seed}" for r in spherenorm.runs)
+
+
+def test_features_of_a_folder_run_trained_at_another_image_size(tmp_path):
+    # Feature extraction rebuilt the network at the folder's own image size, not the run's
+    # --image-size: a shape error on fc6 for every folder run trained resized.
+    from PIL import Image
+
+    from sphereconv.data import load_dataset
+    from sphereconv.engine import load_config, train
+    from sphereconv.experiments.features import extract_features
+
+    images, labels = load_dataset("fashion-mnist", "test", progress=False)
+    root = tmp_path / "png"
+    for split, indices in (("train", range(0, 40)), ("test", range(40, 60))):
+        for index in indices:
+            folder = root / split / f"class_{int(labels[index])}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[index, 0].numpy()).save(folder / f"{index}.png")
+    overrides = dict(
+        dataset="folder", data_dir=str(root), image_size=12, feature_dim=2, width_mult=0.0625, batch_size=8,
+        iterations=2, eval_every=2, checkpoint_every=2, progress=False, device="cpu", out=str(tmp_path / "run"),
+    )  # fmt: skip
+    train(load_config(None, overrides))
+    features, feature_labels, config, info = extract_features(tmp_path / "run")
+    assert features.shape == (20, 2) and config.image_size == 12 and info.image_size in (12, (12, 12))
+    assert len(feature_labels) == 20 and set(feature_labels.tolist()) <= set(range(len(info.class_names)))

@@ -297,6 +297,21 @@ def test_an_effect_from_one_seed_pair_is_shown_without_an_interval(tmp_path):
     assert "In regime `B`, SphereNet-9 cosine ended 0.60 points above CNN-9 (88.60% vs 88.00% final" in opening
 
 
+def test_two_regimes_at_one_width_are_not_called_a_trend_with_width(tmp_path):
+    # Regimes that differ only in a setting the effect groups do not name (here the learning rate)
+    # were two points at width 0.25 of one "trend": "The gain grows with width ...: 0.25 -> ..., 0.25 -> ...".
+    grid = write_grid(
+        tmp_path / "lr.yaml",
+        regimes={"A": {"width_mult": 0.25}, "B": {"width_mult": 0.25, "lr": 0.01}},
+        stages=[{"regime": "A", "models": ["cnn", "cosine"]}, {"regime": "B", "models": ["cnn", "cosine"]}],
+    )
+    plan = plan_grid(load_grid(grid), out=tmp_path / "out", results=tmp_path / "r", progress=False)
+    record(plan, {("A", "cnn", 0): 0.87, ("A", "cosine", 0): 0.86, ("B", "cnn", 0): 0.80, ("B", "cosine", 0): 0.82})
+    report = write_grid_report(plan, "test").read_text()
+    assert "- **The gain grows with width:** pending" in report
+    assert "0.25 -> " not in report and not (tmp_path / "r" / "effect_width.png").exists()
+
+
 def test_the_other_grids_summary_says_when_its_results_folder_is_not_found(tmp_path, monkeypatch):
     sweep = write_grid(tmp_path / "sweep.yaml", name="sweep", results="committed")  # relative to the working directory
     plan = plan_grid(load_grid(sweep), out=tmp_path / "out", results=tmp_path / "committed", progress=False)
@@ -357,7 +372,7 @@ def test_a_finished_run_of_other_settings_in_the_training_folder_is_not_recorded
     assert document["summary"]["final_test_acc"] == 0.5 and document["settings"] == smoke.runs[0].settings
 
 
-def test_an_unfinished_run_of_other_settings_in_the_training_folder_is_not_continued(tmp_path, monkeypatch):
+def test_an_unfinished_run_of_other_settings_in_the_training_folder_is_not_continued(tmp_path, monkeypatch, capsys):
     # A smoke run stopped after a checkpoint: resuming it under the full-size settings would lengthen
     # it with the smoke run's schedule and record it as a full-size run.
     grid = load_grid(write_grid(tmp_path / "tiny.yaml"))
@@ -374,6 +389,12 @@ def test_an_unfinished_run_of_other_settings_in_the_training_folder_is_not_conti
     assert "holds an unfinished run with different settings" in str(info.value) and "iterations" in str(info.value)
     assert trained == [] and not results_path(full, full.runs[0]).exists()
     assert not (run_dir.parent / f"{full.runs[0].run_id}.lock").exists()
+    # The dry run said "partial (checkpoint at step 4 of 600)" for it: it stops as the real run does.
+    argv = ["reproduce", "--grid", str(grid.path), "--out", str(tmp_path / "out"), "--results", str(tmp_path / "full")]
+    assert main([*argv, "--dry-run"]) == 2
+    assert "holds an unfinished run with different settings" in capsys.readouterr().err
+    assert main([*argv, "--dry-run", "--scale", "smoke"]) == 0
+    assert "1. A-cnn-s0: partial (checkpoint at step 4 of 8)" in capsys.readouterr().out
 
 
 def test_dry_run_does_not_call_a_results_file_of_other_settings_recorded(tmp_path, capsys):
@@ -402,6 +423,36 @@ def test_a_results_file_that_is_not_an_object_is_a_one_line_error(tmp_path):
     del document["finished"]
     path.write_text(json.dumps(document))
     assert "runs finished: 2 of 4, between" in write_grid_report(plan, "test").read_text()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(summary=[0.8]), "summary is not an object"),
+        (lambda d: d["summary"].update(final_test_acc="0.8"), "summary.final_test_acc is '0.8', not a number"),
+        (lambda d: d.update(metrics={"step": 10}), "metrics is not a list"),
+        (lambda d: d["metrics"].append({"step": "20", "test_acc": 0.9}), "metrics record 2 has no numeric step"),
+        (lambda d: d.update(finished=20261129), "finished is not a string"),
+    ],
+)
+def test_a_results_file_with_fields_of_the_wrong_type_is_a_one_line_error(tmp_path, edit, message):
+    # A hand-edited or badly merged results file was a TypeError / AttributeError / ValueError
+    # traceback from the statistics or the report; the sweep's own files still load.
+    grid = write_grid(tmp_path / "tiny.yaml", results=str(tmp_path / "r"))
+    plan = plan_grid(load_grid(grid), out=tmp_path / "out")
+    record(plan, {("A", "cnn", 0): 0.8, ("A", "cosine", 0): 0.81})
+    assert "runs finished: 2 of 4" in write_grid_report(plan, "test").read_text()
+    path = results_path(plan, plan.runs[1])
+    document = json.loads(path.read_text())
+    edit(document)
+    path.write_text(json.dumps(document))
+    with pytest.raises(ConfigError) as info:
+        write_grid_report(plan, "test")
+    text = str(info.value)
+    assert "A-cosine-s0.json is not a results file" in text and message in text and "\n" not in text
+    # A report summarising this grid leaves the file out and says so.
+    summary = "\n".join(summary_of_other_grid(grid, tmp_path))
+    assert "1 of 4 runs finished" in summary and "1 results file(s) unreadable or made with settings" in summary
 
 
 def test_only_selects_cells_and_names_what_a_bad_selector_may_say(tmp_path, capsys):
@@ -448,6 +499,13 @@ def test_only_selects_cells_and_names_what_a_bad_selector_may_say(tmp_path, caps
             {"base": {**TINY_GRID["base"], "iterations": None}},
             "regime 'A' sets no iterations (its runs would last epochs=10)",
         ),
+        # These were TypeError tracebacks, and a missing summary_from stopped the grid only after its
+        # first run had trained (when the first report was written).
+        ({"stages": [{"regime": ["A"], "models": ["cnn"]}]}, "stage 1 names regime ['A']"),
+        ({"stages": [{"regime": "A", "models": [["cnn"]]}]}, "stage 1 models must be a list drawn from"),
+        ({"results": 5}, "results must be a path (a string); got 5"),
+        ({"summary_from": ["claims.yaml"]}, "summary_from must be a path (a string)"),
+        ({"summary_from": "clams.yaml"}, "summary_from 'clams.yaml' is not a grid file"),
     ],
 )
 def test_bad_grid_files_get_one_line_errors(tmp_path, changes, message):
@@ -485,3 +543,21 @@ def test_a_lock_held_by_another_users_live_process_is_kept(tmp_path, monkeypatch
     monkeypatch.setattr(os, "kill", kill)
     lines = describe_plan(plan)
     assert "being trained by process 4242" in lines[0] and lock.exists()
+
+
+def test_an_empty_lock_file_left_by_a_crash_does_not_hold_its_run_for_ever(tmp_path):
+    # A lock file created just before a crash or power cut can come back empty: it read as held by
+    # "process 0" (os.kill(0, 0) succeeds) for ever, so every later grid skipped that run.
+    plan = plan_grid(load_grid(write_grid(tmp_path / "tiny.yaml")), out=tmp_path / "out", results=tmp_path / "r")
+    run = plan.runs[0]
+    lock = run.planned.out.parent / f"{run.run_id}.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    # Just created (its process is about to write its id): held.
+    assert "being trained by process" in describe_plan(plan)[0] and lock.exists()
+    old = lock.stat().st_mtime - 2 * sweep.EMPTY_LOCK_SECONDS
+    os.utime(lock, (old, old))
+    assert "being trained" not in describe_plan(plan)[0] and not lock.exists()
+    lock.write_text("")
+    os.utime(lock, (old, old))
+    assert sweep._claim(run) and lock.read_text() == str(os.getpid())

@@ -45,6 +45,23 @@ def test_build_loss_rejects_unknown_names_and_options():
         build_loss("cosface", 8, 3, operator="linear")
 
 
+@pytest.mark.parametrize("name", ["softmax", "ga_softmax", "arcface"])
+@pytest.mark.parametrize("device", ["cuda:99", "tpu", "cpu:x"])
+def test_build_loss_names_a_device_it_cannot_use(name, device):
+    # loss_kwargs: {device: cuda:3} in a config reached the weight's allocation: an AssertionError
+    # ("Torch not compiled with CUDA enabled") or RuntimeError traceback, not a config error.
+    with pytest.raises(ValueError, match=rf"^invalid device='{device}': cannot place the loss there \(.+\)$"):
+        build_loss(name, 8, 3, device=device)
+    assert build_loss(name, 8, 3, device="cpu").weight.device.type == "cpu"
+
+
+@pytest.mark.parametrize("dtype", ["float16", torch.int64, torch.complex64])
+def test_build_loss_names_a_dtype_that_is_not_floating_point(dtype):
+    with pytest.raises(TypeError, match=r"^invalid dtype=.*: expected None or a floating-point torch.dtype"):
+        build_loss("arcface", 8, 3, dtype=dtype)
+    assert build_loss("arcface", 8, 3, dtype=torch.float64).weight.dtype == torch.float64
+
+
 @pytest.mark.parametrize(
     "make,match",
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -140,6 +141,26 @@ def test_include_and_exclude_globs_and_predicates():
     convert_model(model, include=lambda name, m: m.kernel_size == (3, 3) and name.endswith("conv2"))
     converted = {name for name, m in conv_names(model).items() if isinstance(m, SphereConv2d)}
     assert converted == {f"layer{i}.{j}.conv2" for i in (1, 2) for j in (0, 1)}
+
+
+@pytest.mark.parametrize("argument", ["include", "exclude"])
+@pytest.mark.parametrize("pattern", ["layer2", "layer2.0", "*.bn1"])
+def test_a_pattern_naming_only_containers_is_an_error_not_ignored(argument, pattern):
+    # exclude="layer2" used to convert layer2 anyway (and include="layer2" to convert nothing):
+    # the pattern matched the stage, never a layer's own name.
+    model = TorchvisionStyleResNet()
+    before = conv_names(model)
+    message = rf"invalid {argument} pattern='{re.escape(pattern)}': expected a pattern matching a convolution"
+    with pytest.raises(ValueError, match=message + rf".*write '{re.escape(pattern)}\.\*'"):
+        convert_model(model, "cosine", **{argument: pattern})
+    assert conv_names(model) == before  # nothing converted
+
+
+def test_a_stage_pattern_with_a_glob_selects_its_layers():
+    model = TorchvisionStyleResNet()
+    convert_model(model, "cosine", exclude="layer2.*")
+    converted = {name for name, m in conv_names(model).items() if isinstance(m, SphereConv2d)}
+    assert converted and not any(name.startswith("layer2") for name in converted)
 
 
 def test_sphere_layers_and_conv_subclasses_are_left_untouched():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sphereconv.models import create_model
+from sphereconv.models import SphereResNet, create_model
 from sphereconv.models.layers import BN_EPS, BN_MOMENTUM
 from sphereconv.models.resnet import BasicBlock
 from sphereconv.nn import SPHERE_CONV_TYPES, SphereConv2d
@@ -131,6 +131,22 @@ def test_bad_resnet_arguments():
         create_model("sphere_resnet32", stem_operator="relu")
     with pytest.raises(ValueError, match="invalid sphere_norm=True: expected False with operator='none'"):
         create_model("sphere_resnet32", operator="none", sphere_norm=True)
+
+
+@pytest.mark.parametrize(
+    "blocks_per_stage,stage_widths,error,message",
+    [
+        (3, (16,), TypeError, r"invalid blocks_per_stage=3: expected a non-empty sequence of positive integers"),
+        ("22", (16, 16), TypeError, r"invalid blocks_per_stage='22': expected a non-empty sequence"),
+        ((), (), ValueError, r"invalid blocks_per_stage=\(\): expected a non-empty sequence"),
+        ((1,), None, TypeError, r"invalid stage_widths=None: expected a sequence of positive integers"),
+        ((1, 1), (16,), ValueError, r"invalid stage_widths=\(16,\): expected one width per entry"),
+    ],
+)
+def test_bad_stage_layout_of_a_custom_resnet_is_one_line(blocks_per_stage, stage_widths, error, message):
+    # SphereResNet is public: an int or None here was "object of type 'int' has no len()".
+    with pytest.raises(error, match=message):
+        SphereResNet(blocks_per_stage, stage_widths, 16, "cifar")
 
 
 def test_sphere_norm_replaces_the_sphere_convolutions_only():

@@ -142,12 +142,28 @@ def check_names(config) -> None:
     dataset_info(config.dataset, config.data_dir, image_size=config.image_size)
 
 
+def check_network(config) -> None:
+    """Build the network and its loss on the meta device (no memory, no weights), so that a bad
+    ``model_kwargs`` or ``loss_kwargs`` fails the dry run as it would fail the run."""
+    import torch
+
+    from ..data import dataset_info
+    from ..engine.objective import build_loss_module, build_model
+
+    info = dataset_info(config.dataset, config.data_dir, image_size=config.image_size)
+    with torch.device("meta"):
+        model = build_model(config, info.num_classes, info.in_channels, info.image_size)
+        build_loss_module(config, model, info.num_classes)
+
+
 def run(args: argparse.Namespace) -> int:
     """Resolve the config, then train (or only print it with ``--dry-run``); returns the exit code."""
     config = resolve_config(args)
     check_names(config)
     if args.dry_run:
         from ..engine.config import format_config
+
+        check_network(config)
 
         sys.stdout.write(format_config(config))
         print("config is valid (dry run: nothing trained)")

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_choice, check_int
+from ..errors import InvalidArgumentError
 
 AUGMENTATIONS = ("none", "flip", "crop_flip")
 PAD_MODES = ("reflect", "symmetric", "zeros")
@@ -40,7 +41,11 @@ def check_crop(pad: int, pad_mode: str, height: int, width: int) -> tuple[int, s
     pad = check_int("pad", pad, minimum=0)
     max_pad = max_crop_pad(height, width, pad_mode)
     if pad > max_pad:
-        raise ValueError(f"pad = {pad} is too large for {height}x{width} images in {pad_mode} mode (max {max_pad})")
+        # InvalidArgumentError is a ValueError that the command line prints as one line.
+        raise InvalidArgumentError(
+            f"pad = {pad} is too large for {height}x{width} images in {pad_mode} mode (max {max_pad}); lower pad, "
+            "use larger images (image_size, --image-size) or augment 'flip' or 'none'"
+        )
     return pad, pad_mode
 
 

@@ -109,11 +109,38 @@ def verify_content(path: str | Path, content: bytes, expected_sha256: str | None
         return
     actual = sha256_hex(content)
     if actual != expected_sha256:
-        raise DatasetError(
-            f"checksum mismatch for {path}: SHA-256 of its decompressed content is {actual}, expected "
-            f"{expected_sha256}; the file is corrupt or not the expected dataset file: delete it and download "
-            "it again (or reinstall the package that provided it)"
-        )
+        _raise_mismatch(path, actual, expected_sha256)
+
+
+def _raise_mismatch(path: str | Path, actual: str, expected_sha256: str) -> None:
+    raise DatasetError(
+        f"checksum mismatch for {path}: SHA-256 of its decompressed content is {actual}, expected "
+        f"{expected_sha256}; the file is corrupt or not the expected dataset file: delete it and download "
+        "it again (or reinstall the package that provided it)"
+    )
+
+
+def verify_content_of_file(path: str | Path, expected_sha256: str | None, max_bytes: int = MAX_CONTENT_BYTES) -> None:
+    """:func:`verify_content` of the decompressed content of ``path``, hashed as it is read.
+
+    Never holds more than one block in memory; content longer than ``max_bytes`` raises
+    :class:`DatasetError` as in :func:`read_content`.
+    """
+    if expected_sha256 is None:
+        return
+    digest = hashlib.sha256()
+    size = 0
+    with open_content(path) as stream:
+        for block in iter(lambda: stream.read(HASH_BLOCK_BYTES), b""):
+            size += len(block)
+            if size > max_bytes:
+                raise DatasetError(
+                    f"{path} decompresses to more than {max_bytes:,} bytes, more than this dataset file can hold; "
+                    "delete it and download it again"
+                )
+            digest.update(block)
+    if digest.hexdigest() != expected_sha256:
+        _raise_mismatch(path, digest.hexdigest(), expected_sha256)
 
 
 def verify_md5(path: str | Path, expected_md5: str | None) -> None:

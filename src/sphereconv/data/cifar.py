@@ -20,8 +20,9 @@ import codecs
 import io
 import pickle
 import pickletools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -47,6 +48,10 @@ CIFAR_OPCODES_PER_FILE = 1000
 MAX_DETAIL_CHARS = 200
 # Latin-1 is the only encoding a pickled numpy array or bytes object needs (_codecs.encode).
 _LATIN1 = ("latin1", "latin-1", "iso-8859-1", "iso8859-1")
+# Kinds of numpy dtype a dataset array may have: bool, signed and unsigned integers, floats, complex.
+_PLAIN_DTYPE_KINDS = "biufc"
+# Byte orders in the state of a pickled dtype (its second item, in every version of the format).
+_BYTE_ORDERS = ("<", ">", "|", "=")
 # Pickle opcodes that store the top of the stack in the memo under an index given in the stream.
 _INDEXED_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
 
@@ -69,12 +74,30 @@ def _encode_latin1(text: str, encoding: str = "latin1") -> bytes:
     return codecs.encode(text, "latin1")
 
 
+def _plain_dtype(descr: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    """``numpy.dtype`` restricted to plain numbers (a type code such as ``"u1"``; ``align``/``copy`` ignored).
+
+    Objects, records, sub-arrays and strings are refused: no dataset array needs them.
+    """
+    if isinstance(descr, bytes):  # a Python 2 pickle (the published CIFAR files) read with encoding="bytes"
+        descr = descr.decode("latin1")
+    try:
+        dtype = np.dtype(descr) if isinstance(descr, str) else None
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or dtype.kind not in _PLAIN_DTYPE_KINDS or dtype.subdtype is not None or dtype.names is not None:
+        raise pickle.UnpicklingError(
+            f"numpy dtype {short_repr(descr)}; only plain numbers ({_PLAIN_DTYPE_KINDS} kinds) are allowed"
+        )
+    return dtype
+
+
 def _allowed_globals() -> dict[tuple[str, str], Any]:
     """The globals a pickled dict of numpy arrays, lists, bytes and ints may reference."""
     multiarray, numeric = _numpy_core()
     allowed: dict[tuple[str, str], Any] = {
         ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
+        ("numpy", "dtype"): _plain_dtype,
         # Python 3 pickles bytes at protocol < 3 as _codecs.encode(str, "latin1"); it only encodes text.
         ("_codecs", "encode"): _encode_latin1,
     }
@@ -86,12 +109,18 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     return allowed
 
 
-class SafeUnpickler(pickle.Unpickler):
+class SafeUnpickler(pickle._Unpickler):
     """An unpickler that builds only builtin containers, numbers, strings/bytes and numpy arrays.
 
     Any other global (a function, a class, ``os.system``, ``builtins.eval``...) raises
-    :class:`DatasetError` naming it, before anything is called.
+    :class:`DatasetError` naming it, before anything is called. A dtype's pickled state is never
+    passed to ``numpy.dtype.__setstate__``, which trusts it (a few changed bytes there made numpy
+    crash the process with a segmentation fault); only its byte order is taken. This needs the
+    Python implementation of the unpickler, whose opcodes can be overridden.
     """
+
+    dispatch: ClassVar[dict[int, Callable[..., None]]] = dict(pickle._Unpickler.dispatch)
+    stack: list[Any]  # the unpickler's working stack (set by pickle._Unpickler.load)
 
     def __init__(self, file, *, source: str | Path = "<pickle>"):
         super().__init__(file, encoding="bytes")
@@ -107,6 +136,20 @@ class SafeUnpickler(pickle.Unpickler):
                 f"needs (allowed: {', '.join(sorted(f'{m}.{n}' for m, n in self._allowed))}); it may carry code, "
                 "do not load it"
             ) from None
+
+    def load_build(self) -> None:
+        """BUILD: for a dtype, apply only the byte order of the state; anything else as pickle does."""
+        if len(self.stack) >= 2 and isinstance(self.stack[-2], np.dtype):
+            state = self.stack.pop()
+            order = state[1] if isinstance(state, tuple) and len(state) >= 2 else None
+            order = order.decode("latin1") if isinstance(order, bytes) else order  # Python 2 pickles
+            if order not in _BYTE_ORDERS:
+                raise pickle.UnpicklingError(f"numpy dtype state {short_repr(state)} has no plain byte order")
+            self.stack[-1] = self.stack[-1].newbyteorder(order) if order in "<>" else self.stack[-1]
+            return
+        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def _check_opcodes(content: bytes, max_opcodes: int) -> None:

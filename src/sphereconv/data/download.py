@@ -14,6 +14,7 @@ every member is a plain file or directory inside the expected top directory.
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import tarfile
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..errors import DatasetError
-from .checksums import read_content, verify_content, verify_md5
+from .checksums import verify_content_of_file, verify_md5
 from .registry import DatasetSpec, RemoteFile
 
 # Environment variable replacing the registry's base URLs.
@@ -35,6 +36,9 @@ MIRROR_ENV = "SPHERECONV_MIRROR"
 DEFAULT_TIMEOUT_S = 60.0
 # Bytes per read while streaming a download.
 CHUNK_BYTES = 1 << 20
+# Most bytes one download may bring: above the largest file of the registry (CIFAR-100's archive,
+# 161 MiB); a server sending without end (a wrong mirror, a hostile one) must not fill the disk.
+MAX_DOWNLOAD_BYTES = 1 << 30
 
 
 def _remove_quietly(path: Path) -> None:
@@ -82,21 +86,28 @@ def download_file(
                     desc=dest.name,
                     disable=None if progress else True,
                 ) as bar:
+                    received = 0
                     for chunk in iter(lambda: response.read(CHUNK_BYTES), b""):
+                        received += len(chunk)
+                        if received > MAX_DOWNLOAD_BYTES:
+                            raise DatasetError(
+                                f"download of {url} stopped: the server sent more than {MAX_DOWNLOAD_BYTES:,} bytes, "
+                                f"more than any dataset file; check the URL (the mirror argument or ${MIRROR_ENV})"
+                            )
                         out.write(chunk)
                         bar.update(len(chunk))
         try:
             verify_md5(temp, md5)
-            if content_sha256 is not None:
-                verify_content(temp, read_content(temp), content_sha256)
+            verify_content_of_file(temp, content_sha256)  # hashed as it is decompressed: a gzip bomb costs no memory
         except DatasetError as exc:
             raise DatasetError(f"download of {url} failed verification and was deleted: {exc}") from None
         _fsync_and_replace(temp, dest)
         return dest
     except DatasetError:
         raise
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise DatasetError(f"could not download {url}: {exc}") from exc
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        # HTTPException: a malformed URL (InvalidURL) or a reply that is not HTTP (BadStatusLine).
+        raise DatasetError(f"could not download {url}: {type(exc).__name__}: {exc}") from exc
     finally:
         _remove_quietly(temp)
 

@@ -55,7 +55,8 @@ def parse_idx(content: bytes, source: str | Path = "<bytes>") -> np.ndarray:
         raise DatasetError(f"{source} is truncated inside its IDX header; delete it and download it again")
     dims = struct.unpack(f">{ndim}I", content[IDX_MAGIC_BYTES:header_bytes])
     dtype = IDX_DTYPES[type_code]
-    expected = header_bytes + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    # math.prod: exact; numpy's int64 product wraps (65536**4 == 0 would match a bare header).
+    expected = header_bytes + math.prod(dims) * dtype.itemsize
     if len(content) != expected:
         state = "truncated" if len(content) < expected else "longer than its header says"
         raise DatasetError(

@@ -11,7 +11,8 @@ Two layouts are accepted:
   splits, and every run and machine sees the same split.
 
 A class folder (of ``train/`` in the split layout) without one image of these formats is an error:
-it would become a class the model never trains.
+it would become a class the model never trains; so is, in the flat layout, a class all of whose
+images fall into the test split (a class of one or two images may).
 
 Labels are the indices of the sorted class names. Images with the extensions in
 ``IMAGE_EXTENSIONS`` are read with Pillow (an optional dependency: ``pip install pillow`` or the
@@ -115,7 +116,8 @@ def _images_in(directory: Path) -> list[Path]:
 
 def flat_split_of(class_name: str, file_name: str) -> str:
     """The split (``train``/``test``) the flat layout assigns to ``<class_name>/<file_name>``."""
-    digest = hashlib.sha256(f"{class_name}/{file_name}".encode()).digest()
+    # surrogateescape: a name that is not UTF-8 (a legacy zip) hashes its raw bytes; UTF-8 names are unchanged.
+    digest = hashlib.sha256(f"{class_name}/{file_name}".encode("utf-8", "surrogateescape")).digest()
     position = int.from_bytes(digest[: _HASH_BITS // 8], "big") / 2**_HASH_BITS
     return "test" if position < FLAT_TEST_FRACTION else "train"
 
@@ -185,6 +187,16 @@ def list_image_folder(root: str | os.PathLike | None, split: str) -> tuple[tuple
     else:
         class_images = _class_images(root, root)
         classes = tuple(class_images)
+        # A class whose every file name hashes into the test split would be an output never trained.
+        untrained = [n for n, paths in class_images.items() if all(flat_split_of(n, p.name) == "test" for p in paths)]
+        if untrained:
+            shown = ", ".join(repr(name) for name in untrained[:MAX_NAMED_CLASSES])
+            more = f" and {len(untrained) - MAX_NAMED_CLASSES} more" if len(untrained) > MAX_NAMED_CLASSES else ""
+            raise DatasetError(
+                f"image folder {root}: every image of class {shown}{more} falls into the test split (the flat "
+                f"layout holds out {FLAT_TEST_FRACTION:.0%} of each class by a hash of the file names), so the "
+                "model would never train on it; add images, or use root/train/<class>/ and root/test/<class>/"
+            )
         items = [
             (p, label)
             for label, (name, paths) in enumerate(class_images.items())

@@ -22,34 +22,30 @@ FEATURE_SUBSET_SEED = 0
 
 
 def load_trained_model(run_dir: Path):
-    """(model in eval mode on CPU, its TrainConfig) from the newest checkpoint of ``run_dir``."""
-    from ..data import dataset_info
-    from ..engine.checkpoint import checkpoint_dir, find_latest_checkpoint, load_model_state
-    from ..engine.config import config_from_dict
-    from ..engine.objective import build_model
+    """(model in eval mode on CPU, its TrainConfig, its dataset's info) from the newest checkpoint of
+    ``run_dir``, restored as ``eval`` restores it (image size and class checks included)."""
+    from ..engine.checkpoint import checkpoint_dir, find_latest_checkpoint
+    from ..engine.evaluation import restore_checkpoint
 
     found = find_latest_checkpoint(checkpoint_dir(run_dir))
     if found is None:
         raise CheckpointError(f"{run_dir} has no loadable checkpoint in {checkpoint_dir(run_dir)}")
-    path, state = found
-    config = config_from_dict(state["config"], check_environment=False)
-    info = dataset_info(config.dataset, config.data_dir)
-    model = build_model(config, info.num_classes, info.in_channels, info.image_size)
-    load_model_state(model, state["model"], str(path))
-    return model.eval(), config
+    restored = restore_checkpoint(found[0])
+    return restored.module.model.eval(), restored.config, restored.info
 
 
 @torch.no_grad()
 def extract_features(run_dir: Path, max_images: int = MAX_FEATURE_IMAGES):
-    """``(features (N, D), labels (N,), config)`` of up to ``max_images`` test images (class-stratified)."""
+    """``(features (N, D), labels (N,), config, dataset info)`` of up to ``max_images`` test images
+    (class-stratified)."""
     from ..data import load_dataset, normalize_pixels, subset
 
-    model, config = load_trained_model(run_dir)
-    images, labels = load_dataset(config.dataset, "test", config.data_dir, progress=False)
+    model, config, info = load_trained_model(run_dir)
+    images, labels = load_dataset(config.dataset, "test", config.data_dir, image_size=config.image_size, progress=False)
     if len(labels) > max_images:
         images, labels = subset(images, labels, max_images, seed=FEATURE_SUBSET_SEED)
     features = [model.forward_features(normalize_pixels(batch)) for batch in images.split(FEATURE_BATCH_SIZE)]
-    return torch.cat(features).float().numpy(), labels.numpy(), config
+    return torch.cat(features).float().numpy(), labels.numpy(), config, info
 
 
 def features2d_panels(runs: list[tuple[str, Path]]) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], list[str]]:
@@ -57,17 +53,15 @@ def features2d_panels(runs: list[tuple[str, Path]]) -> tuple[list[tuple[str, np.
 
     Raises ``ValueError`` if a run's features are not 2-D (the model was not built with feature_dim=2).
     """
-    from ..data import dataset_info
-
     panels: list[tuple[str, np.ndarray, np.ndarray]] = []
     class_names: list[str] = []
     for label, run_dir in runs:
-        features, labels, config = extract_features(run_dir)
+        features, labels, _, info = extract_features(run_dir)
         if features.shape[1] != 2:
             raise ValueError(
                 f"{run_dir}: penultimate features have {features.shape[1]} dimensions, expected 2 (feature_dim=2)"
             )
         panels.append((label, features, labels))
         if not class_names:
-            class_names = list(dataset_info(config.dataset, config.data_dir).class_names)
+            class_names = list(info.class_names)
     return panels, class_names

@@ -145,16 +145,25 @@ def load_grid(path: str | os.PathLike) -> Grid:
     for number, stage in enumerate(raw["stages"] if isinstance(raw["stages"], list) else [None], start=1):
         stage = _mapping(stage, f"{path}: stage {number}")
         regime, names = stage.get("regime"), stage.get("models")
-        if regime not in regimes:
+        if not isinstance(regime, str) or regime not in regimes:
             raise ConfigError(f"{path}: stage {number} names regime {regime!r}; regimes: {', '.join(regimes)}")
-        if not isinstance(names, list) or not names or any(n not in models for n in names):
+        if not isinstance(names, list) or not names or any(not isinstance(n, str) or n not in models for n in names):
             raise ConfigError(
                 f"{path}: stage {number} models must be a list drawn from: {', '.join(models)}; got {names!r}"
             )
         stages.append((regime, tuple(names)))
     if not stages:
         raise ConfigError(f"{path}: stages is empty")
+    for key in ("results", "summary_from"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise ConfigError(f"{path}: {key} must be a path (a string); got {raw[key]!r}")
     summary_from = raw.get("summary_from")
+    if summary_from and not (path.parent / summary_from).is_file():
+        # Found out only when the first report is written, after a run has trained, otherwise.
+        raise ConfigError(
+            f"{path}: summary_from {summary_from!r} is not a grid file (looked for {path.parent / summary_from}; "
+            "it is relative to this grid file)"
+        )
     return Grid(
         name=str(raw["name"]),
         title=str(raw.get("title", raw["name"])),
@@ -315,6 +324,32 @@ def record_run(plan: GridPlan, run: GridRun, command: str) -> Path:
     return path
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _malformed(document: dict) -> str | None:
+    """What in a results document the report cannot read (a hand edit, a bad merge), else None."""
+    if not isinstance(document.get("settings", {}), dict):
+        return "settings is not an object"
+    for key in ("finished", "machine"):
+        if document.get(key) is not None and not isinstance(document[key], str):
+            return f"{key} is not a string"
+    summary = document.get("summary", {})
+    if not isinstance(summary, dict):
+        return "summary is not an object"
+    for key in ("final_test_acc", "best_test_acc", "images_per_second"):
+        if summary.get(key) is not None and not _number(summary[key]):
+            return f"summary.{key} is {summary[key]!r}, not a number"
+    metrics = document.get("metrics", [])
+    if not isinstance(metrics, list):
+        return "metrics is not a list"
+    for number, record in enumerate(metrics, start=1):
+        if not isinstance(record, dict) or not _number(record.get("step")):
+            return f"metrics record {number} has no numeric step"
+    return None
+
+
 def load_recorded(plan: GridPlan, run: GridRun) -> dict | None:
     """The results file of ``run`` if present; :class:`ConfigError` if it was made with other settings."""
     path = results_path(plan, run)
@@ -326,6 +361,11 @@ def load_recorded(plan: GridPlan, run: GridRun) -> dict | None:
         raise ConfigError(f"{path} is not valid JSON ({exc.msg}); delete it to rerun that run") from None
     if not isinstance(document, dict):
         raise ConfigError(f"{path} does not hold a JSON object; delete it to rerun that run")
+    problem = _malformed(document)
+    if problem:
+        raise ConfigError(
+            f"{path} is not a results file as the sweep writes it ({problem}); delete it to rerun that run"
+        )
     saved = document.get("settings", {})
     differing = sorted(k for k in set(saved) | set(run.settings) if saved.get(k) != run.settings.get(k))
     if differing:

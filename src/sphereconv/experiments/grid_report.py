@@ -227,7 +227,7 @@ def claim_conclusions(plan: GridPlan, comparisons: list[Comparison]) -> list[str
         groups = {
             label: sorted(points)
             for label, points in _effect_groups(plan, comparisons, vary).items()
-            if len(points) > 1
+            if len({x for x, *_ in points}) > 1  # two regimes at one width are no trend
         }
         if groups:
             trend = "; ".join(
@@ -467,7 +467,7 @@ def write_grid_report(plan: GridPlan, command: str) -> Path:
         ("iterations", "iterations", "effect_length.png"),
     ):
         groups = _effect_groups(plan, comparisons, vary)
-        if any(len(points) > 1 for points in groups.values()):
+        if any(len({x for x, *_ in points}) > 1 for points in groups.values()):
             plot_effects(
                 groups,
                 out / name,
@@ -504,7 +504,7 @@ def summary_of_other_grid(path: Path, report_dir: Path) -> list[str]:
     cells, ignored = collect_cells(plan, strict=False)
     done = sum(len(c.documents) for c in cells)
     if ignored:
-        link += f" ({ignored} results file(s) made with settings other than the grid file's are left out.)"
+        link += f" ({ignored} results file(s) unreadable or made with settings other than the grid's are left out.)"
     title = f"## What the full sweep (`{other.path}`) has found so far"
     if done == 0 and not (plan.results_dir / RUNS_DIR).is_dir():
         return [

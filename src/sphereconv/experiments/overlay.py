@@ -7,7 +7,9 @@ are one line, the mean over seeds with the min-max range shaded (as in the repro
 
 from __future__ import annotations
 
+import os
 import re
+from collections import Counter
 from pathlib import Path
 
 from .plots import plot_curves
@@ -33,7 +35,8 @@ def collect_curves(roots: list[Path], metric: str) -> dict[str, list[tuple[list[
     """Label -> per-run (steps, values) of ``metric`` for every run found under ``roots``."""
     if metric not in METRICS:
         raise ResultsError(f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}")
-    groups: dict[str, list[tuple[list[int], list[float]]]] = {}
+    # One line per run, or per runs that differ only in a trailing seed<k> folder: keyed by that path.
+    lines: dict[Path, tuple[str, list[tuple[list[int], list[float]]]]] = {}
     multiple_roots = len(roots) > 1
     for root in roots:
         root = Path(root)
@@ -47,7 +50,19 @@ def collect_curves(roots: list[Path], metric: str) -> dict[str, list[tuple[list[
             label = run_label(run_dir, root)
             if multiple_roots and run_dir != root:
                 label = f"{root.resolve().name}/{label}"
-            groups.setdefault(label, []).append(series(read_metrics(run_dir), metric))
+            resolved = run_dir.resolve()
+            key = resolved.parent if SEED_DIR.match(resolved.name) else resolved
+            lines.setdefault(key, (label, []))[1].append(series(read_metrics(run_dir), metric))
+    # Different runs with the same label (e1/run and e2/run) are named by their paths below their
+    # common folder instead of being drawn as one line, as if they were seeds of one run.
+    count = Counter(label for label, _ in lines.values())
+    clashing = [key for key, (label, _) in lines.items() if count[label] > 1]
+    common = Path(os.path.commonpath(clashing)) if clashing else None
+    groups: dict[str, list[tuple[list[int], list[float]]]] = {}
+    for key, (label, curves) in lines.items():
+        if common is not None and count[label] > 1:
+            label = key.relative_to(common).as_posix() if key != common else key.name
+        groups.setdefault(label, []).extend(curves)
     return groups
 
 

@@ -14,6 +14,7 @@ Every figure has the same fixed pixel size so that reports and tests can rely on
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,7 +53,14 @@ def _new_figure(inches: tuple[float, float] = FIGURE_INCHES) -> Figure:
 def _save(figure: Figure, out: Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=DPI, format="png")
+    # Written beside and renamed over: two grid workers rewrite the same report plots, and writes
+    # into one file at once interleave (a PNG of one's head and the other's tail).
+    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        figure.savefig(temporary, dpi=DPI, format="png")
+        temporary.replace(out)
+    finally:
+        temporary.unlink(missing_ok=True)
     return out
 
 
@@ -162,7 +170,10 @@ def plot_features2d(
     seed: int = 0,
 ) -> Path:
     """Scatter 2-D features coloured by class, one panel per (label, features (N, 2), labels (N,))."""
-    figure = _new_figure((FEATURE_PANEL_INCHES * len(panels), FEATURE_PANEL_INCHES + 0.6))
+    figure = _new_figure((FEATURE_PANEL_INCHES * max(len(panels), 1), FEATURE_PANEL_INCHES + 0.6))
+    if not panels:  # every run diverged: a labelled image, as the curve plots draw (was "cannot write empty image")
+        axes = figure.add_subplot(1, 1, 1)
+        axes.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=axes.transAxes)
     colours = _colours(10)
     generator = np.random.default_rng(seed)
     for position, (label, features, labels) in enumerate(panels, start=1):

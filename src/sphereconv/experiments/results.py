@@ -44,16 +44,21 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise ResultsError(f"{run_dir} is not a finished run: it has no {METRICS_FILE}")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ResultsError(f"{path} is not a text file of JSON lines") from None
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ResultsError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or "step" not in record:
-            raise ResultsError(f"{path}:{number} is not a metrics record (needs a 'step' key)")
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or step != step or abs(step) == math.inf:
+            raise ResultsError(f"{path}:{number} is not a metrics record (needs a 'step' key holding a number)")
         records.append(record)
     return records
 

@@ -29,6 +29,11 @@ from .grid import (
 from .grid_report import collect_cells, compare_cells, in_short, other_grid_in_short, write_grid_report
 from .runner import check_run_matches, run_status, train_run
 
+# A lock file is empty only between its creation and its process writing its id into it, unless the
+# machine stopped in between (a file created just before a crash or power cut can come back empty):
+# an empty lock file older than this is stale.
+EMPTY_LOCK_SECONDS = 60.0
+
 
 def _lock_path(run: GridRun) -> Path:
     return run.planned.out.parent / f"{run.run_id}.lock"
@@ -39,7 +44,10 @@ def _lock_owner(run: GridRun) -> int | None:
     left by a process that is gone is removed)."""
     lock = _lock_path(run)
     try:
-        owner = int(lock.read_text().strip() or 0)
+        text = lock.read_text().strip()
+        if not text and time.time() - lock.stat().st_mtime > EMPTY_LOCK_SECONDS:
+            raise ValueError("an empty lock file left by a crash")
+        owner = int(text or 0)  # empty: its process is writing its id now
         os.kill(owner, 0)
         return owner
     except PermissionError:  # the process lives, under another user
@@ -138,8 +146,8 @@ def run_grid(
 def describe_plan(plan: GridPlan, runs: list[GridRun] | None = None) -> list[str]:
     """One line per run (of ``runs``, default all): order, id, status (for a partial run, the step
     its checkpoint holds and whether a process is training it now) and the key settings; then the
-    count per status (for ``--dry-run``). A results file made with other settings raises
-    :class:`ConfigError`, as it does when the grid runs."""
+    count per status (for ``--dry-run``). A results file, or a run in the training folder, made with
+    other settings raises :class:`ConfigError`, as it does when the grid runs."""
     from ..engine.checkpoint import checkpoint_dir, list_checkpoints
 
     lines = []
@@ -149,6 +157,8 @@ def describe_plan(plan: GridPlan, runs: list[GridRun] | None = None) -> list[str
         config = run.planned.config
         # A results file of other settings stops the real run; the plan says so the same way.
         state = "recorded" if load_recorded(plan, run) is not None else run_status(run.planned)
+        if state in ("finished", "diverged", "partial"):  # a run of other settings there stops the real run too
+            check_run_matches(run.planned, state)
         counts[state] = counts.get(state, 0) + 1
         if state == "partial":
             steps = list_checkpoints(checkpoint_dir(run.planned.out))

@@ -10,8 +10,10 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .._validation import check_choice
-from ..errors import InvalidArgumentTypeError
+import torch
+
+from .._validation import check_choice, fail
+from ..errors import InvalidArgumentError, InvalidArgumentTypeError, short_repr
 from .additive_margin import ArcFaceLoss, CosFaceLoss
 from .angular_softmax import ASoftmaxLoss, GASoftmaxLoss, WeightNormalizedSoftmaxLoss
 from .base import ClassifierLoss
@@ -49,7 +51,8 @@ def build_loss(name: str, in_features: int, num_classes: int, **kwargs: Any) -> 
     ``a_softmax``, ``cosface``, ``arcface``) with the given options.
 
     Raises ``ValueError`` for an unknown name and ``TypeError`` for an option that loss does not take,
-    listing the allowed ones.
+    listing the allowed ones; a ``dtype`` that is not a floating-point ``torch.dtype`` is a
+    ``TypeError`` and a ``device`` torch cannot allocate on a ``ValueError``, each naming the value.
     """
     cls = _loss_class(name)
     allowed = loss_options(name)
@@ -58,7 +61,20 @@ def build_loss(name: str, in_features: int, num_classes: int, **kwargs: Any) -> 
         raise InvalidArgumentTypeError(
             f"loss {name!r} does not accept option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}"
         )
-    return cls(in_features, num_classes, **kwargs)
+    dtype, device = kwargs.get("dtype"), kwargs.get("device")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise fail("dtype", dtype, "None or a floating-point torch.dtype such as torch.float32", wrong_type=True)
+    try:
+        return cls(in_features, num_classes, **kwargs)
+    except (AssertionError, RuntimeError) as exc:
+        if device is None:
+            raise
+        # torch reports a device it cannot place the weight on (a bad name, a CUDA device without
+        # CUDA, an index past the last GPU) from inside the allocation, as these two types.
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InvalidArgumentError(
+            f"invalid device={short_repr(device)}: cannot place the loss there ({reason})"
+        ) from None
 
 
 __all__ = ["LOSSES", "list_losses", "loss_options", "build_loss"]

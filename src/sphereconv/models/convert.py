@@ -14,6 +14,9 @@ Which layers are converted:
 - ``include`` keeps only the candidates it matches, ``exclude`` drops those it matches. Each is a
   glob pattern (``fnmatch``, e.g. ``"layer4.*"``), a list of patterns matched against the
   qualified module name of ``model.named_modules()``, or a predicate ``f(name, module) -> bool``.
+  A pattern is matched against each layer's own name, so it must match at least one convolution
+  or linear layer: one that names only a container (``"layer4"``) raises ``ValueError`` pointing
+  to ``"layer4.*"`` instead of selecting nothing.
 - ``skip_classifier=True`` (default) keeps the *classifier* plain: the layer (any ``nn.Linear`` or
   convolution, Sphere or not) registered last among ``model``'s submodules (a bare layer passed as
   ``model`` is converted), in ``model.named_modules()`` order, which for the
@@ -47,8 +50,11 @@ _CONV_TO_SPHERE: dict[type, type] = {nn.Conv1d: SphereConv1d, nn.Conv2d: SphereC
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _selector(value: LayerSelector, argument: str, names: list[str]) -> Callable[[str, nn.Module], bool] | None:
-    """Turn ``include``/``exclude`` into a predicate; patterns matching no module raise ``ValueError``."""
+def _selector(
+    value: LayerSelector, argument: str, names: list[str], layer_names: list[str]
+) -> Callable[[str, nn.Module], bool] | None:
+    """Turn ``include``/``exclude`` into a predicate; a pattern matching no module, or only modules
+    that are not layers (``layer_names``: convolutions and linear layers), raises ``ValueError``."""
     if value is None:
         return None
     if callable(value):
@@ -65,6 +71,15 @@ def _selector(value: LayerSelector, argument: str, names: list[str]) -> Callable
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
             raise fail(f"{argument} pattern", pattern, f"a pattern matching a module of the model, such as: {sample}")
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in layer_names):
+            # Patterns are matched against the layers' own names: one naming only a container (a
+            # stage, a block) would select nothing and be ignored without a word.
+            raise fail(
+                f"{argument} pattern",
+                pattern,
+                "a pattern matching a convolution or linear layer, not only modules around them "
+                f"(for the layers inside {pattern!r}, write {pattern + '.*'!r})",
+            )
     return lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -151,8 +166,9 @@ def convert_model(
 
     named = list(model.named_modules())
     names = [name for name, _ in named]
-    include_fn = _selector(include, "include", names)
-    exclude_fn = _selector(exclude, "exclude", names)
+    layer_names = [name for name, module in named if isinstance(module, _LAYER_TYPES)]
+    include_fn = _selector(include, "include", names, layer_names)
+    exclude_fn = _selector(exclude, "exclude", names, layer_names)
     classifier = None
     if skip_classifier:
         # Among the submodules only: a bare layer passed as ``model`` is what the user asks to convert.

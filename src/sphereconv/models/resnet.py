@@ -58,6 +58,11 @@ IMAGENET_POOL_KERNEL, IMAGENET_POOL_STRIDE = 3, 2
 STEM_STYLES = ("cifar", "imagenet")
 
 
+def _is_sequence(value: object) -> bool:
+    """Whether ``value`` is a sized iterable of entries (a tuple, list, array), not a string."""
+    return hasattr(value, "__len__") and hasattr(value, "__iter__") and not isinstance(value, (str, bytes))
+
+
 class BasicBlock(nn.Module):
     """Basic residual unit: ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``.
 
@@ -157,7 +162,21 @@ class SphereResNet(nn.Module):
         bn_momentum: float = BN_MOMENTUM,
     ) -> None:
         super().__init__()
-        if not blocks_per_stage or len(stage_widths) != len(blocks_per_stage):
+        if not _is_sequence(blocks_per_stage) or len(blocks_per_stage) == 0:
+            raise fail(
+                "blocks_per_stage",
+                blocks_per_stage,
+                "a non-empty sequence of positive integers, one per stage",
+                wrong_type=not _is_sequence(blocks_per_stage),
+            )
+        if not _is_sequence(stage_widths):
+            raise fail(
+                "stage_widths",
+                stage_widths,
+                f"a sequence of positive integers, one per entry of blocks_per_stage={tuple(blocks_per_stage)}",
+                wrong_type=True,
+            )
+        if len(stage_widths) != len(blocks_per_stage):
             raise fail(
                 "stage_widths",
                 tuple(stage_widths),
