@@ -149,13 +149,17 @@ def _class_images(root: Path, class_root: Path) -> dict[str, list[Path]]:
         )
     empty = [name for name, paths in images.items() if not paths]
     if empty:
-        shown = ", ".join(repr(name) for name in empty[:MAX_NAMED_CLASSES])
-        more = f" and {len(empty) - MAX_NAMED_CLASSES} more" if len(empty) > MAX_NAMED_CLASSES else ""
         raise DatasetError(
             f"image folder {class_root} has class folders without images ({', '.join(IMAGE_EXTENSIONS)}): "
-            f"{shown}{more}; add images, convert them to one of these formats, or remove the folders"
+            f"{_name_classes(empty)}; add images, convert them to one of these formats, or remove the folders"
         )
     return images
+
+
+def _name_classes(names: list[str]) -> str:
+    """The first MAX_NAMED_CLASSES of ``names``, quoted, and how many more there are."""
+    shown = ", ".join(repr(name) for name in names[:MAX_NAMED_CLASSES])
+    return shown + (f" and {len(names) - MAX_NAMED_CLASSES} more" if len(names) > MAX_NAMED_CLASSES else "")
 
 
 def list_image_folder(root: str | os.PathLike | None, split: str) -> tuple[tuple[str, ...], list[tuple[Path, int]]]:
@@ -190,12 +194,10 @@ def list_image_folder(root: str | os.PathLike | None, split: str) -> tuple[tuple
         # A class whose every file name hashes into the test split would be an output never trained.
         untrained = [n for n, paths in class_images.items() if all(flat_split_of(n, p.name) == "test" for p in paths)]
         if untrained:
-            shown = ", ".join(repr(name) for name in untrained[:MAX_NAMED_CLASSES])
-            more = f" and {len(untrained) - MAX_NAMED_CLASSES} more" if len(untrained) > MAX_NAMED_CLASSES else ""
             raise DatasetError(
-                f"image folder {root}: every image of class {shown}{more} falls into the test split (the flat "
-                f"layout holds out {FLAT_TEST_FRACTION:.0%} of each class by a hash of the file names), so the "
-                "model would never train on it; add images, or use root/train/<class>/ and root/test/<class>/"
+                f"image folder {root}: every image of class {_name_classes(untrained)} falls into the test split "
+                f"(the flat layout holds out {FLAT_TEST_FRACTION:.0%} of each class by a hash of the file names), "
+                "so the model would never train on it; add images, or use root/train/<class>/ and root/test/<class>/"
             )
         items = [
             (p, label)
