@@ -129,6 +129,17 @@ def _file_above(path: Path) -> Path | None:
     return None
 
 
+def _refuse_below_file(text: str, expected: str) -> str:
+    """``text`` unless an existing parent of it is a file (``expected`` says what was asked for)."""
+    blocking = _file_above(Path(text))
+    if blocking is not None:
+        raise argparse.ArgumentTypeError(
+            f"expected {expected}, got {short_repr(text, MAX_PATH_CHARS)}, "
+            f"below {short_repr(str(blocking), MAX_PATH_CHARS)}, which is a file, not a folder"
+        )
+    return text
+
+
 def output_directory(text: str) -> str:
     """argparse type: a folder to write into, existing or to be created (not a file, nor below one)."""
     if not text.strip():
@@ -136,28 +147,15 @@ def output_directory(text: str) -> str:
     path = Path(text)
     if os.path.lexists(path) and not path.is_dir():
         raise argparse.ArgumentTypeError(f"expected a folder, got {short_repr(text, MAX_PATH_CHARS)}, which is a file")
-    blocking = _file_above(path)
-    if blocking is not None:
-        raise argparse.ArgumentTypeError(
-            f"expected a folder, got {short_repr(text, MAX_PATH_CHARS)}, "
-            f"below {short_repr(str(blocking), MAX_PATH_CHARS)}, which is a file, not a folder"
-        )
-    return text
+    return _refuse_below_file(text, "a folder")
 
 
 def output_file(text: str) -> str:
     """argparse type: a file to write, existing or new (not a folder, nor below a file)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a file name, got an empty path")
-    path = Path(text)
-    if path.is_dir():
+    if Path(text).is_dir():
         raise argparse.ArgumentTypeError(
             f"expected a file name, got {short_repr(text, MAX_PATH_CHARS)}, which is a folder"
         )
-    blocking = _file_above(path)
-    if blocking is not None:
-        raise argparse.ArgumentTypeError(
-            f"expected a file name, got {short_repr(text, MAX_PATH_CHARS)}, "
-            f"below {short_repr(str(blocking), MAX_PATH_CHARS)}, which is a file, not a folder"
-        )
-    return text
+    return _refuse_below_file(text, "a file name")

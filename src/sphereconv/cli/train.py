@@ -133,24 +133,24 @@ def format_summary(summary: dict) -> str:
     return ", ".join(parts)
 
 
-def check_names(config) -> None:
-    """Fail early (before any data is read) on an unknown model or dataset name."""
+def check_names(config):
+    """Fail early (before any data is read) on an unknown model or dataset name; returns the
+    dataset's :class:`~sphereconv.data.DatasetInfo`."""
     from ..data import dataset_info
     from ..models.registry import get_model_factory
 
     get_model_factory(config.model)
-    dataset_info(config.dataset, config.data_dir, image_size=config.image_size)
+    return dataset_info(config.dataset, config.data_dir, image_size=config.image_size)
 
 
-def check_network(config) -> None:
-    """Build the network and its loss on the meta device (no memory, no weights), so that a bad
-    ``model_kwargs`` or ``loss_kwargs`` fails the dry run as it would fail the run."""
+def check_network(config, info) -> None:
+    """Build the network and its loss for the dataset ``info`` on the meta device (no memory, no
+    weights), so that a bad ``model_kwargs`` or ``loss_kwargs`` fails the dry run as it would fail
+    the run."""
     import torch
 
-    from ..data import dataset_info
     from ..engine.objective import build_loss_module, build_model
 
-    info = dataset_info(config.dataset, config.data_dir, image_size=config.image_size)
     with torch.device("meta"):
         model = build_model(config, info.num_classes, info.in_channels, info.image_size)
         build_loss_module(config, model, info.num_classes)
@@ -159,11 +159,11 @@ def check_network(config) -> None:
 def run(args: argparse.Namespace) -> int:
     """Resolve the config, then train (or only print it with ``--dry-run``); returns the exit code."""
     config = resolve_config(args)
-    check_names(config)
+    info = check_names(config)
     if args.dry_run:
         from ..engine.config import format_config
 
-        check_network(config)
+        check_network(config, info)
 
         sys.stdout.write(format_config(config))
         print("config is valid (dry run: nothing trained)")

@@ -87,6 +87,13 @@ def read_at_most(stream: io.BufferedIOBase, limit: int) -> bytes:
     return b"".join(blocks)
 
 
+def _too_large(path: str | Path, max_bytes: int) -> DatasetError:
+    return DatasetError(
+        f"{path} decompresses to more than {max_bytes:,} bytes, more than this dataset file can hold; "
+        "delete it and download it again"
+    )
+
+
 def read_content(path: str | Path, max_bytes: int = MAX_CONTENT_BYTES) -> bytes:
     """The decompressed content of ``path`` (see :func:`open_content`), at most ``max_bytes`` of it.
 
@@ -96,10 +103,7 @@ def read_content(path: str | Path, max_bytes: int = MAX_CONTENT_BYTES) -> bytes:
     with open_content(path) as stream:
         content = read_at_most(stream, max_bytes + 1)
     if len(content) > max_bytes:
-        raise DatasetError(
-            f"{path} decompresses to more than {max_bytes:,} bytes, more than this dataset file can hold; "
-            "delete it and download it again"
-        )
+        raise _too_large(path, max_bytes)
     return content
 
 
@@ -134,10 +138,7 @@ def verify_content_of_file(path: str | Path, expected_sha256: str | None, max_by
         for block in iter(lambda: stream.read(HASH_BLOCK_BYTES), b""):
             size += len(block)
             if size > max_bytes:
-                raise DatasetError(
-                    f"{path} decompresses to more than {max_bytes:,} bytes, more than this dataset file can hold; "
-                    "delete it and download it again"
-                )
+                raise _too_large(path, max_bytes)
             digest.update(block)
     if digest.hexdigest() != expected_sha256:
         _raise_mismatch(path, digest.hexdigest(), expected_sha256)

@@ -203,6 +203,12 @@ def _interval_text(low: float, high: float) -> str:
     )
 
 
+def _spans_values(points: list) -> bool:
+    """Whether effect points ``(x, mean, low, high)`` cover two or more widths (or lengths): two
+    regimes at one width that differ in another setting are no trend."""
+    return len({x for x, *_ in points}) > 1
+
+
 def claim_conclusions(plan: GridPlan, comparisons: list[Comparison]) -> list[str]:
     """The protocol's claims, each with the verdicts so far, in plain words."""
     by_verdict: dict[str, list[str]] = {}
@@ -227,7 +233,7 @@ def claim_conclusions(plan: GridPlan, comparisons: list[Comparison]) -> list[str
         groups = {
             label: sorted(points)
             for label, points in _effect_groups(plan, comparisons, vary).items()
-            if len({x for x, *_ in points}) > 1  # two regimes at one width are no trend
+            if _spans_values(points)
         }
         if groups:
             trend = "; ".join(
@@ -467,7 +473,7 @@ def write_grid_report(plan: GridPlan, command: str) -> Path:
         ("iterations", "iterations", "effect_length.png"),
     ):
         groups = _effect_groups(plan, comparisons, vary)
-        if any(len({x for x, *_ in points}) > 1 for points in groups.values()):
+        if any(_spans_values(points) for points in groups.values()):
             plot_effects(
                 groups,
                 out / name,

@@ -57,7 +57,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
         except json.JSONDecodeError as exc:
             raise ResultsError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
         step = record.get("step") if isinstance(record, dict) else None
-        if isinstance(step, bool) or not isinstance(step, (int, float)) or step != step or abs(step) == math.inf:
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step):
             raise ResultsError(f"{path}:{number} is not a metrics record (needs a 'step' key holding a number)")
         records.append(record)
     return records

@@ -207,7 +207,10 @@ def check_run_matches(run: PlannedRun, status: str = "finished") -> None:
     Checked for finished and diverged runs (which are reused) and for partial ones before they are
     resumed: a resume may lengthen a run, but the lengthened run keeps the learning-rate schedule
     and margin annealing of its first length, so it computes neither the old run nor a new one.
+    Any other ``status`` (see :func:`run_status`) has nothing there to reuse or continue.
     """
+    if status not in _STATUS_WORDS:
+        return
     from ..engine.config import config_to_dict
     from ..engine.run_dir import resumed_config_values
 
@@ -220,7 +223,7 @@ def check_run_matches(run: PlannedRun, status: str = "finished") -> None:
     if differing:
         details = ", ".join(f"{k}: {saved.get(k)!r} there vs {wanted.get(k)!r} now" for k in differing[:4])
         raise ConfigError(
-            f"{run.out} holds {_STATUS_WORDS.get(status, 'a run')} with different settings ({details}); "
+            f"{run.out} holds {_STATUS_WORDS[status]} with different settings ({details}); "
             "pass another --out or delete that directory"
         )
 
@@ -266,8 +269,7 @@ def execute_plan(plan: Plan, log: Callable[[str], None] = print) -> None:
     for index, run in enumerate(plan.runs, start=1):
         status = run_status(run)
         tag = f"[{index}/{total}] {plan.experiment.name}/{run.variant.name}/seed{run.seed}"
-        if status in ("finished", "diverged", "partial"):
-            check_run_matches(run, status)
+        check_run_matches(run, status)
         if status == "finished":
             log(f"{tag}: already finished, skipped")
             continue

@@ -96,8 +96,7 @@ def execute_grid(
         try:
             status = run_status(run.planned)
             started = time.perf_counter()
-            if status in ("finished", "diverged", "partial"):
-                check_run_matches(run.planned, status)  # a run of other settings (a smoke run, say) is not recorded
+            check_run_matches(run.planned, status)  # a run of other settings (a smoke run, say) is not recorded
             if status in ("finished", "diverged"):
                 outcome = f"{status} earlier in {run.planned.out}, recorded"
             else:
@@ -157,8 +156,7 @@ def describe_plan(plan: GridPlan, runs: list[GridRun] | None = None) -> list[str
         config = run.planned.config
         # A results file of other settings stops the real run; the plan says so the same way.
         state = "recorded" if load_recorded(plan, run) is not None else run_status(run.planned)
-        if state in ("finished", "diverged", "partial"):  # a run of other settings there stops the real run too
-            check_run_matches(run.planned, state)
+        check_run_matches(run.planned, state)  # a run of other settings there stops the real run too
         counts[state] = counts.get(state, 0) + 1
         if state == "partial":
             steps = list_checkpoints(checkpoint_dir(run.planned.out))
