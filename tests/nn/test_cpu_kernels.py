@@ -7,6 +7,7 @@ built (a C++ compiler is present where these tests run) or the tests say why the
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -124,6 +125,21 @@ def test_cpp_sigmoid_matches_the_aten_epilogue_where_the_exponential_saturates(k
     expected, _ = _fused.forward_epilogue(cos.unsqueeze(1), "sigmoid", k, None)
     assert torch.isfinite(out).all()
     _assert_close(out, expected.reshape(out.shape))
+
+
+@pytest.mark.parametrize("k", [0.262, 0.3, 2.0, 0.25])
+def test_cpp_sigmoid_of_small_cosines_is_float32_accurate(k):
+    # Blocks of |c| <= 1/2 take tanh's polynomial for k >= pi/12 (|u| <= 1; k = 0.262 reaches
+    # |u| = 0.9992 at c = +-1/2), the exponential below (k = 0.25); both within a few float32
+    # roundings of the float64 formula: s_k tanh(asin(c) / 2k), and sigmoid(2u) for the backward.
+    block = _cpu_kernels.KERNEL_ARCSINE_BLOCK
+    cos = torch.linspace(-0.5, 0.5, 16 * block, dtype=torch.float64).reshape(1, 1, 1, -1)
+    u = torch.asin(cos) / (2 * k)
+    expected = torch.tanh(u) / math.tanh(math.pi / (4 * k))
+    out, extra, _ = _cpu_kernels.forward_epilogue(cos.float(), torch.ones_like(cos).float(), 1, "sigmoid", k, None)
+    scale = 1 / math.tanh(math.pi / (4 * k))
+    assert float((out.double() - expected).abs().max()) <= 4e-7 * scale
+    assert float((extra.double() - torch.sigmoid(2 * u)).abs().max()) <= 2e-7
 
 
 @pytest.mark.parametrize("dims", [1, 3])

@@ -23,8 +23,10 @@ arccos derivative, products and reductions backward). These kernels do each step
 
 The arcsine (linear and sigmoid operators) runs block by block: a block of cosines all within 1/2,
 the usual case for filters not aligned with their patches, skips the square root of the polynomial's
-other branch. The sigmoids' constants (``1/k``, ``s_k``, the ``dg/dk`` coefficient) are computed in
-the kernels from k.
+other branch, and for the sigmoids with k >= pi/12 takes ``tanh(u)`` from a polynomial valid for
+|u| <= 1 instead of an exponential and a division (other blocks: ``2 sigmoid(2u) - 1``). The sigmoids'
+constants (``1/k``, ``s_k``, the ``dg/dk`` coefficient) are computed in the kernels from k, once per
+channel and call.
 
 Inputs that need the power-of-two rescaling (largest values outside the fused path's direct range)
 take the ATen filter norm and peak search; the gradients then take the kernels with the scales.

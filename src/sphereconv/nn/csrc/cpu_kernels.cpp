@@ -93,37 +93,76 @@ inline void for_each_arcsine_block(const T* c, int64_t count, Block block) {
   }
 }
 
+// op(s, asin(clamp(c[s]))) for s in one block [start, stop), vectorised (small: as for_each_arcsine_block).
+template <typename T, typename Op>
+inline void arcsine_block(const T* c, int64_t start, int64_t stop, bool small, Op op) {
+  if (small) {
+#pragma omp simd
+    for (int64_t s = start; s < stop; ++s) op(s, asin_small(c[s]));
+  } else {
+#pragma omp simd
+    for (int64_t s = start; s < stop; ++s) op(s, fast_asin(clamp_unit(c[s])));
+  }
+}
+
 // op(s, asin(clamp(c[s]))) for s in [0, count), vectorised, block by block.
 template <typename T, typename Op>
 inline void for_each_arcsine(const T* c, int64_t count, Op op) {
-  for_each_arcsine_block(c, count, [&](int64_t start, int64_t stop, bool small) {
-    if (small) {
-#pragma omp simd
-      for (int64_t s = start; s < stop; ++s) op(s, asin_small(c[s]));
-    } else {
-#pragma omp simd
-      for (int64_t s = start; s < stop; ++s) op(s, fast_asin(clamp_unit(c[s])));
-    }
-  });
+  for_each_arcsine_block(c, count,
+                         [&](int64_t start, int64_t stop, bool small) { arcsine_block(c, start, stop, small, op); });
 }
 
-// The sigmoid's per-channel constants from its k (Sec. 2.1): 1/k, s_k = 1/tanh(pi/4k) and the
-// dg/dk coefficient (s_k^2 - 1) pi / (4 k^2).
+// tanh(u) for |u| <= kTanhPolyMaxU: u P(u^2), P of degree 6 the Chebyshev interpolant of
+// tanh(sqrt(z)) / sqrt(z) on z in [0, 1] (fitted for this file: largest relative error 1.6e-7 in float32,
+// rounding included, as Cephes' exponential), without the exponential and the division of
+// 2 sigmoid(2u) - 1; double: the C library.
+constexpr double kTanhPolyMaxU = 1.0;
+
+inline float tanh_small(float u) {
+  float z = u * u;
+  float p = mul_add(mul_add(mul_add(mul_add(mul_add(mul_add(1.03802513e-3f, z, -6.19432470e-3f), z, 2.02797074e-2f), z,
+                                            -5.34516461e-2f), z, 1.33250758e-1f), z, -3.33328277e-1f), z,
+                    9.99999940e-1f);
+  return p * u;
+}
+
+inline double tanh_small(double u) { return std::tanh(u); }
+
+// The sigmoid's per-channel constants from its k (Sec. 2.1): 1/k, s_k = 1/tanh(pi/4k), the dg/dk
+// coefficient (s_k^2 - 1) pi / (4 k^2), and whether blocks of |c| <= 1/2 take tanh_small: there
+// |u| = |asin(c)| / 2k <= (pi/6) / 2k, within kTanhPolyMaxU for k >= pi/12.
 template <typename T>
 struct SigmoidConsts {
   T inv_k, scale, coef;
+  bool tanh_poly;
   explicit SigmoidConsts(T k)
       : inv_k(T(1) / k),
         scale(T(1) / std::tanh(T(kHalfPi / 2) / k)),
-        coef((scale * scale - T(1)) * T(kHalfPi / 2) * inv_k * inv_k) {}
+        coef((scale * scale - T(1)) * T(kHalfPi / 2) * inv_k * inv_k),
+        tanh_poly(T(kHalfPi / 3) * inv_k / T(2) <= T(kTanhPolyMaxU)) {}
 };
 
-// out = g(clamp(c)) + b with c = inner * r written over inner; extra = sigmoid(v) for the sigmoids
+// The constants of every channel (one entry when k_stride is 0: one k for all), computed once per call
+// rather than per sample and channel (a tanh each: tens of microseconds per layer call); empty for the
+// other operators.
 template <typename T>
-void forward(T* inner, const T* r, const T* k, int64_t k_stride, const T* bias, T* out, T* extra,
-             int64_t n_samples, int64_t channels, int64_t groups, int64_t positions, int op, int threads) {
+std::vector<SigmoidConsts<T>> sigmoid_consts(int op, const T* k, int64_t k_stride, int64_t channels) {
+  std::vector<SigmoidConsts<T>> consts;
+  if (op != kSigmoid) return consts;
+  const int64_t count = k_stride ? channels : 1;
+  consts.reserve(count);
+  for (int64_t ch = 0; ch < count; ++ch) consts.emplace_back(k[ch * k_stride]);
+  return consts;
+}
+
+// out = g(clamp(c)) + b with c = inner * r written over inner; extra = sigmoid(2u) for the sigmoids
+// (all_consts from sigmoid_consts). Shares its rows among the threads of the enclosing parallel region.
+template <typename T>
+void forward_rows(T* inner, const T* r, const std::vector<SigmoidConsts<T>>& all_consts, int64_t k_stride,
+                  const T* bias, T* out, T* extra, int64_t n_samples, int64_t channels, int64_t groups,
+                  int64_t positions, int op) {
   const int64_t per_group = channels / groups;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+#pragma omp for collapse(2) schedule(static)
   for (int64_t n = 0; n < n_samples; ++n) {
     for (int64_t ch = 0; ch < channels; ++ch) {
       const int64_t row = (n * channels + ch) * positions;
@@ -145,8 +184,8 @@ void forward(T* inner, const T* r, const T* k, int64_t k_stride, const T* bias, 
       if (op == kLinear) {
         for_each_arcsine(x, positions, [=](int64_t s, T a) { o[s] = T(kLinearScale) * a + b; });
       } else {
-        const SigmoidConsts<T> consts(k[ch * k_stride]);
-        const T ik = consts.inv_k, sk = consts.scale;
+        const SigmoidConsts<T>& consts = all_consts[ch * k_stride];
+        const T ik = consts.inv_k, sk = consts.scale, half_ik = T(0.5) * ik;
         const T two_s = T(2) * sk, offset = sk - b;
         T* e = extra + row;
         auto sigmoid = [=](auto exp) {
@@ -156,10 +195,21 @@ void forward(T* inner, const T* r, const T* k, int64_t k_stride, const T* bias, 
             e[s] = sig;
           };
         };
-        if (T(kHalfPi) * ik <= T(87))  // |2u| <= (pi/2) / k: the exponential's argument stays in range
-          for_each_arcsine(x, positions, sigmoid([](T v) { return fast_exp_in_range(v); }));
-        else
-          for_each_arcsine(x, positions, sigmoid([](T v) { return fast_exp(v); }));
+        auto by_tanh = [=](int64_t s, T a) {
+          T t = tanh_small(a * half_ik);
+          o[s] = sk * t + b;
+          e[s] = T(0.5) * t + T(0.5);  // sigmoid(2u) = (1 + tanh(u)) / 2
+        };
+        // |2u| <= (pi/2) / k: the exponential's argument stays in range
+        const bool exp_in_range = T(kHalfPi) * ik <= T(87);
+        for_each_arcsine_block(x, positions, [&](int64_t start, int64_t stop, bool small) {
+          if (small && consts.tanh_poly)
+            arcsine_block(x, start, stop, true, by_tanh);
+          else if (exp_in_range)
+            arcsine_block(x, start, stop, small, sigmoid([](T v) { return fast_exp_in_range(v); }));
+          else
+            arcsine_block(x, start, stop, small, sigmoid([](T v) { return fast_exp(v); }));
+        });
       }
     }
   }
@@ -209,6 +259,7 @@ void backward(const T* grad, const T* cos, const T* extra, const T* r, const T* 
   std::vector<T> bias_parts(d_bias ? n_samples * channels : 0), k_parts(d_k ? n_samples * channels : 0);
   T* part_bias = d_bias ? bias_parts.data() : nullptr;
   T* part_k = d_k ? k_parts.data() : nullptr;
+  const std::vector<SigmoidConsts<T>> all_consts = sigmoid_consts(op, k, k_stride, channels);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
   for (int64_t n = 0; n < n_samples; ++n) {
     for (int64_t g = 0; g < groups; ++g) {
@@ -244,7 +295,7 @@ void backward(const T* grad, const T* cos, const T* extra, const T* r, const T* 
             bias_sum += go[s];
           }
         } else {
-          const SigmoidConsts<T> consts(k[ch * k_stride]);
+          const SigmoidConsts<T>& consts = all_consts[ch * k_stride];
           const T ik = consts.inv_k, sk = consts.scale, ck = consts.coef;
           const T factor = T(2) * sk * ik;  // s_k/(2k) sech^2(u) = (2 s_k / k) sig (1 - sig)
           const T* e = extra + row;  // sigmoid(2u), from the forward
@@ -359,36 +410,37 @@ void window_sum_transpose(const T* src, T* dst, T* pad, const Windows& w) {
 }
 
 // r = 1 / sqrt(max(sum over the window of sq, 0) + eps m^2) per plane (sample-group) of sq (its
-// channels' sum of squares) with its largest |x| m: the reciprocal patch norms (N, G, *S_out).
+// channels' sum of squares) with its largest |x| m: the reciprocal patch norms (N, G, *S_out). Shares
+// its planes among the threads of the enclosing parallel region.
 template <typename T>
-void patch_rnorm(const T* sq, const T* peak, T* r, int64_t planes, const int64_t* geometry, T eps, int threads) {
-  const Windows w(geometry);
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<T> pad(w.padded_size());
+void patch_rnorm_planes(const T* sq, const T* peak, T* r, int64_t planes, const Windows& w, T eps) {
+  std::vector<T> pad(w.padded_size());
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < planes; ++i) {
-      T* o = r + i * w.out_size();
-      window_sum(sq + i * w.in_size(), o, pad.data(), w);
-      const T m = peak[i];
-      const T e = (m * m) * eps;
+  for (int64_t i = 0; i < planes; ++i) {
+    T* o = r + i * w.out_size();
+    window_sum(sq + i * w.in_size(), o, pad.data(), w);
+    const T m = peak[i];
+    const T e = (m * m) * eps;
 #pragma omp simd
-      for (int64_t s = 0; s < w.out_size(); ++s) {
-        T v = o[s] < T(0) ? T(0) : o[s];  // (a NaN stays NaN)
-        o[s] = T(1) / std::sqrt(v + e);
-      }
+    for (int64_t s = 0; s < w.out_size(); ++s) {
+      T v = o[s] < T(0) ? T(0) : o[s];  // (a NaN stays NaN)
+      o[s] = T(1) / std::sqrt(v + e);
     }
   }
 }
 
-// forward, after computing r (N, G, S_out) with patch_rnorm from sq and peak if sq is given (the patch
-// norms and the epilogue in one call); else r is the caller's.
+// The epilogue (forward_rows), after computing r (N, G, S_out) with patch_rnorm_planes from sq and peak
+// if sq is given; else r is the caller's. One parallel region for both (one team start per layer).
 template <typename T>
 void normalized_forward(T* inner, T* r, const T* sq, const T* peak, const int64_t* geometry, T eps, const T* k,
                         int64_t k_stride, const T* bias, T* out, T* extra, int64_t n_samples, int64_t channels,
                         int64_t groups, int64_t positions, int op, int threads) {
-  if (sq) patch_rnorm<T>(sq, peak, r, n_samples * groups, geometry, eps, threads);
-  forward<T>(inner, r, k, k_stride, bias, out, extra, n_samples, channels, groups, positions, op, threads);
+  const std::vector<SigmoidConsts<T>> all_consts = sigmoid_consts(op, k, k_stride, channels);
+#pragma omp parallel num_threads(threads)
+  {
+    if (sq) patch_rnorm_planes<T>(sq, peak, r, n_samples * groups, Windows(geometry), eps);  // (then a barrier)
+    forward_rows<T>(inner, r, all_consts, k_stride, bias, out, extra, n_samples, channels, groups, positions, op);
+  }
 }
 
 // sum x^2 over each group's channels: (N, C, S) -> (N, G, S)
