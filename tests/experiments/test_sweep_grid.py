@@ -506,6 +506,11 @@ def test_only_selects_cells_and_names_what_a_bad_selector_may_say(tmp_path, caps
         ({"results": 5}, "results must be a path (a string); got 5"),
         ({"summary_from": ["claims.yaml"]}, "summary_from must be a path (a string)"),
         ({"summary_from": "clams.yaml"}, "summary_from 'clams.yaml' is not a grid file"),
+        # Names with "-" gave clashing run ids (regime "A-x" with model "cnn" vs regime "A" with
+        # model "x-cnn"); "/" made nested folders and could not be selected with --only.
+        ({"regimes": {"A-x": {"width_mult": 0.25}}}, "regimes name 'A-x' may use only letters, digits"),
+        ({"regimes": {"A/x": {"width_mult": 0.25}}}, "regimes name 'A/x' may use only letters, digits"),
+        ({"models": {"..": {"operator": "none"}}}, "models name '..' may use only letters, digits"),
     ],
 )
 def test_bad_grid_files_get_one_line_errors(tmp_path, changes, message):

@@ -65,7 +65,7 @@ def test_build_loss_names_a_dtype_that_is_not_floating_point(dtype):
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: GASoftmaxLoss(4, 3, margin=0.5), r"invalid margin=0.5: expected a number >= 1"),
+        (lambda: GASoftmaxLoss(4, 3, margin=0.5), r"invalid margin=0.5: expected a number in \[1, 64\]"),
         (lambda: GASoftmaxLoss(4, 3, margin=float("nan")), r"margin.*nan"),
         (lambda: GASoftmaxLoss(4, 3, operator="tanh"), rf"invalid operator='tanh': {CLASSIFIER_G}"),
         (
@@ -81,9 +81,10 @@ def test_build_loss_names_a_dtype_that_is_not_floating_point(dtype):
         (lambda: GASoftmaxLoss(4, 3, anneal_iterations=0), r"invalid anneal_iterations=0: expected a positive integer"),
         (
             lambda: ASoftmaxLoss(4, 3, margin=2.5),
-            r"invalid margin=2.5: expected an integer >= 1 \(GASoftmaxLoss takes a real-valued margin\)",
+            r"invalid margin=2.5: expected an integer from 1 to 64 "
+            r"\(GASoftmaxLoss takes a real-valued margin in that range\)",
         ),
-        (lambda: ASoftmaxLoss(4, 3, margin=0), r"invalid margin=0: expected an integer >= 1"),
+        (lambda: ASoftmaxLoss(4, 3, margin=0), r"invalid margin=0: expected an integer from 1 to 64"),
         (lambda: CosFaceLoss(4, 3, scale=0.0), r"invalid scale=0.0: expected a number > 0"),
         (lambda: CosFaceLoss(4, 3, margin=-0.1), r"invalid margin=-0.1: expected a number in \[0, 2\]"),
         (lambda: ArcFaceLoss(4, 3, scale=-2.0), r"scale.*-2.0"),
@@ -102,8 +103,8 @@ def test_bad_constructor_arguments_raise_value_error(make, match):
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: GASoftmaxLoss(4, 3, margin="2"), r"invalid margin='2': expected a number >= 1"),
-        (lambda: ASoftmaxLoss(4, 3, margin="4"), r"invalid margin='4': expected an integer >= 1"),
+        (lambda: GASoftmaxLoss(4, 3, margin="2"), r"invalid margin='2': expected a number in \[1, 64\]"),
+        (lambda: ASoftmaxLoss(4, 3, margin="4"), r"invalid margin='4': expected an integer from 1 to 64"),
         (lambda: GASoftmaxLoss(4, 3, anneal="yes"), r"invalid anneal='yes': expected true or false"),
         (lambda: SoftmaxLoss("4", 3), r"invalid in_features='4': expected a positive integer"),
         (lambda: SoftmaxLoss(4, 3, bias=1), r"invalid bias=1: expected true or false"),

@@ -70,10 +70,13 @@ def test_ga_softmax_margin_assignment_equals_a_fresh_loss():
         (lambda: ArcFaceLoss(4, 3), 2.0, ValueError, r"invalid margin=2.0: expected a number in \[0, 1.5708\]"),
         (lambda: ArcFaceLoss(4, 3), -0.1, ValueError, r"invalid margin=-0.1"),
         (lambda: CosFaceLoss(4, 3), 2.5, ValueError, r"invalid margin=2.5: expected a number in \[0, 2\]"),
-        (lambda: GASoftmaxLoss(4, 3), 0.5, ValueError, r"invalid margin=0.5: expected a number >= 1"),
-        (lambda: GASoftmaxLoss(4, 3), "2", TypeError, r"invalid margin='2': expected a number >= 1"),
-        (lambda: ASoftmaxLoss(4, 3), 2.5, ValueError, r"invalid margin=2.5: expected an integer >= 1"),
-        (lambda: ASoftmaxLoss(4, 3), 0, ValueError, r"invalid margin=0: expected an integer >= 1"),
+        (lambda: GASoftmaxLoss(4, 3), 0.5, ValueError, r"invalid margin=0.5: expected a number in \[1, 64\]"),
+        (lambda: GASoftmaxLoss(4, 3), "2", TypeError, r"invalid margin='2': expected a number in \[1, 64\]"),
+        (lambda: ASoftmaxLoss(4, 3), 2.5, ValueError, r"invalid margin=2.5: expected an integer from 1 to 64"),
+        (lambda: ASoftmaxLoss(4, 3), 0, ValueError, r"invalid margin=0: expected an integer from 1 to 64"),
+        # beyond the cap: NaN losses (1e300) or one Chebyshev step per unit of margin at every call
+        (lambda: GASoftmaxLoss(4, 3), 1e300, ValueError, r"invalid margin=1e\+300: expected a number in \[1, 64\]"),
+        (lambda: ASoftmaxLoss(4, 3), 1024, ValueError, r"invalid margin=1024: expected an integer from 1 to 64"),
     ],
 )
 def test_bad_margin_assignment_raises_and_keeps_the_old_margin(make, value, error, match):

@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -49,6 +50,9 @@ RUNS_DIR = "runs"
 KEPT_METRICS = ("step", "test_acc", "test_loss", "train_loss", "train_acc", "lr", "seconds")
 # A smoke-scale grid multiplies every regime's width by this (width 1/4 becomes 1/16, the smoke width).
 SMOKE_WIDTH_FACTOR = 0.25
+# Model and regime names: run ids join them with "-" (REGIME-MODEL-sSEED) and --only splits
+# REGIME/MODEL, and the ids name folders, so neither character (nor a path separator) may occur.
+_NAME = re.compile(r"[A-Za-z0-9_.]+")
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,11 @@ def _mapping(value, where: str) -> dict:
 def _named(section: dict, what: str, path: Path) -> dict[str, Named]:
     entries = {}
     for name, body in _mapping(section, f"{path}: {what}").items():
+        if not _NAME.fullmatch(str(name)) or str(name) in (".", ".."):
+            raise ConfigError(
+                f"{path}: {what} name {str(name)!r} may use only letters, digits, '_' and '.' "
+                "(run ids join names with '-' and name folders)"
+            )
         body = dict(_mapping(body, f"{path}: {what}.{name}"))
         entries[str(name)] = Named(str(name), str(body.pop("label", name)), body)
     if not entries:

@@ -56,8 +56,14 @@ LOSS_OPERATORS = CLASSIFIER_OPERATORS
 # experiments use throughout), the default of A-Softmax and of GA-Softmax alike.
 A_SOFTMAX_MARGIN = 4
 GA_SOFTMAX_MARGIN = A_SOFTMAX_MARGIN
+# Largest angular margin: the papers use 1-4. psi's last piece is -2n with n up to m, so the true
+# class's logit reaches -(2m + 1)|x| and the loss grows like m; A-Softmax's T_m costs O(m) per call
+# (64 ms at m = 1024 for a batch of 64 on a CPU) and a margin beyond float32's range gives NaN.
+MAX_ANGULAR_MARGIN = 64
 # What A-Softmax's margin error lists as allowed.
-A_SOFTMAX_MARGIN_RANGE = "an integer >= 1 (GASoftmaxLoss takes a real-valued margin)"
+A_SOFTMAX_MARGIN_RANGE = (
+    f"an integer from 1 to {MAX_ANGULAR_MARGIN} (GASoftmaxLoss takes a real-valued margin in that range)"
+)
 
 
 class WeightNormalizedSoftmaxLoss(AngularSoftmaxLoss):
@@ -158,7 +164,7 @@ class GASoftmaxLoss(WeightNormalizedSoftmaxLoss):
 
     @property
     def margin(self) -> float:
-        """The angular margin m >= 1; it may be reassigned (checked) after construction."""
+        """The angular margin m in [1, MAX_ANGULAR_MARGIN]; it may be reassigned (checked) after construction."""
         return self._margin
 
     @margin.setter
@@ -166,8 +172,8 @@ class GASoftmaxLoss(WeightNormalizedSoftmaxLoss):
         self._margin = self.check_margin(value)
 
     def check_margin(self, value: float) -> float:
-        """``value`` as a valid margin (a real number >= 1), else ``ValueError``/``TypeError``."""
-        return check_float("margin", value, low=1.0)
+        """``value`` as a valid margin (a real number in [1, MAX_ANGULAR_MARGIN]), else ``ValueError``/``TypeError``."""
+        return check_float("margin", value, low=1.0, high=MAX_ANGULAR_MARGIN)
 
     def margin_function(self, cos_theta: Tensor) -> Tensor:
         """``psi(theta)`` of the true class from its cosine (see :func:`.margin.extended_margin_function`)."""
@@ -257,8 +263,8 @@ class ASoftmaxLoss(GASoftmaxLoss):
         )
 
     def check_margin(self, value: float) -> float:
-        """``value`` as a valid margin: an integer >= 1 (returned as a float)."""
-        return float(check_int("margin", value, minimum=1, allowed=A_SOFTMAX_MARGIN_RANGE))
+        """``value`` as a valid margin: an integer from 1 to MAX_ANGULAR_MARGIN (returned as a float)."""
+        return float(check_int("margin", value, minimum=1, maximum=MAX_ANGULAR_MARGIN, allowed=A_SOFTMAX_MARGIN_RANGE))
 
     @property
     def margin_int(self) -> int:
