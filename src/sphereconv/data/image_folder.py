@@ -191,8 +191,9 @@ def list_image_folder(root: str | os.PathLike | None, split: str) -> tuple[tuple
     else:
         class_images = _class_images(root, root)
         classes = tuple(class_images)
+        splits = {name: [flat_split_of(name, p.name) for p in paths] for name, paths in class_images.items()}
         # A class whose every file name hashes into the test split would be an output never trained.
-        untrained = [n for n, paths in class_images.items() if all(flat_split_of(n, p.name) == "test" for p in paths)]
+        untrained = [name for name, of_class in splits.items() if "train" not in of_class]
         if untrained:
             raise DatasetError(
                 f"image folder {root}: every image of class {_name_classes(untrained)} falls into the test split "
@@ -202,8 +203,8 @@ def list_image_folder(root: str | os.PathLike | None, split: str) -> tuple[tuple
         items = [
             (p, label)
             for label, (name, paths) in enumerate(class_images.items())
-            for p in paths
-            if flat_split_of(name, p.name) == split
+            for p, of_image in zip(paths, splits[name])
+            if of_image == split
         ]
     if not items:
         raise DatasetError(f"image folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)}) for split {split!r}")
