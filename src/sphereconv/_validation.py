@@ -15,7 +15,7 @@ import difflib
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 from .errors import InvalidArgumentError, InvalidArgumentTypeError, short_repr
 
@@ -42,7 +42,8 @@ def _is_integral(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value: Any) -> bool:
+def is_real(value: Any) -> TypeGuard[numbers.Real]:
+    """A real number (int, float, numpy scalar...), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -87,7 +88,7 @@ def check_int(
             number = float(number.strip())
         except ValueError:
             raise fail(name, value, allowed, wrong_type=True, error=error) from None
-    if _is_real(number) and not _is_integral(number):
+    if is_real(number) and not _is_integral(number):
         as_float = float(number)
         if not (math.isfinite(as_float) and as_float.is_integer()):
             raise fail(name, value, allowed, error=error)
@@ -136,7 +137,7 @@ def check_float(
             number = float(number.strip())
         except ValueError:
             raise fail(name, value, allowed, wrong_type=True, error=error) from None
-    if not _is_real(number):
+    if not is_real(number):
         raise fail(name, value, allowed, wrong_type=True, error=error)
     number = float(number)
     if not math.isfinite(number):

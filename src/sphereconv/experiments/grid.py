@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from .._validation import is_real
 from ..errors import ConfigError
 from .definitions import Variant
 from .report import describe_machine
@@ -333,10 +334,6 @@ def record_run(plan: GridPlan, run: GridRun, command: str) -> Path:
     return path
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _malformed(document: dict) -> str | None:
     """What in a results document the report cannot read (a hand edit, a bad merge), else None."""
     if not isinstance(document.get("settings", {}), dict):
@@ -348,13 +345,13 @@ def _malformed(document: dict) -> str | None:
     if not isinstance(summary, dict):
         return "summary is not an object"
     for key in ("final_test_acc", "best_test_acc", "images_per_second"):
-        if summary.get(key) is not None and not _number(summary[key]):
+        if summary.get(key) is not None and not is_real(summary[key]):
             return f"summary.{key} is {summary[key]!r}, not a number"
     metrics = document.get("metrics", [])
     if not isinstance(metrics, list):
         return "metrics is not a list"
     for number, record in enumerate(metrics, start=1):
-        if not isinstance(record, dict) or not _number(record.get("step")):
+        if not isinstance(record, dict) or not is_real(record.get("step")):
             return f"metrics record {number} has no numeric step"
     return None
 

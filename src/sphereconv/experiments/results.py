@@ -15,6 +15,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._validation import is_real
 from ..engine.run_dir import METRICS_FILE, SUMMARY_FILE
 from ..errors import SphereconvError
 
@@ -57,7 +58,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
         except json.JSONDecodeError as exc:
             raise ResultsError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
         step = record.get("step") if isinstance(record, dict) else None
-        if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step):
+        if not is_real(step) or not math.isfinite(step):
             raise ResultsError(f"{path}:{number} is not a metrics record (needs a 'step' key holding a number)")
         records.append(record)
     return records
