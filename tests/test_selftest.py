@@ -136,12 +136,21 @@ def test_unknown_device_is_a_one_line_error(capsys):
     assert err.count("\n") == 0 and "tpu" in err and "cpu" in err
 
 
+def _python_node_output(monkeypatch, layer, x):
+    """The layer's output through the fused autograd function (as on CUDA), not the C++ operator."""
+    monkeypatch.setattr(_fused, "_cpp_layer_selected", lambda *args: False)
+    out = layer(x)
+    assert out.grad_fn.name() == "_FusedSphereConvFnBackward"
+    return out
+
+
 def test_kernel_path_names_triton_and_a_fallen_back_case(monkeypatch):
     layer = selftest.layer_cases(["cosine"])[1].build()  # conv2d/cosine
     x = torch.randn(2, 3, 7, 7)
     out = layer(x)
     on_cpu = "fused-cpp" if _fused.kernel_status()["cpu_kernels"] == "cpp" else "fused-aten"
     assert selftest.kernel_path(layer, x, out) == on_cpu
+    out = _python_node_output(monkeypatch, layer, x)
     monkeypatch.setattr(_fused, "_use_triton", lambda t: True)  # as on a CUDA device with Triton
     monkeypatch.setattr(selftest, "kernel_status", lambda: {"backend": "auto", "triton_installed": True, "cases": []})
     assert selftest.kernel_path(layer, x, out) == "fused-triton"
@@ -161,7 +170,7 @@ def test_kernel_path_under_the_cpp_backend_where_triton_could_run(monkeypatch):
     """SPHERECONV_KERNELS=cpp means ATen on CUDA: the row must not claim the Triton kernels."""
     layer = selftest.layer_cases(["cosine"])[1].build()  # conv2d/cosine
     x = torch.randn(2, 3, 7, 7)
-    out = layer(x)
+    out = _python_node_output(monkeypatch, layer, x)
     monkeypatch.setattr(_fused, "_use_triton", lambda t: True)  # as on a CUDA device with Triton
     monkeypatch.setattr(selftest, "kernel_status", lambda: {"backend": "cpp", "triton_installed": True, "cases": []})
     assert selftest.kernel_path(layer, x, out) == "fused-aten"

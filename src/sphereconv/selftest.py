@@ -28,7 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .nn import SPHERE_OPERATORS, SphereConv1d, SphereConv2d, SphereConv3d, SphereLinear, _fused, kernel_status
+from .nn import (
+    SPHERE_OPERATORS,
+    SphereConv1d,
+    SphereConv2d,
+    SphereConv3d,
+    SphereLinear,
+    _cpu_kernels,
+    _fused,
+    kernel_status,
+)
 from .nn.functional import use_reference_impl
 
 # Relative tolerances against the float64 reference. float64: rounding (2^-53 = 1.1e-16) over the
@@ -182,6 +191,8 @@ def kernel_path(module: nn.Module, x: Tensor, out: Tensor, conv_dtype: torch.dty
     epilogue (``fused-aten*``: Triton could run but this case fell back to ATen), or the reference
     path. ``conv_dtype``: the dtype the convolution ran in (autocast's), if not ``x``'s."""
     grad_fn = out.grad_fn.name() if out.grad_fn is not None else ""
+    if grad_fn == _cpu_kernels.AUTOGRAD_NODE:
+        return "fused-cpp"  # the whole layer as the C++ operator
     if not grad_fn.startswith("_Fused"):
         return "reference"
     if isinstance(module, SphereLinear):

@@ -206,29 +206,58 @@ def test_cpp_kernels_with_two_threads_match_the_aten_path():
         _assert_close(got, expected)
 
 
-def test_cpp_kernels_take_the_cpu_calls_and_the_switch_turns_them_off(monkeypatch):
-    calls = {"forward": 0, "backward": 0}
-    for name, function in (("forward", "forward_epilogue"), ("backward", "backward_epilogue")):
-        original = getattr(_cpu_kernels, function)
+def _count_calls(monkeypatch, names: list[str]) -> dict[str, int]:
+    """Count the calls of these functions of _cpu_kernels (the fused path looks them up at each call)."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(_cpu_kernels, name)
 
         def counted(*args, _original=original, _name=name, **kwargs):
             calls[_name] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(_cpu_kernels, function, counted)
+        monkeypatch.setattr(_cpu_kernels, name, counted)
+    return calls
+
+
+def test_cpp_kernels_take_the_cpu_calls_and_the_switch_turns_them_off(monkeypatch):
+    calls = _count_calls(monkeypatch, ["sphere_conv"])
     layer = SphereConv2d(3, 4, 3, padding=1)
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
     for backend, expected in (("auto", 1), ("cpp", 1), ("aten", 0), ("triton", 0)):
-        calls.update(forward=0, backward=0)
+        calls.update(sphere_conv=0)
         snn.set_kernel_backend(backend)
-        layer(x).sum().backward()
-        assert calls == {"forward": expected, "backward": expected}, backend
+        out = layer(x)
+        out.sum().backward()
+        assert calls == {"sphere_conv": expected}, backend
+        assert (out.grad_fn.name() == _cpu_kernels.AUTOGRAD_NODE) == (expected == 1), backend
     # channels-last outputs and float16/bfloat16 inputs stay on the ATen epilogue
-    calls.update(forward=0, backward=0)
+    calls.update(sphere_conv=0)
     snn.set_kernel_backend("auto")
     layer(x.detach().to(memory_format=torch.channels_last)).sum().backward()
     layer.to(torch.bfloat16)(x.detach().bfloat16()).float().sum().backward()
-    assert calls == {"forward": 0, "backward": 0}
+    assert calls == {"sphere_conv": 0}
+
+
+def test_values_that_need_rescaling_take_the_python_node_with_the_cpp_epilogue(monkeypatch):
+    # a sample whose largest |x| lies outside the direct range: the operator declines (None) and the
+    # autograd function rescales, its epilogue still the C++ kernels
+    calls = _count_calls(monkeypatch, ["sphere_conv", "forward_epilogue", "backward_epilogue"])
+    torch.manual_seed(0)
+    layer = SphereConv2d(3, 4, 3, padding=1, operator="sigmoid", bias=True).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    x[1] *= 2.0**60
+    x.requires_grad_(True)
+    out = layer(x)
+    grads = torch.autograd.grad(out, [x, layer.weight, layer.bias], torch.ones_like(out))
+    assert calls == {"sphere_conv": 1, "forward_epilogue": 1, "backward_epilogue": 1}
+    assert out.grad_fn.name() == "_FusedSphereConvFnBackward"
+    with SF.use_reference_impl():
+        expected = layer(x)
+        expected_grads = torch.autograd.grad(expected, [x, layer.weight, layer.bias], torch.ones_like(expected))
+    _assert_close(out, expected)
+    for got, want in zip(grads, expected_grads):
+        _assert_close(got, want)
 
 
 def test_kernel_status_reports_the_cpu_kernels():
@@ -281,5 +310,67 @@ def test_a_self_check_mismatch_falls_back_to_aten(monkeypatch):
         with pytest.warns(RuntimeWarning, match="disagree with the ATen epilogue"):
             SphereConv2d(3, 4, 3)(torch.randn(1, 3, 5, 5))
         assert snn.kernel_status()["cpu_kernels"] == "aten"
+    finally:
+        _fused.reset_kernel_status()
+
+
+@pytest.mark.parametrize("part", ["output", "gradient"])
+def test_a_wrong_layer_operator_fails_the_self_check_and_the_layer_stays_on_aten(monkeypatch, part):
+    original = _cpu_kernels.sphere_conv
+
+    class _WrongGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, out):
+            return out.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 1.01
+
+    def wrong(*args, **kwargs):
+        out = original(*args, **kwargs)
+        return out + 1e-2 if part == "output" else _WrongGradient.apply(out)
+
+    monkeypatch.setattr(_cpu_kernels, "sphere_conv", wrong)
+    _fused.reset_kernel_status()
+    snn.set_kernel_backend("auto")
+    try:
+        with pytest.warns(RuntimeWarning, match=r"disagree with the ATen epilogue \((layer output|input gradient)"):
+            out = SphereConv2d(3, 4, 3)(torch.randn(1, 3, 5, 5))
+        assert snn.kernel_status()["cpu_kernels"] == "aten"
+        assert out.grad_fn.name() == "_FusedSphereConvFnBackward"
+    finally:
+        _fused.reset_kernel_status()
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "saved_tensor_hooks"])
+def test_the_self_check_is_independent_of_the_callers_autograd_state(context):
+    # the first layer call of a process may come under no_grad or inference mode (an evaluation) or
+    # inside saved-tensor hooks: the check's own autograd must neither fail there nor reach the hooks
+    packed = []
+
+    def pack(t):
+        packed.append(tuple(t.shape))
+        return t
+
+    contexts = {
+        "no_grad": torch.no_grad,
+        "inference_mode": torch.inference_mode,
+        "saved_tensor_hooks": lambda: torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    }
+    _fused.reset_kernel_status()
+    snn.set_kernel_backend("auto")
+    x = torch.randn(2, 3, 5, 5, requires_grad=context == "saved_tensor_hooks")
+    layer = SphereConv2d(3, 4, 3, padding=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a failed check would warn
+            with contexts[context]():
+                out = layer(x)
+        assert snn.kernel_status()["cpu_kernels"] == "cpp"
+        with SF.use_reference_impl():
+            _assert_close(out, layer(x))
+        if context == "saved_tensor_hooks":  # only the layer's own tensors: no (2, 4, 7, 8) of the check
+            assert (2, 3, 5, 5) in packed and (2, 4, 7, 8) not in packed, packed
     finally:
         _fused.reset_kernel_status()

@@ -19,7 +19,13 @@ arccos derivative, products and reductions backward). These kernels do each step
 - :func:`backward_epilogue`: ``dL/dinner = g'(c) [|c| <= 1] dL/dout * r``, the patch-norm gradient
   ``-r^2/2 sum_p dL/dc * c`` and per-sample, per-channel partial sums for the bias and a learnable k
   (whose ``dg/dk`` takes the arcsine of the saved cosine again);
-- :func:`channel_sq_sum`: ``sum x^2`` over the input channels of each group.
+- :func:`channel_sq_sum`: ``sum x^2`` over the input channels of each group;
+- :func:`sphere_conv`: the whole layer as one PyTorch operator with its own autograd node (C++,
+  :data:`AUTOGRAD_NODE`): the filter norms, the input's statistics, the convolution (ATen's) and the
+  forward epilogue; backward the epilogue, ATen's convolution backward and the norm gradients. The
+  fused path runs it wherever all of the above apply (contiguous float32/float64, autocast off,
+  largest values in the direct range), instead of its Python autograd function: a layer call then
+  costs one Python call instead of some thirty (about 170 us less per layer, forward and backward).
 
 The arcsine (linear and sigmoid operators) runs block by block: a block of cosines all within 1/2,
 the usual case for filters not aligned with their patches, skips the square root of the polynomial's
@@ -31,10 +37,11 @@ channel and call.
 Inputs that need the power-of-two rescaling (largest values outside the fused path's direct range)
 take the ATen filter norm and peak search; the gradients then take the kernels with the scales.
 
-The source (``csrc/cpu_kernels.cpp``, package data) is plain C++ with C entry points, called through
-:mod:`ctypes` on contiguous float32/float64 tensors: without PyTorch's headers it builds in a few
-seconds. It is built once per source, compiler and flags (which follow PyTorch's CPU capability)
-into the PyTorch extensions directory (``$TORCH_EXTENSIONS_DIR``, by default
+The source (``csrc/cpu_kernels.cpp``, package data) has C entry points, called through :mod:`ctypes`
+on contiguous float32/float64 tensors, and the operator, registered with ``TORCH_LIBRARY`` under a
+namespace of its own per build. It is compiled against PyTorch's headers and libraries (15-30 s, most
+of it the headers), once per source, compiler, flags (which follow PyTorch's CPU capability) and
+PyTorch version, into the PyTorch extensions directory (``$TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``) and loaded from there afterwards. Without a C++ compiler, or if
 building or loading fails for any reason, :func:`load` returns None and the fused path keeps its
 ATen ops (:mod:`sphereconv.nn._fused` warns once).
@@ -62,21 +69,24 @@ OPERATOR_CODES = {"cosine": 0, "linear": 1, "sigmoid": 2, "learnable_sigmoid": 2
 # arcsine vectorise without changing a result (no reassociation, no fast-math); -ffp-contract=off
 # rounds every product as ATen's separate ops do (sums of squares agree bit for bit with the ATen
 # path, which matters where a cosine rounds to +-1); AVX2/AVX-512 and FMA where PyTorch dispatches
-# to them (512-bit vectors: twice the arcsine and exponential throughput of AVX2 on AMD EPYC).
+# to them (512-bit vectors: twice the arcsine and exponential throughput of AVX2 on AMD EPYC);
+# -fvisibility=hidden exports the C entry points only.
 _BASE_FLAGS = (
     "-O3",
-    "-std=c++17",
+    "-std=c++20",  # as PyTorch builds its extensions (its headers use C++20)
     "-fPIC",
     "-shared",
     "-fopenmp",
     "-fno-math-errno",
     "-fno-trapping-math",
     "-ffp-contract=off",
+    "-fvisibility=hidden",
 )
 _AVX2_FLAGS = ("-mavx2", "-mfma")
 _AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mprefer-vector-width=512")
 _CXX_ENV = "CXX"
-# A build takes a few seconds; a compiler that hangs must not hang the first layer call for good.
+# A build takes 15-30 s (most of it PyTorch's headers); a compiler that hangs must not hang the first
+# layer call for good.
 _BUILD_TIMEOUT_S = 300
 # The kernels' source, package data beside this module.
 SOURCE_FILE = "csrc/cpu_kernels.cpp"
@@ -89,6 +99,10 @@ def source() -> str:
 
 
 _library: ctypes.CDLL | None = None
+# The library's PyTorch operators (torch.ops.<namespace>), set by a successful load.
+_ops = None
+# The name of sphere_conv's autograd node (``grad_fn.name()`` of its output).
+AUTOGRAD_NODE = "torch::autograd::CppNode<sphereconv::SphereConvFunction>"
 _load_error: str | None = None
 _tried = False
 # How the library was obtained: "built in X s" or "loaded from the cache", for kernel_status().
@@ -101,7 +115,25 @@ def _compiler() -> str | None:
 
 def _flags() -> tuple[str, ...]:
     capability = torch.backends.cpu.get_cpu_capability()
-    return _BASE_FLAGS + {"AVX2": _AVX2_FLAGS, "AVX512": _AVX512_FLAGS}.get(capability, ())
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
+    return _BASE_FLAGS + {"AVX2": _AVX2_FLAGS, "AVX512": _AVX512_FLAGS}.get(capability, ()) + (abi,)
+
+
+def _torch_build_flags() -> list[str]:
+    """PyTorch's headers and libraries, where its wheels put them (as torch.utils.cpp_extension finds
+    them for a CPU build; that module needs setuptools, this does not): the operator at the end of the
+    source uses them."""
+    root = Path(torch.__file__).parent
+    include, lib = root / "include", root / "lib"
+    return [
+        f"-I{include}",
+        f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}",
+        f"-L{lib}",
+        f"-Wl,-rpath,{lib}",
+        "-ltorch",
+        "-ltorch_cpu",
+        "-lc10",
+    ]
 
 
 def _build_root() -> Path:
@@ -150,7 +182,9 @@ def _build() -> ctypes.CDLL:
     if compiler is None:
         raise RuntimeError("no C++ compiler found (g++, c++ or clang++ on PATH, or $CXX)")
     flags = _flags()
-    key = hashlib.sha256("\n".join([source(), compiler, *flags]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([source(), compiler, *flags, torch.__version__]).encode()).hexdigest()[:16]
+    # the operators' namespace: one per build, as a process may load two (a test's other compiler)
+    namespace = f"sphereconv_cpu_{key}"
     root = _build_root()
     path = root / f"sphereconv_epilogue_{key}.so"
     if path.exists():
@@ -163,7 +197,8 @@ def _build() -> ctypes.CDLL:
             source_path.write_text(source())
             built = Path(tmp) / path.name
             result = subprocess.run(
-                [compiler, *flags, str(source_path), "-o", str(built)],
+                [compiler, *flags, f"-DSPHERECONV_OPS={namespace}", str(source_path), "-o", str(built)]
+                + _torch_build_flags(),
                 capture_output=True,
                 text=True,
                 timeout=_BUILD_TIMEOUT_S,
@@ -175,6 +210,9 @@ def _build() -> ctypes.CDLL:
         build_note = f"built in {time.perf_counter() - start:.1f} s into {path}"
     lib = ctypes.CDLL(str(path))
     _declare(lib)
+    torch.ops.load_library(str(path))  # (loaded already: this records it and finds the operators)
+    global _ops
+    _ops = getattr(torch.ops, namespace)
     return lib
 
 
@@ -230,14 +268,14 @@ def _k_values(operator: str, k, like: Tensor) -> tuple[Tensor | None, int]:
     if OPERATOR_CODES[operator] != 2:
         return None, 0
     if not isinstance(k, Tensor):
-        return _fixed_k(float(k), like.dtype), 0
+        return fixed_k(float(k), like.dtype), 0
     if k.dtype != like.dtype or not k.is_contiguous():
         k = k.detach().to(like.dtype).contiguous()
     return k, int(k.numel() > 1)  # (read through its pointer: no detach needed)
 
 
 @functools.lru_cache(maxsize=64)
-def _fixed_k(k: float, dtype: torch.dtype) -> Tensor:
+def fixed_k(k: float, dtype: torch.dtype) -> Tensor:
     """A fixed k as a one-value tensor, made once per (k, dtype) (never written to)."""
     return torch.full((1,), k, dtype=dtype)
 
@@ -459,3 +497,45 @@ def filter_unit_backward(
         _ptr(d_hat), _ptr(w_hat.contiguous()), _ptr(norm), _ptr(signed_peak), _ptr(scale), rows, cols, eps
     )
     return d_hat
+
+
+def sphere_conv(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    operator: str,
+    k: Tensor | None,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+    eps: float,
+    acos_floor: float,
+    acos_cap: float,
+    direct_range: tuple[float, float],
+) -> Tensor | None:
+    """The whole fused layer as one operator with its own autograd node (forward: filter norms, input
+    statistics, convolution, epilogue; backward: epilogue, convolution backward, norm gradients), or
+    None when a largest |value| lies outside ``direct_range`` (then the layer needs rescaling).
+
+    Contiguous CPU ``input`` of float32/float64; ``weight``, ``bias`` and ``k`` (one value or one
+    per output channel, None for cosine and linear; gradients flow to it) of the same dtype;
+    ``stride``, ``padding``, ``dilation`` checked explicit ints (as :func:`_fused.check_geometry`
+    returns them). Call :func:`load` first.
+    """
+    assert _ops is not None  # loaded (see the docstring)
+    return _ops.sphere_conv(
+        input,
+        weight,
+        bias,
+        k,
+        stride,
+        padding,
+        dilation,
+        groups,
+        OPERATOR_CODES[operator],
+        eps,
+        acos_floor,
+        acos_cap,
+        *direct_range,
+    )

@@ -65,9 +65,11 @@ everything else. Nothing is recomputed by a second convolution.
 
 Where it runs: eager CUDA with Triton installed uses the kernels of :mod:`sphereconv.nn._triton`;
 eager CPU with contiguous float32/float64 tensors uses the C++ kernels of
-:mod:`sphereconv.nn._cpu_kernels` (built at first use, about 2 s, then cached; checked against the
-ATen path once per process, 10-50 ms), which also take the filter norm, the input's peaks and
-sum of squares and their gradients, each in one pass instead of some 130 small ATen ops per layer;
+:mod:`sphereconv.nn._cpu_kernels` (built at first use, 15-30 s, then cached; checked against the
+ATen path once per process, about 20 ms), which also take the filter norm, the input's peaks and
+sum of squares and their gradients, each in one pass instead of some 130 small ATen ops per layer,
+and where all of them apply the whole layer runs as one C++ operator with its own autograd node
+(:func:`_cpp_layer_selected`) rather than through :class:`_FusedSphereConvFn`;
 everything else (no compiler, channels-last or low-precision CPU tensors, and any trace) runs the
 epilogue as vectorised, mostly in-place ATen ops. The first time a process would run the Triton
 kernels for an (operator, dtype, device), it
@@ -88,8 +90,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -775,7 +778,7 @@ def _cpp_selected(t: Tensor, cdtype: torch.dtype) -> bool:
         problem = None
         if backend == "auto":
             try:
-                problem = _cpp_self_check()
+                problem = _in_own_thread(_cpp_self_check)
             except Exception as error:  # noqa: BLE001 - any failure to run means: do not use
                 problem = _describe(error)
         if problem is not None:
@@ -789,6 +792,26 @@ def _cpp_selected(t: Tensor, cdtype: torch.dtype) -> bool:
             return False
         _cpp_decision, _cpp_note = True, _cpu_kernels.build_note
     return _cpp_decision
+
+
+def _in_own_thread(check: Callable[[], str | None]) -> str | None:
+    """``check()`` run in a new thread, so that the caller's thread-local autograd state (``no_grad``,
+    inference mode, saved-tensor hooks) neither breaks nor sees its autograd calls; its exception is
+    raised here."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(check())
+        except Exception as error:  # noqa: BLE001 - handed to the caller
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, name="sphereconv-self-check")
+    thread.start()
+    thread.join()
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
 
 
 def _cpp_self_check() -> str | None:
@@ -848,9 +871,56 @@ def _cpp_self_check() -> str | None:
             problem = next((p for p in problems if p is not None), None)
             if problem is not None:
                 return f"{problem} ({operator}, {dtype})"
-        problem = _cpp_norms_mismatch(gen, dtype, tol)
+        problem = _cpp_norms_mismatch(gen, dtype, tol) or _cpp_layer_mismatch(gen, dtype, tol)
         if problem is not None:
             return f"{problem} ({dtype})"
+    return None
+
+
+def _cpp_layer_mismatch(gen: torch.Generator, dtype: torch.dtype, tol: float) -> str | None:
+    """The whole layer as the C++ operator vs the reference path (ATen ops only), every operator,
+    forward and the gradients of input, weight, bias and a learnable k (see :func:`_cpp_self_check`)."""
+    from .functional import sphere_conv2d  # (imports this module)
+
+    stride, padding, dilation, groups = (2, 1), (1, 2), (1, 2), 2
+    for operator in _OPERATORS:
+        x = torch.randn(2, 4, 7, 8, generator=gen, dtype=dtype, requires_grad=True)
+        weight = torch.randn(6, 2, 3, 2, generator=gen, dtype=dtype, requires_grad=True)
+        bias = torch.randn(6, generator=gen, dtype=dtype, requires_grad=True)
+        inputs = [x, weight, bias]
+        k_value: Tensor | float = _CHECK_K
+        k_tensor = _cpu_kernels.fixed_k(_CHECK_K, dtype) if operator == "sigmoid" else None
+        if operator == "learnable_sigmoid":
+            k_value = k_tensor = torch.rand(6, generator=gen, dtype=dtype).add_(0.2).requires_grad_()
+            inputs.append(k_tensor)
+        out = _cpu_kernels.sphere_conv(
+            x,
+            weight,
+            bias,
+            operator,
+            k_tensor,
+            stride,
+            padding,
+            dilation,
+            groups,
+            1e-4,
+            torch.finfo(dtype).eps,
+            _acos_derivative_cap(dtype),
+            _DIRECT_RANGE,
+        )
+        if out is None:
+            return f"the layer operator found inputs outside the direct range ({operator})"
+        grad = torch.randn(out.shape, generator=gen, dtype=dtype)
+        grads = torch.autograd.grad(out, inputs, grad)
+        expected = sphere_conv2d(
+            x, weight, bias, stride, padding, dilation, groups, operator=operator, sigmoid_k=k_value, impl="reference"
+        )
+        expected_grads = torch.autograd.grad(expected, inputs, grad)
+        names = ("layer output", "input gradient", "weight gradient", "bias gradient", "k gradient")
+        for name, got, want in zip(names, (out, *grads), (expected, *expected_grads)):
+            problem = _mismatch(name, got, want, tol)
+            if problem is not None:
+                return f"{problem} ({operator})"
     return None
 
 
@@ -1299,7 +1369,8 @@ def _split_k(operator: str, sigmoid_k, cdtype: torch.dtype, out_channels: int) -
     if operator not in ("sigmoid", "learnable_sigmoid"):
         return None, 0.0
     if isinstance(sigmoid_k, Tensor):
-        k = sigmoid_k.to(cdtype).reshape(-1)
+        k = sigmoid_k.to(cdtype)
+        k = k if k.dim() == 1 else k.reshape(-1)  # (a reshape of a vector would add an autograd node)
         if k.numel() not in (1, out_channels):
             raise ValueError(f"sigmoid_k has {k.numel()} values; expected 1 or out_channels = {out_channels}")
         return k, 0.0
@@ -1326,9 +1397,48 @@ def fused_sphere_convnd(
     if operator not in _OPERATORS:
         raise ValueError(f"unknown operator {operator!r}; allowed: {', '.join(_OPERATORS)}")
     input, stride_t, padding_t, dilation_t = check_geometry(input, tuple(weight.shape[2:]), stride, padding, dilation)
-    k_tensor, k_float = _split_k(operator, sigmoid_k, compute_dtype(input.dtype), weight.shape[0])
+    cdtype = compute_dtype(input.dtype)
+    k_tensor, k_float = _split_k(operator, sigmoid_k, cdtype, weight.shape[0])
+    if _cpp_layer_selected(input, weight, bias, cdtype, out_dtype):
+        sigmoid = operator in ("sigmoid", "learnable_sigmoid")
+        k_values = k_tensor if k_tensor is not None or not sigmoid else _cpu_kernels.fixed_k(k_float, cdtype)
+        out = _cpu_kernels.sphere_conv(
+            input,
+            weight,
+            bias,
+            operator,
+            k_values,
+            stride_t,
+            padding_t,
+            dilation_t,
+            groups,
+            float(eps),
+            torch.finfo(cdtype).eps,
+            _acos_derivative_cap(cdtype),
+            _DIRECT_RANGE,
+        )
+        if out is not None:  # (None: values that need rescaling, below)
+            return out
     return _FusedSphereConvFn.apply(
         input, weight, bias, k_tensor, k_float, stride_t, padding_t, dilation_t, groups, operator, float(eps), out_dtype
+    )
+
+
+def _cpp_layer_selected(
+    input: Tensor, weight: Tensor, bias: Tensor | None, cdtype: torch.dtype, out_dtype: torch.dtype | None
+) -> bool:
+    """Whether the whole layer runs as the C++ operator (:func:`_cpu_kernels.sphere_conv`, autograd node
+    :data:`_cpu_kernels.AUTOGRAD_NODE`): where :class:`_FusedSphereConvFn` would run every step on the
+    C++ kernels (the C++ kernels selected for the input, autocast off, weight and bias of the input's
+    dtype)."""
+    return (
+        out_dtype == cdtype
+        and weight.dtype == cdtype
+        and (bias is None or bias.dtype == cdtype)
+        and not _always_rescale
+        and _autocast_dtype(input) is None
+        and not _use_triton(input)
+        and _cpp_selected(input, cdtype)
     )
 
 

@@ -1,10 +1,19 @@
 // C++ kernels of the fused SphereConv on CPU: see sphereconv/nn/_cpu_kernels.py, which builds this file
-// at first use and calls its C entry points through ctypes.
+// at first use, calls its C entry points through ctypes and the whole layer (sphere_conv, at the end)
+// as a PyTorch operator.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/library.h>
 
 namespace {
 
@@ -608,48 +617,277 @@ void filter_unit_backward(T* d, const T* w_hat, const T* norm, const T* signed_p
 
 }  // namespace
 
-#define SPHERECONV_EXPORT(T, suffix)                                                                          \
-  extern "C" void sphereconv_backward_##suffix(const T* grad, const T* cos, const T* extra, const T* r,       \
-                                               const T* k, int64_t k_stride, T* d_inner,                       \
-                                               T* d_sq, T* d_bias, T* d_k, int64_t n, int64_t c,               \
-                                               int64_t g, int64_t s, int op, double floor, double cap,         \
-                                               int threads) {                                                  \
-    backward<T>(grad, cos, extra, r, k, k_stride, d_inner, d_sq, d_bias, d_k, n, c, g, s, op,                 \
-                static_cast<T>(floor), static_cast<T>(cap), threads);                                          \
-  }                                                                                                            \
-  extern "C" void sphereconv_channel_sq_sum_##suffix(const T* x, T* out, int64_t n, int64_t c, int64_t g,     \
-                                                     int64_t s, int threads) {                                 \
-    channel_sq_sum<T>(x, out, n, c, g, s, threads);                                                            \
-  }                                                                                                            \
-  extern "C" int sphereconv_sample_stats_##suffix(const T* x, T* sq, T* peak, T* sign, int64_t n, int64_t c,  \
-                                                  int64_t g, int64_t s, double lo, double hi, int threads) {   \
-    return sample_stats<T>(x, sq, peak, sign, n, c, g, s, static_cast<T>(lo), static_cast<T>(hi), threads);   \
-  }                                                                                                            \
-  extern "C" void sphereconv_normalized_forward_##suffix(T* inner, T* r, const T* sq, const T* peak,           \
-                                                         const int64_t* geometry, double eps, const T* k,       \
-                                                         int64_t k_stride, const T* bias, T* out, T* extra,     \
-                                                         int64_t n, int64_t c, int64_t g, int64_t s, int op,    \
-                                                         int threads) {                                         \
-    normalized_forward<T>(inner, r, sq, peak, geometry, static_cast<T>(eps), k, k_stride, bias, out, extra, n, c, g, \
-                          s, op, threads);                                                                     \
-  }                                                                                                            \
-  extern "C" void sphereconv_input_backward_##suffix(T* dx, const T* x, const T* d_sq, const T* peak,          \
-                                                     const T* sign, const T* scale, double eps, int64_t n,     \
-                                                     int64_t c, int64_t g, const int64_t* geometry,           \
-                                                     int threads) {                                            \
-    input_backward<T>(dx, x, d_sq, peak, sign, scale, static_cast<T>(eps), n, c, g, geometry, threads);        \
-  }                                                                                                            \
-  extern "C" int sphereconv_filter_unit_##suffix(const T* w, const T* sum_sq, T* w_hat, T* norm,             \
-                                                 T* signed_peak, int64_t rows, int64_t cols, double eps,       \
-                                                 double lo, double hi) {                                       \
-    return filter_unit<T>(w, sum_sq, w_hat, norm, signed_peak, rows, cols, static_cast<T>(eps),               \
-                          static_cast<T>(lo), static_cast<T>(hi));                                             \
-  }                                                                                                            \
-  extern "C" void sphereconv_filter_unit_backward_##suffix(T* d, const T* w_hat, const T* norm,               \
-                                                           const T* signed_peak, const T* scale, int64_t rows, \
-                                                           int64_t cols, double eps) {                         \
-    filter_unit_backward<T>(d, w_hat, norm, signed_peak, scale, rows, cols, static_cast<T>(eps));             \
+// The C entry points (ctypes); everything else stays inside the library (built with -fvisibility=hidden:
+// two builds loaded in one process keep their own symbols).
+#define SPHERECONV_API __attribute__((visibility("default")))
+
+#define SPHERECONV_EXPORT(T, suffix)                                                                                         \
+  extern "C" SPHERECONV_API void sphereconv_backward_##suffix(const T* grad, const T* cos, const T* extra, const T* r,       \
+                                               const T* k, int64_t k_stride, T* d_inner,                                     \
+                                               T* d_sq, T* d_bias, T* d_k, int64_t n, int64_t c,                             \
+                                               int64_t g, int64_t s, int op, double floor, double cap,                       \
+                                               int threads) {                                                                \
+    backward<T>(grad, cos, extra, r, k, k_stride, d_inner, d_sq, d_bias, d_k, n, c, g, s, op,                                \
+                static_cast<T>(floor), static_cast<T>(cap), threads);                                                        \
+  }                                                                                                                          \
+  extern "C" SPHERECONV_API void sphereconv_channel_sq_sum_##suffix(const T* x, T* out, int64_t n, int64_t c, int64_t g,     \
+                                                     int64_t s, int threads) {                                               \
+    channel_sq_sum<T>(x, out, n, c, g, s, threads);                                                                          \
+  }                                                                                                                          \
+  extern "C" SPHERECONV_API int sphereconv_sample_stats_##suffix(const T* x, T* sq, T* peak, T* sign, int64_t n, int64_t c,  \
+                                                  int64_t g, int64_t s, double lo, double hi, int threads) {                 \
+    return sample_stats<T>(x, sq, peak, sign, n, c, g, s, static_cast<T>(lo), static_cast<T>(hi), threads);                  \
+  }                                                                                                                          \
+  extern "C" SPHERECONV_API void sphereconv_normalized_forward_##suffix(T* inner, T* r, const T* sq, const T* peak,          \
+                                                         const int64_t* geometry, double eps, const T* k,                    \
+                                                         int64_t k_stride, const T* bias, T* out, T* extra,                  \
+                                                         int64_t n, int64_t c, int64_t g, int64_t s, int op,                 \
+                                                         int threads) {                                                      \
+    normalized_forward<T>(inner, r, sq, peak, geometry, static_cast<T>(eps), k, k_stride, bias, out, extra, n, c, g,         \
+                          s, op, threads);                                                                                   \
+  }                                                                                                                          \
+  extern "C" SPHERECONV_API void sphereconv_input_backward_##suffix(T* dx, const T* x, const T* d_sq, const T* peak,         \
+                                                     const T* sign, const T* scale, double eps, int64_t n,                   \
+                                                     int64_t c, int64_t g, const int64_t* geometry,                          \
+                                                     int threads) {                                                          \
+    input_backward<T>(dx, x, d_sq, peak, sign, scale, static_cast<T>(eps), n, c, g, geometry, threads);                      \
+  }                                                                                                                          \
+  extern "C" SPHERECONV_API int sphereconv_filter_unit_##suffix(const T* w, const T* sum_sq, T* w_hat, T* norm,              \
+                                                 T* signed_peak, int64_t rows, int64_t cols, double eps,                     \
+                                                 double lo, double hi) {                                                     \
+    return filter_unit<T>(w, sum_sq, w_hat, norm, signed_peak, rows, cols, static_cast<T>(eps),                              \
+                          static_cast<T>(lo), static_cast<T>(hi));                                                           \
+  }                                                                                                                          \
+  extern "C" SPHERECONV_API void sphereconv_filter_unit_backward_##suffix(T* d, const T* w_hat, const T* norm,               \
+                                                           const T* signed_peak, const T* scale, int64_t rows,               \
+                                                           int64_t cols, double eps) {                                       \
+    filter_unit_backward<T>(d, w_hat, norm, signed_peak, scale, rows, cols, static_cast<T>(eps));                            \
   }
 
 SPHERECONV_EXPORT(float, f32)
 SPHERECONV_EXPORT(double, f64)
+
+// ------------------------------------------------------------------------------------------------
+// The whole layer as one PyTorch operator with its own autograd node: the path of
+// sphereconv.nn._fused._FusedSphereConvFn where every kernel above applies (contiguous float32/float64
+// CPU tensors, largest values within the direct range), without a Python call per kernel.
+// ------------------------------------------------------------------------------------------------
+
+namespace sphereconv {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Elements below which a kernel runs on one thread: ATen's grain size (as _cpu_kernels._threads).
+int threads_for(const at::Tensor& work) {
+  return work.numel() < at::internal::GRAIN_SIZE ? 1 : std::max(1, at::get_num_threads());
+}
+
+// The windows as Windows reads them: 18 int64, 1-d and 2-d geometries padded in front to 3-d (as
+// _cpu_kernels._windows).
+std::array<int64_t, 18> window_geometry(at::IntArrayRef in, at::IntArrayRef out, at::IntArrayRef kernel,
+                                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  std::array<int64_t, 18> g{};
+  const int64_t lead = 3 - static_cast<int64_t>(kernel.size());
+  const at::IntArrayRef parts[6] = {in, out, kernel, stride, padding, dilation};
+  for (int part = 0; part < 6; ++part) {
+    const int64_t fill = part == 4 ? 0 : 1;
+    for (int64_t i = 0; i < 3; ++i) g[part * 3 + i] = i < lead ? fill : parts[part][i - lead];
+  }
+  return g;
+}
+
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+constexpr const char* kTwiceMessage =
+    "sphereconv: the fused SphereConv is once differentiable; use impl=\"reference\" (or "
+    "sphereconv.nn.functional.use_reference_impl()) for double backward";
+
+// (its autograd node prints as torch::autograd::CppNode<sphereconv::SphereConvFunction>)
+struct SphereConvFunction : public torch::autograd::Function<SphereConvFunction> {
+  // input (N, C_in, *S), weight (O, C_in/G, *K), bias (O) or undefined, k (1 or O values; undefined for
+  // cosine and linear); w_hat, w_norm, w_signed_peak from filter_unit, sq, peak, sign from sample_stats.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias_arg, const std::optional<at::Tensor>& k_arg,
+                            const at::Tensor& w_hat,
+                            const at::Tensor& w_norm, const at::Tensor& w_signed_peak, const at::Tensor& sq,
+                            const at::Tensor& peak, const at::Tensor& sign, std::vector<int64_t> stride,
+                            std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, int64_t op,
+                            double eps, double acos_floor, double acos_cap) {
+    const at::Tensor bias = bias_arg.value_or(at::Tensor()), k = k_arg.value_or(at::Tensor());
+    const auto kernel = weight.sizes().slice(2);
+    const std::vector<int64_t> no_output_padding(kernel.size(), 0);
+    const at::Tensor w_conv = w_hat.view(weight.sizes());
+    at::Tensor inner = at::convolution(input, w_conv, c10::nullopt, stride, padding, dilation, false,
+                                       no_output_padding, groups)
+                           .contiguous();
+    const int64_t n = inner.size(0), channels = inner.size(1), positions = inner.numel() / (n * channels);
+    std::vector<int64_t> r_shape{n, groups};
+    for (int64_t d : inner.sizes().slice(2)) r_shape.push_back(d);
+    at::Tensor r = at::empty(r_shape, inner.options());
+    at::Tensor out = at::empty_like(inner);
+    at::Tensor extra = op == kSigmoid ? at::empty_like(inner) : at::Tensor();
+    const auto geometry = window_geometry(sq.sizes().slice(2), inner.sizes().slice(2), kernel, stride, padding,
+                                          dilation);
+    AT_DISPATCH_FLOATING_TYPES(inner.scalar_type(), "sphereconv_forward", [&] {
+      normalized_forward<scalar_t>(inner.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), sq.data_ptr<scalar_t>(),
+                                   peak.data_ptr<scalar_t>(), geometry.data(), static_cast<scalar_t>(eps),
+                                   ptr_or_null<scalar_t>(k), k.defined() && k.numel() > 1, ptr_or_null<scalar_t>(bias),
+                                   out.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(extra), n, channels, groups,
+                                   positions, static_cast<int>(op), threads_for(inner));
+    });
+    // inner now holds the cosine
+    ctx->save_for_backward({input, w_hat, w_norm, w_signed_peak, peak, sign, inner, r, k, extra});
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["weight_shape"] = weight.sizes().vec();
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["op"] = op;
+    ctx->saved_data["has_bias"] = bias.defined();  // (then the edge of k is the 4th, else the 3rd)
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["acos_floor"] = acos_floor;
+    ctx->saved_data["acos_cap"] = acos_cap;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // Once differentiable, as the Python path (@once_differentiable): with create_graph the gradients
+    // carry a node that raises if they are differentiated again.
+    const bool twice = at::GradMode::is_enabled();
+    variable_list result;
+    {
+      at::NoGradGuard no_grad;
+      result = gradients(ctx, grads[0]);
+    }
+    if (!twice) return result;
+    for (auto& g : result)
+      if (g.defined()) g = g.detach().requires_grad_(true);
+    auto delayed = std::make_shared<torch::autograd::DelayedError>(kTwiceMessage, static_cast<int64_t>(result.size()));
+    return delayed->apply(std::move(result));
+  }
+
+  static variable_list gradients(AutogradContext* ctx, const at::Tensor& grad) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &input = saved[0], &w_hat = saved[1], &w_norm = saved[2], &w_signed_peak = saved[3],
+                     &peak = saved[4], &sign = saved[5], &cos = saved[6], &r = saved[7], &k = saved[8],
+                     &extra = saved[9];
+    const auto stride = ctx->saved_data["stride"].toIntVector();
+    const auto padding = ctx->saved_data["padding"].toIntVector();
+    const auto dilation = ctx->saved_data["dilation"].toIntVector();
+    const auto weight_shape = ctx->saved_data["weight_shape"].toIntVector();
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const int op = static_cast<int>(ctx->saved_data["op"].toInt());
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
+    // needs_input_grad counts the tensor arguments given: bias and k only where defined
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool need_b = has_bias && ctx->needs_input_grad(2);
+    const bool need_k = k.defined() && ctx->needs_input_grad(has_bias ? 3 : 2);
+    const at::Tensor grad_out = grad.contiguous().to(cos.scalar_type());
+    const int64_t n = cos.size(0), channels = cos.size(1), positions = cos.numel() / (n * channels);
+    at::Tensor d_inner = at::empty_like(cos);
+    at::Tensor d_sq = at::empty_like(r);
+    at::Tensor d_bias = need_b ? at::empty({channels}, cos.options()) : at::Tensor();
+    at::Tensor d_k = need_k ? at::empty({channels}, cos.options()) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(cos.scalar_type(), "sphereconv_backward", [&] {
+      ::backward<scalar_t>(grad_out.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(extra),
+                         r.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(k), k.defined() && k.numel() > 1,
+                         d_inner.data_ptr<scalar_t>(), d_sq.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(d_bias),
+                         ptr_or_null<scalar_t>(d_k), n, channels, groups, positions, op,
+                         static_cast<scalar_t>(ctx->saved_data["acos_floor"].toDouble()),
+                         static_cast<scalar_t>(ctx->saved_data["acos_cap"].toDouble()), threads_for(cos));
+    });
+    if (need_k && k.numel() == 1) d_k = d_k.sum().reshape(k.sizes());
+    at::Tensor grad_input, grad_weight;
+    if (need_x || need_w) {
+      const std::vector<int64_t> no_output_padding(stride.size(), 0);
+      auto conv_grads =
+          at::convolution_backward(d_inner, input, w_hat.view(weight_shape), c10::nullopt, stride, padding, dilation,
+                                   false, no_output_padding, groups, {need_x, need_w, false});
+      grad_input = std::get<0>(conv_grads);
+      grad_weight = std::get<1>(conv_grads);
+    }
+    if (need_x) {
+      grad_input = grad_input.contiguous();
+      const at::Tensor x = input.contiguous();
+      const auto geometry = window_geometry(grad_input.sizes().slice(2), d_sq.sizes().slice(2),
+                                            at::IntArrayRef(weight_shape).slice(2), stride, padding, dilation);
+      AT_DISPATCH_FLOATING_TYPES(grad_input.scalar_type(), "sphereconv_input_backward", [&] {
+        input_backward<scalar_t>(grad_input.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), d_sq.data_ptr<scalar_t>(),
+                                 peak.data_ptr<scalar_t>(), sign.data_ptr<scalar_t>(), nullptr,
+                                 static_cast<scalar_t>(eps), n, grad_input.size(1), groups, geometry.data(),
+                                 threads_for(grad_input));
+      });
+    }
+    if (need_w) {
+      at::Tensor d_hat = grad_weight.flatten(1).contiguous();
+      AT_DISPATCH_FLOATING_TYPES(d_hat.scalar_type(), "sphereconv_filter_backward", [&] {
+        filter_unit_backward<scalar_t>(d_hat.data_ptr<scalar_t>(), w_hat.data_ptr<scalar_t>(),
+                                       w_norm.data_ptr<scalar_t>(), w_signed_peak.data_ptr<scalar_t>(), nullptr,
+                                       d_hat.size(0), d_hat.size(1), static_cast<scalar_t>(eps));
+      });
+      grad_weight = d_hat.view(weight_shape);
+    }
+    // one entry per forward argument (18)
+    variable_list result(18);
+    result[0] = grad_input;
+    result[1] = grad_weight;
+    result[2] = d_bias;
+    result[3] = d_k;
+    return result;
+  }
+};
+
+// The layer's output, or an undefined tensor (None in Python) when a filter's or a sample-group's
+// largest |value| lies outside [lo, hi]: those need the power-of-two rescaling of the Python path.
+// Contiguous float32/float64 CPU input, weight of the same dtype (see _cpu_kernels.sphere_conv).
+at::Tensor sphere_conv(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& k, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups, int64_t op, double eps, double acos_floor,
+                       double acos_cap, double lo, double hi) {
+  at::Tensor w_hat, w_norm, w_signed_peak, sq, peak, sign;
+  bool direct = true;
+  {
+    at::NoGradGuard no_grad;
+    const at::Tensor w = weight.detach().flatten(1).contiguous();
+    const at::Tensor x = input.detach().contiguous();
+    const at::Tensor sum_sq = at::mul(w, w).sum(1);  // as the ATen path sums (see filter_unit)
+    w_hat = at::empty_like(w);
+    w_norm = at::empty({w.size(0)}, w.options());
+    w_signed_peak = at::empty({w.size(0)}, w.options());
+    const int64_t n = x.size(0), channels = x.size(1), positions = x.numel() / (n * channels);
+    std::vector<int64_t> sq_shape{n, groups};
+    for (int64_t d : x.sizes().slice(2)) sq_shape.push_back(d);
+    sq = at::empty(sq_shape, x.options());
+    peak = at::empty({n, groups}, x.options());
+    sign = at::empty({n, groups}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sphereconv_norms", [&] {
+      direct = filter_unit<scalar_t>(w.data_ptr<scalar_t>(), sum_sq.data_ptr<scalar_t>(), w_hat.data_ptr<scalar_t>(),
+                                     w_norm.data_ptr<scalar_t>(), w_signed_peak.data_ptr<scalar_t>(), w.size(0),
+                                     w.size(1), static_cast<scalar_t>(eps), static_cast<scalar_t>(lo),
+                                     static_cast<scalar_t>(hi)) &&
+               sample_stats<scalar_t>(x.data_ptr<scalar_t>(), sq.data_ptr<scalar_t>(), peak.data_ptr<scalar_t>(),
+                                      sign.data_ptr<scalar_t>(), n, channels, groups, positions,
+                                      static_cast<scalar_t>(lo), static_cast<scalar_t>(hi), threads_for(x));
+    });
+  }
+  if (!direct) return at::Tensor();
+  const std::optional<at::Tensor> k_values = k.has_value() ? std::optional<at::Tensor>(k->contiguous()) : std::nullopt;
+  return SphereConvFunction::apply(input, weight, bias, k_values, w_hat, w_norm,
+                              w_signed_peak, sq, peak, sign, stride.vec(), padding.vec(), dilation.vec(), groups,
+                              op, eps, acos_floor, acos_cap);
+}
+
+}  // namespace sphereconv
+
+// The namespace is set by the build (one per source and flags: a process may load two builds).
+TORCH_LIBRARY(SPHERECONV_OPS, m) {
+  m.def(
+      "sphere_conv(Tensor input, Tensor weight, Tensor? bias, Tensor? k, int[] stride, int[] padding, "
+      "int[] dilation, int groups, int op, float eps, float acos_floor, float acos_cap, float lo, float hi) -> Tensor",
+      &sphereconv::sphere_conv);
+}
