@@ -374,3 +374,34 @@ def test_the_self_check_is_independent_of_the_callers_autograd_state(context):
             assert (2, 3, 5, 5) in packed and (2, 4, 7, 8) not in packed, packed
     finally:
         _fused.reset_kernel_status()
+
+
+def test_the_layer_operator_takes_an_empty_batch():
+    # (its positions per plane were numel / (N C): an integer division by zero, SIGFPE, for N = 0)
+    layer = SphereConv2d(3, 4, 3, padding=1, operator="learnable_sigmoid", bias=True)
+    x = torch.randn(0, 3, 6, 6, requires_grad=True)
+    out = layer(x)
+    with torch.no_grad():
+        expected = torch.nn.functional.conv2d(x, layer.weight, layer.bias, padding=1)
+    assert out.shape == expected.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape and layer.weight.grad.shape == layer.weight.shape
+    assert out.grad_fn.name() == _cpu_kernels.AUTOGRAD_NODE
+    assert torch.equal(layer.bias.grad, torch.zeros(4)) and torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_the_layer_operator_reads_a_strided_bias_and_k_as_their_values():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, requires_grad=True)
+    bias = torch.randn(8)[::2].requires_grad_()  # views with stride 2
+    k = torch.rand(8).add(0.3)[::2].requires_grad_()
+    inputs = [x, weight, bias, k]
+    out = SF.sphere_conv2d(x, weight, bias, padding=1, operator="learnable_sigmoid", sigmoid_k=k)
+    assert out.grad_fn.name() == _cpu_kernels.AUTOGRAD_NODE
+    grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+    expected = SF.sphere_conv2d(x, weight, bias, padding=1, operator="learnable_sigmoid", sigmoid_k=k, impl="reference")
+    expected_grads = torch.autograd.grad(expected, inputs, torch.ones_like(expected))
+    _assert_close(out, expected)
+    for got, want in zip(grads, expected_grads):
+        _assert_close(got, want)

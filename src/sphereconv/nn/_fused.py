@@ -1400,8 +1400,9 @@ def fused_sphere_convnd(
     cdtype = compute_dtype(input.dtype)
     k_tensor, k_float = _split_k(operator, sigmoid_k, cdtype, weight.shape[0])
     if _cpp_layer_selected(input, weight, bias, cdtype, out_dtype):
-        sigmoid = operator in ("sigmoid", "learnable_sigmoid")
-        k_values = k_tensor if k_tensor is not None or not sigmoid else _cpu_kernels.fixed_k(k_float, cdtype)
+        k_values = k_tensor
+        if k_values is None and operator in ("sigmoid", "learnable_sigmoid"):
+            k_values = _cpu_kernels.fixed_k(k_float, cdtype)
         out = _cpu_kernels.sphere_conv(
             input,
             weight,

@@ -702,6 +702,9 @@ T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+// Positions per plane of an (N, C, *S) tensor: the product of S (also for N = 0 or C = 0).
+int64_t plane_size(const at::Tensor& t) { return c10::multiply_integers(t.sizes().slice(2)); }
+
 constexpr const char* kTwiceMessage =
     "sphereconv: the fused SphereConv is once differentiable; use impl=\"reference\" (or "
     "sphereconv.nn.functional.use_reference_impl()) for double backward";
@@ -717,14 +720,16 @@ struct SphereConvFunction : public torch::autograd::Function<SphereConvFunction>
                             const at::Tensor& peak, const at::Tensor& sign, std::vector<int64_t> stride,
                             std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, int64_t op,
                             double eps, double acos_floor, double acos_cap) {
-    const at::Tensor bias = bias_arg.value_or(at::Tensor()), k = k_arg.value_or(at::Tensor());
+    // (the kernels read bias and k as contiguous vectors)
+    const at::Tensor bias = bias_arg.has_value() ? bias_arg->contiguous() : at::Tensor();
+    const at::Tensor k = k_arg.has_value() ? k_arg->contiguous() : at::Tensor();
     const auto kernel = weight.sizes().slice(2);
     const std::vector<int64_t> no_output_padding(kernel.size(), 0);
     const at::Tensor w_conv = w_hat.view(weight.sizes());
     at::Tensor inner = at::convolution(input, w_conv, c10::nullopt, stride, padding, dilation, false,
                                        no_output_padding, groups)
                            .contiguous();
-    const int64_t n = inner.size(0), channels = inner.size(1), positions = inner.numel() / (n * channels);
+    const int64_t n = inner.size(0), channels = inner.size(1), positions = plane_size(inner);
     std::vector<int64_t> r_shape{n, groups};
     for (int64_t d : inner.sizes().slice(2)) r_shape.push_back(d);
     at::Tensor r = at::empty(r_shape, inner.options());
@@ -788,7 +793,7 @@ struct SphereConvFunction : public torch::autograd::Function<SphereConvFunction>
     const bool need_b = has_bias && ctx->needs_input_grad(2);
     const bool need_k = k.defined() && ctx->needs_input_grad(has_bias ? 3 : 2);
     const at::Tensor grad_out = grad.contiguous().to(cos.scalar_type());
-    const int64_t n = cos.size(0), channels = cos.size(1), positions = cos.numel() / (n * channels);
+    const int64_t n = cos.size(0), channels = cos.size(1), positions = plane_size(cos);
     at::Tensor d_inner = at::empty_like(cos);
     at::Tensor d_sq = at::empty_like(r);
     at::Tensor d_bias = need_b ? at::empty({channels}, cos.options()) : at::Tensor();
@@ -859,7 +864,7 @@ at::Tensor sphere_conv(const at::Tensor& input, const at::Tensor& weight, const 
     w_hat = at::empty_like(w);
     w_norm = at::empty({w.size(0)}, w.options());
     w_signed_peak = at::empty({w.size(0)}, w.options());
-    const int64_t n = x.size(0), channels = x.size(1), positions = x.numel() / (n * channels);
+    const int64_t n = x.size(0), channels = x.size(1), positions = plane_size(x);
     std::vector<int64_t> sq_shape{n, groups};
     for (int64_t d : x.sizes().slice(2)) sq_shape.push_back(d);
     sq = at::empty(sq_shape, x.options());
