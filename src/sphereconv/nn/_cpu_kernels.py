@@ -524,18 +524,5 @@ def sphere_conv(
     returns them). Call :func:`load` first.
     """
     assert _ops is not None  # loaded (see the docstring)
-    return _ops.sphere_conv(
-        input,
-        weight,
-        bias,
-        k,
-        stride,
-        padding,
-        dilation,
-        groups,
-        OPERATOR_CODES[operator],
-        eps,
-        acos_floor,
-        acos_cap,
-        *direct_range,
-    )
+    code, geometry = OPERATOR_CODES[operator], (stride, padding, dilation, groups)
+    return _ops.sphere_conv(input, weight, bias, k, *geometry, code, eps, acos_floor, acos_cap, *direct_range)

@@ -894,19 +894,7 @@ def _cpp_layer_mismatch(gen: torch.Generator, dtype: torch.dtype, tol: float) ->
             k_value = k_tensor = torch.rand(6, generator=gen, dtype=dtype).add_(0.2).requires_grad_()
             inputs.append(k_tensor)
         out = _cpu_kernels.sphere_conv(
-            x,
-            weight,
-            bias,
-            operator,
-            k_tensor,
-            stride,
-            padding,
-            dilation,
-            groups,
-            1e-4,
-            torch.finfo(dtype).eps,
-            _acos_derivative_cap(dtype),
-            _DIRECT_RANGE,
+            x, weight, bias, operator, k_tensor, stride, padding, dilation, groups, 1e-4, *_cpp_bounds(dtype)
         )
         if out is None:
             return f"the layer operator found inputs outside the direct range ({operator})"
@@ -1403,26 +1391,21 @@ def fused_sphere_convnd(
         k_values = k_tensor
         if k_values is None and operator in ("sigmoid", "learnable_sigmoid"):
             k_values = _cpu_kernels.fixed_k(k_float, cdtype)
+        geometry = (stride_t, padding_t, dilation_t, groups)
         out = _cpu_kernels.sphere_conv(
-            input,
-            weight,
-            bias,
-            operator,
-            k_values,
-            stride_t,
-            padding_t,
-            dilation_t,
-            groups,
-            float(eps),
-            torch.finfo(cdtype).eps,
-            _acos_derivative_cap(cdtype),
-            _DIRECT_RANGE,
+            input, weight, bias, operator, k_values, *geometry, float(eps), *_cpp_bounds(cdtype)
         )
         if out is not None:  # (None: values that need rescaling, below)
             return out
     return _FusedSphereConvFn.apply(
         input, weight, bias, k_tensor, k_float, stride_t, padding_t, dilation_t, groups, operator, float(eps), out_dtype
     )
+
+
+def _cpp_bounds(dtype: torch.dtype) -> tuple[float, float, tuple[float, float]]:
+    """The arccos derivative's floor and cap and the direct range, as :func:`_cpu_kernels.sphere_conv`
+    takes them after ``eps``."""
+    return torch.finfo(dtype).eps, _acos_derivative_cap(dtype), _DIRECT_RANGE
 
 
 def _cpp_layer_selected(
