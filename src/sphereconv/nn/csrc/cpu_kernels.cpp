@@ -617,55 +617,55 @@ void filter_unit_backward(T* d, const T* w_hat, const T* norm, const T* signed_p
 
 }  // namespace
 
-// The C entry points (ctypes); everything else stays inside the library (built with -fvisibility=hidden:
-// two builds loaded in one process keep their own symbols).
-#define SPHERECONV_API __attribute__((visibility("default")))
-
-#define SPHERECONV_EXPORT(T, suffix)                                                                                         \
-  extern "C" SPHERECONV_API void sphereconv_backward_##suffix(const T* grad, const T* cos, const T* extra, const T* r,       \
-                                               const T* k, int64_t k_stride, T* d_inner,                                     \
-                                               T* d_sq, T* d_bias, T* d_k, int64_t n, int64_t c,                             \
-                                               int64_t g, int64_t s, int op, double floor, double cap,                       \
-                                               int threads) {                                                                \
-    backward<T>(grad, cos, extra, r, k, k_stride, d_inner, d_sq, d_bias, d_k, n, c, g, s, op,                                \
-                static_cast<T>(floor), static_cast<T>(cap), threads);                                                        \
-  }                                                                                                                          \
-  extern "C" SPHERECONV_API void sphereconv_channel_sq_sum_##suffix(const T* x, T* out, int64_t n, int64_t c, int64_t g,     \
-                                                     int64_t s, int threads) {                                               \
-    channel_sq_sum<T>(x, out, n, c, g, s, threads);                                                                          \
-  }                                                                                                                          \
-  extern "C" SPHERECONV_API int sphereconv_sample_stats_##suffix(const T* x, T* sq, T* peak, T* sign, int64_t n, int64_t c,  \
-                                                  int64_t g, int64_t s, double lo, double hi, int threads) {                 \
-    return sample_stats<T>(x, sq, peak, sign, n, c, g, s, static_cast<T>(lo), static_cast<T>(hi), threads);                  \
-  }                                                                                                                          \
-  extern "C" SPHERECONV_API void sphereconv_normalized_forward_##suffix(T* inner, T* r, const T* sq, const T* peak,          \
-                                                         const int64_t* geometry, double eps, const T* k,                    \
-                                                         int64_t k_stride, const T* bias, T* out, T* extra,                  \
-                                                         int64_t n, int64_t c, int64_t g, int64_t s, int op,                 \
-                                                         int threads) {                                                      \
-    normalized_forward<T>(inner, r, sq, peak, geometry, static_cast<T>(eps), k, k_stride, bias, out, extra, n, c, g,         \
-                          s, op, threads);                                                                                   \
-  }                                                                                                                          \
-  extern "C" SPHERECONV_API void sphereconv_input_backward_##suffix(T* dx, const T* x, const T* d_sq, const T* peak,         \
-                                                     const T* sign, const T* scale, double eps, int64_t n,                   \
-                                                     int64_t c, int64_t g, const int64_t* geometry,                          \
-                                                     int threads) {                                                          \
-    input_backward<T>(dx, x, d_sq, peak, sign, scale, static_cast<T>(eps), n, c, g, geometry, threads);                      \
-  }                                                                                                                          \
-  extern "C" SPHERECONV_API int sphereconv_filter_unit_##suffix(const T* w, const T* sum_sq, T* w_hat, T* norm,              \
-                                                 T* signed_peak, int64_t rows, int64_t cols, double eps,                     \
-                                                 double lo, double hi) {                                                     \
-    return filter_unit<T>(w, sum_sq, w_hat, norm, signed_peak, rows, cols, static_cast<T>(eps),                              \
-                          static_cast<T>(lo), static_cast<T>(hi));                                                           \
-  }                                                                                                                          \
-  extern "C" SPHERECONV_API void sphereconv_filter_unit_backward_##suffix(T* d, const T* w_hat, const T* norm,               \
-                                                           const T* signed_peak, const T* scale, int64_t rows,               \
-                                                           int64_t cols, double eps) {                                       \
-    filter_unit_backward<T>(d, w_hat, norm, signed_peak, scale, rows, cols, static_cast<T>(eps));                            \
+#define SPHERECONV_EXPORT(T, suffix)                                                                          \
+  extern "C" void sphereconv_backward_##suffix(const T* grad, const T* cos, const T* extra, const T* r,       \
+                                               const T* k, int64_t k_stride, T* d_inner,                       \
+                                               T* d_sq, T* d_bias, T* d_k, int64_t n, int64_t c,               \
+                                               int64_t g, int64_t s, int op, double floor, double cap,         \
+                                               int threads) {                                                  \
+    backward<T>(grad, cos, extra, r, k, k_stride, d_inner, d_sq, d_bias, d_k, n, c, g, s, op,                 \
+                static_cast<T>(floor), static_cast<T>(cap), threads);                                          \
+  }                                                                                                            \
+  extern "C" void sphereconv_channel_sq_sum_##suffix(const T* x, T* out, int64_t n, int64_t c, int64_t g,     \
+                                                     int64_t s, int threads) {                                 \
+    channel_sq_sum<T>(x, out, n, c, g, s, threads);                                                            \
+  }                                                                                                            \
+  extern "C" int sphereconv_sample_stats_##suffix(const T* x, T* sq, T* peak, T* sign, int64_t n, int64_t c,  \
+                                                  int64_t g, int64_t s, double lo, double hi, int threads) {   \
+    return sample_stats<T>(x, sq, peak, sign, n, c, g, s, static_cast<T>(lo), static_cast<T>(hi), threads);   \
+  }                                                                                                            \
+  extern "C" void sphereconv_normalized_forward_##suffix(T* inner, T* r, const T* sq, const T* peak,           \
+                                                         const int64_t* geometry, double eps, const T* k,       \
+                                                         int64_t k_stride, const T* bias, T* out, T* extra,     \
+                                                         int64_t n, int64_t c, int64_t g, int64_t s, int op,    \
+                                                         int threads) {                                         \
+    normalized_forward<T>(inner, r, sq, peak, geometry, static_cast<T>(eps), k, k_stride, bias, out, extra, n, c, g, \
+                          s, op, threads);                                                                     \
+  }                                                                                                            \
+  extern "C" void sphereconv_input_backward_##suffix(T* dx, const T* x, const T* d_sq, const T* peak,          \
+                                                     const T* sign, const T* scale, double eps, int64_t n,     \
+                                                     int64_t c, int64_t g, const int64_t* geometry,           \
+                                                     int threads) {                                            \
+    input_backward<T>(dx, x, d_sq, peak, sign, scale, static_cast<T>(eps), n, c, g, geometry, threads);        \
+  }                                                                                                            \
+  extern "C" int sphereconv_filter_unit_##suffix(const T* w, const T* sum_sq, T* w_hat, T* norm,             \
+                                                 T* signed_peak, int64_t rows, int64_t cols, double eps,       \
+                                                 double lo, double hi) {                                       \
+    return filter_unit<T>(w, sum_sq, w_hat, norm, signed_peak, rows, cols, static_cast<T>(eps),               \
+                          static_cast<T>(lo), static_cast<T>(hi));                                             \
+  }                                                                                                            \
+  extern "C" void sphereconv_filter_unit_backward_##suffix(T* d, const T* w_hat, const T* norm,               \
+                                                           const T* signed_peak, const T* scale, int64_t rows, \
+                                                           int64_t cols, double eps) {                         \
+    filter_unit_backward<T>(d, w_hat, norm, signed_peak, scale, rows, cols, static_cast<T>(eps));             \
   }
 
+// The C entry points (ctypes) are all the library exports (built with -fvisibility=hidden: two builds
+// loaded in one process keep their own symbols).
+#pragma GCC visibility push(default)
 SPHERECONV_EXPORT(float, f32)
 SPHERECONV_EXPORT(double, f64)
+#pragma GCC visibility pop
 
 // ------------------------------------------------------------------------------------------------
 // The whole layer as one PyTorch operator with its own autograd node: the path of
@@ -714,12 +714,11 @@ struct SphereConvFunction : public torch::autograd::Function<SphereConvFunction>
   // input (N, C_in, *S), weight (O, C_in/G, *K), bias (O) or undefined, k (1 or O values; undefined for
   // cosine and linear); w_hat, w_norm, w_signed_peak from filter_unit, sq, peak, sign from sample_stats.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias_arg, const std::optional<at::Tensor>& k_arg,
-                            const at::Tensor& w_hat,
-                            const at::Tensor& w_norm, const at::Tensor& w_signed_peak, const at::Tensor& sq,
-                            const at::Tensor& peak, const at::Tensor& sign, std::vector<int64_t> stride,
-                            std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, int64_t op,
-                            double eps, double acos_floor, double acos_cap) {
+                            const c10::optional<at::Tensor>& bias_arg, const c10::optional<at::Tensor>& k_arg,
+                            const at::Tensor& w_hat, const at::Tensor& w_norm, const at::Tensor& w_signed_peak,
+                            const at::Tensor& sq, const at::Tensor& peak, const at::Tensor& sign,
+                            std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                            int64_t groups, int64_t op, double eps, double acos_floor, double acos_cap) {
     // (the kernels read bias and k as contiguous vectors)
     const at::Tensor bias = bias_arg.has_value() ? bias_arg->contiguous() : at::Tensor();
     const at::Tensor k = k_arg.has_value() ? k_arg->contiguous() : at::Tensor();
@@ -735,8 +734,8 @@ struct SphereConvFunction : public torch::autograd::Function<SphereConvFunction>
     at::Tensor r = at::empty(r_shape, inner.options());
     at::Tensor out = at::empty_like(inner);
     at::Tensor extra = op == kSigmoid ? at::empty_like(inner) : at::Tensor();
-    const auto geometry = window_geometry(sq.sizes().slice(2), inner.sizes().slice(2), kernel, stride, padding,
-                                          dilation);
+    const auto geometry =
+        window_geometry(sq.sizes().slice(2), inner.sizes().slice(2), kernel, stride, padding, dilation);
     AT_DISPATCH_FLOATING_TYPES(inner.scalar_type(), "sphereconv_forward", [&] {
       normalized_forward<scalar_t>(inner.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), sq.data_ptr<scalar_t>(),
                                    peak.data_ptr<scalar_t>(), geometry.data(), static_cast<scalar_t>(eps),
@@ -771,8 +770,8 @@ struct SphereConvFunction : public torch::autograd::Function<SphereConvFunction>
     if (!twice) return result;
     for (auto& g : result)
       if (g.defined()) g = g.detach().requires_grad_(true);
-    auto delayed = std::make_shared<torch::autograd::DelayedError>(kTwiceMessage, static_cast<int64_t>(result.size()));
-    return delayed->apply(std::move(result));
+    const auto count = static_cast<int64_t>(result.size());
+    return std::make_shared<torch::autograd::DelayedError>(kTwiceMessage, count)->apply(std::move(result));
   }
 
   static variable_list gradients(AutogradContext* ctx, const at::Tensor& grad) {
@@ -850,8 +849,8 @@ struct SphereConvFunction : public torch::autograd::Function<SphereConvFunction>
 // The layer's output, or an undefined tensor (None in Python) when a filter's or a sample-group's
 // largest |value| lies outside [lo, hi]: those need the power-of-two rescaling of the Python path.
 // Contiguous float32/float64 CPU input, weight of the same dtype (see _cpu_kernels.sphere_conv).
-at::Tensor sphere_conv(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                       const std::optional<at::Tensor>& k, at::IntArrayRef stride, at::IntArrayRef padding,
+at::Tensor sphere_conv(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       const c10::optional<at::Tensor>& k, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, int64_t groups, int64_t op, double eps, double acos_floor,
                        double acos_cap, double lo, double hi) {
   at::Tensor w_hat, w_norm, w_signed_peak, sq, peak, sign;
@@ -881,10 +880,8 @@ at::Tensor sphere_conv(const at::Tensor& input, const at::Tensor& weight, const 
     });
   }
   if (!direct) return at::Tensor();
-  const std::optional<at::Tensor> k_values = k.has_value() ? std::optional<at::Tensor>(k->contiguous()) : std::nullopt;
-  return SphereConvFunction::apply(input, weight, bias, k_values, w_hat, w_norm,
-                              w_signed_peak, sq, peak, sign, stride.vec(), padding.vec(), dilation.vec(), groups,
-                              op, eps, acos_floor, acos_cap);
+  return SphereConvFunction::apply(input, weight, bias, k, w_hat, w_norm, w_signed_peak, sq, peak, sign, stride.vec(),
+                                   padding.vec(), dilation.vec(), groups, op, eps, acos_floor, acos_cap);
 }
 
 }  // namespace sphereconv
