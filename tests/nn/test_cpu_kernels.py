@@ -207,7 +207,9 @@ def test_cpp_kernels_with_two_threads_match_the_aten_path():
 
 
 def _count_calls(monkeypatch, names: list[str]) -> dict[str, int]:
-    """Count the calls of these functions of _cpu_kernels (the fused path looks them up at each call)."""
+    """Count the calls of these functions of _cpu_kernels (the fused path looks them up at each call),
+    after the process's self-check of the kernels (whose calls are not counted)."""
+    _fused._cpp_selected(torch.zeros(1, 1, 1, 1), torch.float32)
     calls = dict.fromkeys(names, 0)
     for name in names:
         original = getattr(_cpu_kernels, name)
@@ -402,6 +404,29 @@ def test_the_layer_operator_reads_a_strided_bias_and_k_as_their_values():
     grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
     expected = SF.sphere_conv2d(x, weight, bias, padding=1, operator="learnable_sigmoid", sigmoid_k=k, impl="reference")
     expected_grads = torch.autograd.grad(expected, inputs, torch.ones_like(expected))
+    _assert_close(out, expected)
+    for got, want in zip(grads, expected_grads):
+        _assert_close(got, want)
+
+
+@pytest.mark.parametrize("operator", ["cosine", "linear", "sigmoid", "learnable_sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_python_node_on_the_cpp_kernels_still_matches_the_reference(monkeypatch, operator, dtype):
+    # the layer operator covers the usual calls; the autograd function with the same kernels serves
+    # the rest (a bias or weight of another dtype, values that need rescaling) and must stay right
+    calls = _count_calls(monkeypatch, ["forward_epilogue", "backward_epilogue", "filter_unit", "sample_stats"])
+    monkeypatch.setattr(_fused, "_cpp_layer_selected", lambda *args: False)
+    torch.manual_seed(0)
+    layer = SphereConv2d(4, 6, 3, stride=2, padding=1, groups=2, operator=operator, bias=True).to(dtype)
+    x = torch.randn(2, 4, 9, 8, dtype=dtype, requires_grad=True)
+    inputs = [x, *layer.parameters()]
+    out = layer(x)
+    assert out.grad_fn.name() == "_FusedSphereConvFnBackward"
+    grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+    assert calls == dict.fromkeys(calls, 1)
+    with SF.use_reference_impl():
+        expected = layer(x)
+        expected_grads = torch.autograd.grad(expected, inputs, torch.ones_like(expected))
     _assert_close(out, expected)
     for got, want in zip(grads, expected_grads):
         _assert_close(got, want)
