@@ -816,7 +816,8 @@ def _in_own_thread(check: Callable[[], str | None]) -> str | None:
 
 def _cpp_self_check() -> str | None:
     """The C++ epilogue vs the ATen one on a small case, every operator, float32 and float64, forward
-    and backward (the case of :func:`_self_check`): None if they agree, else why not."""
+    and backward (the case of :func:`_self_check`), then the norm kernels and the whole-layer operator
+    (:func:`_cpp_norms_mismatch`, :func:`_cpp_layer_mismatch`): None if they agree, else why not."""
     for dtype, tol in ((torch.float32, _CHECK_TOL_FLOAT32), (torch.float64, _CHECK_TOL_FLOAT64)):
         gen = torch.Generator().manual_seed(0)
         groups, per_group, spatial = 2, 3, (8, 16)
@@ -1416,7 +1417,8 @@ def _cpp_layer_selected(
     C++ kernels (the C++ kernels selected for the input, autocast off, weight and bias of the input's
     dtype)."""
     return (
-        out_dtype == cdtype
+        input.device.type == "cpu"  # (first: a CUDA call skips the rest)
+        and out_dtype == cdtype
         and weight.dtype == cdtype
         and (bias is None or bias.dtype == cdtype)
         and not _always_rescale
